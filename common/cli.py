@@ -1,0 +1,101 @@
+"""What both command-line programs share: error presentation and the `build` command."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from llamafleet.common.errors import LlamafleetError
+from llamafleet.common.llamacpp.build import BuildEvent, BuildOptions, run_build
+
+
+def report_error(exc: LlamafleetError) -> None:
+    click.echo(f"error: {exc.message}", err=True)
+    if exc.detail:
+        click.echo("\n".join("  " + line for line in exc.detail.splitlines()), err=True)
+
+
+def run_main(group: click.Group, argv: list[str] | None = None) -> None:
+    """Run a click program; a LlamafleetError becomes one line and its exit code, not a traceback."""
+    try:
+        group.main(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except LlamafleetError as exc:
+        report_error(exc)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+class ProgressPrinter:
+    """Build progress: a redrawn line on a terminal, sparse plain lines in a log."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.last_step = ""
+        self.last_percent = -10
+        self.started = time.monotonic()
+
+    def __call__(self, event: BuildEvent) -> None:
+        elapsed = time.monotonic() - self.started
+        if event.total:
+            percent = 100 * event.done // event.total
+            if self.tty:
+                bar = "#" * (percent // 4)
+                self.stream.write(f"\r[{event.step}] {bar:<25} {percent:3d}% ({event.done}/{event.total}) {elapsed:4.0f}s")
+                self.stream.flush()
+                return
+            if percent < self.last_percent + 10 and event.done != event.total:
+                return
+            self.last_percent = percent
+            self.stream.write(f"[{event.step}] {percent}% ({event.done}/{event.total}) after {elapsed:.0f}s\n")
+            return
+        if self.tty and self.last_step == "compile":
+            self.stream.write("\n")
+        self.last_step = event.step
+        self.stream.write(f"[{event.step}] {event.message}\n")
+        self.stream.flush()
+
+
+def build_command(default_state_dir: Callable[[], Path]) -> click.Command:
+    """`build`, shared by llamafleet-agent (workers) and llamafleet (the coordinator host)."""
+
+    @click.command("build")
+    @click.option("--source", required=True, help="GIT_URL[@REF], a source DIR, or TARBALL[:SUBDIR].")
+    @click.option("--cuda/--no-cuda", default=None, help="Force CUDA on or off (default: on when nvcc and an NVIDIA driver are present).")
+    @click.option("--cuda-architectures", default=None, help="CMAKE_CUDA_ARCHITECTURES, e.g. 90 or '86;89' (default: the GPUs present).")
+    @click.option("--jobs", type=click.IntRange(min=0), default=0, help="Parallel compile jobs (0: one per CPU).")
+    @click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False), default=None, help="Where builds are kept (env LLAMAFLEET_STATE_DIR).", envvar="LLAMAFLEET_STATE_DIR")
+    def build(source: str, cuda: bool | None, cuda_architectures: str | None, jobs: int, state_dir: Path | None) -> None:
+        """Build llama.cpp's ggml-rpc-server and llama-server; print the install directory last."""
+        options = BuildOptions(
+            source=source,
+            state_dir=state_dir or default_state_dir(),
+            cuda=cuda,
+            cuda_architectures=cuda_architectures,
+            jobs=jobs,
+        )
+        outcome = run_build(options, ProgressPrinter())
+        manifest = outcome.manifest
+        click.echo(
+            f"{'already built' if outcome.cached else 'built'}: {manifest.source_id} "
+            f"(RPC protocol {manifest.rpc_protocol_version}, backends {', '.join(manifest.backends)})",
+            err=True,
+        )
+        click.echo(str(manifest.install_dir))
+
+    return build

@@ -1,0 +1,129 @@
+"""An installed llama.cpp: its binaries and the manifest that says what they are.
+
+Built installs live in `<state>/llama.cpp/installs/<key>/` with a `manifest.json`; the
+`current` link beside `installs/` names the one in use. An operator's own install can be
+adopted instead (`--llama-cpp DIR`): its binaries are found and probed, nothing is written there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from llamafleet.common.errors import LlamafleetError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_SCHEMA = 1
+# Current llama.cpp names the target ggml-rpc-server; trees before mid-2025 call it rpc-server.
+RPC_SERVER_NAMES = ("ggml-rpc-server", "rpc-server")
+LLAMA_SERVER_NAME = "llama-server"
+
+
+class InstallError(LlamafleetError):
+    """No usable llama.cpp install where one was expected."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a build produced. Written once, after the binaries were seen to start."""
+
+    key: str
+    commit: str | None
+    source_id: str
+    source: str
+    cmake_flags: list[str]
+    backends: list[str]
+    rpc_server: str  # absolute path
+    llama_server: str  # absolute path
+    rpc_protocol_version: str
+    version: str  # first line of `llama-server --version`
+    built_at_unix_ms: int
+    adopted: bool = False
+    schema: int = MANIFEST_SCHEMA
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def install_dir(self) -> Path:
+        return Path(self.rpc_server).parent.parent
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Manifest:
+        if data.get("schema") != MANIFEST_SCHEMA:
+            raise InstallError(f"unsupported manifest schema {data.get('schema')!r}")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise InstallError(f"manifest has unknown fields: {', '.join(sorted(unknown))}")
+        try:
+            return cls(**data)  # type: ignore[arg-type]
+        except TypeError as exc:
+            # A missing field means a hand-edited or truncated file: say so in one line.
+            raise InstallError(f"manifest is incomplete: {exc}") from exc
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> Path:
+    """Write atomically: a reader sees the old file or the new one, never half of one."""
+    target = directory / MANIFEST_NAME
+    with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".manifest-", delete=False) as tmp:
+        tmp.write(manifest.to_json())
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, target)
+    return target
+
+
+def read_manifest(directory: Path) -> Manifest:
+    path = directory / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise InstallError(f"no {MANIFEST_NAME} in {directory}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        # A corrupt manifest must not take the agent down with a traceback.
+        raise InstallError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InstallError(f"{path} does not hold a JSON object")
+    return Manifest.from_dict(data)
+
+
+def find_binaries(directory: Path) -> tuple[Path, Path]:
+    """(rpc-server, llama-server) in DIR, DIR/bin or DIR/build/bin (an install or a build tree)."""
+    for candidate in (directory, directory / "bin", directory / "build" / "bin"):
+        llama_server = candidate / LLAMA_SERVER_NAME
+        for name in RPC_SERVER_NAMES:
+            rpc_server = candidate / name
+            if _is_executable(rpc_server) and _is_executable(llama_server):
+                return rpc_server, llama_server
+    raise InstallError(
+        f"no llama.cpp binaries in {directory}: expected {' or '.join(RPC_SERVER_NAMES)} and "
+        f"{LLAMA_SERVER_NAME} in it, its bin/ or its build/bin/"
+    )
+
+
+def _is_executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def llama_server_version(llama_server: Path, timeout_s: float = 30.0) -> str:
+    """First line of `llama-server --version` (it prints to stderr), e.g. 'version: 1 (abc123)'."""
+    try:
+        result = subprocess.run(
+            [str(llama_server), "--version"], capture_output=True, text=True, timeout=timeout_s,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        # The binary is unusable; the caller turns this into "does not start".
+        raise InstallError(f"{llama_server} --version did not run: {exc}") from exc
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    if result.returncode != 0 or not lines:
+        tail = "; ".join(lines[-3:]) or "no output"
+        raise InstallError(f"{llama_server} --version exited with code {result.returncode}: {tail}")
+    version_lines = [line for line in lines if line.startswith("version:")]
+    return (version_lines or lines)[0].strip()

@@ -1,0 +1,1 @@
+"""The wire contract between agents and the controller (`llamafleet.proto.v1`)."""

@@ -1,0 +1,266 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RpcServerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RPC_SERVER_STATE_UNSPECIFIED: _ClassVar[RpcServerState]
+    RPC_SERVER_STATE_STOPPED: _ClassVar[RpcServerState]
+    RPC_SERVER_STATE_STARTING: _ClassVar[RpcServerState]
+    RPC_SERVER_STATE_RUNNING: _ClassVar[RpcServerState]
+    RPC_SERVER_STATE_BACKOFF: _ClassVar[RpcServerState]
+    RPC_SERVER_STATE_FAILED: _ClassVar[RpcServerState]
+    RPC_SERVER_STATE_STOPPING: _ClassVar[RpcServerState]
+
+class DeviceKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DEVICE_KIND_UNSPECIFIED: _ClassVar[DeviceKind]
+    DEVICE_KIND_GPU: _ClassVar[DeviceKind]
+    DEVICE_KIND_CPU: _ClassVar[DeviceKind]
+
+class CudaMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CUDA_MODE_UNSPECIFIED: _ClassVar[CudaMode]
+    CUDA_MODE_ON: _ClassVar[CudaMode]
+    CUDA_MODE_OFF: _ClassVar[CudaMode]
+
+class WatchReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WATCH_REASON_UNSPECIFIED: _ClassVar[WatchReason]
+    WATCH_REASON_INITIAL: _ClassVar[WatchReason]
+    WATCH_REASON_CHANGE: _ClassVar[WatchReason]
+    WATCH_REASON_HEARTBEAT: _ClassVar[WatchReason]
+RPC_SERVER_STATE_UNSPECIFIED: RpcServerState
+RPC_SERVER_STATE_STOPPED: RpcServerState
+RPC_SERVER_STATE_STARTING: RpcServerState
+RPC_SERVER_STATE_RUNNING: RpcServerState
+RPC_SERVER_STATE_BACKOFF: RpcServerState
+RPC_SERVER_STATE_FAILED: RpcServerState
+RPC_SERVER_STATE_STOPPING: RpcServerState
+DEVICE_KIND_UNSPECIFIED: DeviceKind
+DEVICE_KIND_GPU: DeviceKind
+DEVICE_KIND_CPU: DeviceKind
+CUDA_MODE_UNSPECIFIED: CudaMode
+CUDA_MODE_ON: CudaMode
+CUDA_MODE_OFF: CudaMode
+WATCH_REASON_UNSPECIFIED: WatchReason
+WATCH_REASON_INITIAL: WatchReason
+WATCH_REASON_CHANGE: WatchReason
+WATCH_REASON_HEARTBEAT: WatchReason
+
+class NodeIdentity(_message.Message):
+    __slots__ = ("node_id", "hostname", "agent_version", "started_at_unix_ms")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    hostname: str
+    agent_version: str
+    started_at_unix_ms: int
+    def __init__(self, node_id: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., started_at_unix_ms: _Optional[int] = ...) -> None: ...
+
+class LlamaCppBuild(_message.Message):
+    __slots__ = ("commit", "source_id", "version", "backends", "install_dir", "rpc_protocol_version", "adopted")
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    INSTALL_DIR_FIELD_NUMBER: _ClassVar[int]
+    RPC_PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ADOPTED_FIELD_NUMBER: _ClassVar[int]
+    commit: str
+    source_id: str
+    version: str
+    backends: _containers.RepeatedScalarFieldContainer[str]
+    install_dir: str
+    rpc_protocol_version: str
+    adopted: bool
+    def __init__(self, commit: _Optional[str] = ..., source_id: _Optional[str] = ..., version: _Optional[str] = ..., backends: _Optional[_Iterable[str]] = ..., install_dir: _Optional[str] = ..., rpc_protocol_version: _Optional[str] = ..., adopted: _Optional[bool] = ...) -> None: ...
+
+class RpcDevice(_message.Message):
+    __slots__ = ("name", "description", "total_bytes", "free_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    total_bytes: int
+    free_bytes: int
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ...) -> None: ...
+
+class RpcServerStatus(_message.Message):
+    __slots__ = ("state", "pid", "restarts", "generation", "endpoint", "protocol_version", "devices", "cache_dir", "state_since_unix_ms", "last_exit", "last_output", "next_start_unix_ms")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_DIR_FIELD_NUMBER: _ClassVar[int]
+    STATE_SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_EXIT_FIELD_NUMBER: _ClassVar[int]
+    LAST_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    NEXT_START_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    state: RpcServerState
+    pid: int
+    restarts: int
+    generation: int
+    endpoint: str
+    protocol_version: str
+    devices: _containers.RepeatedCompositeFieldContainer[RpcDevice]
+    cache_dir: str
+    state_since_unix_ms: int
+    last_exit: str
+    last_output: _containers.RepeatedScalarFieldContainer[str]
+    next_start_unix_ms: int
+    def __init__(self, state: _Optional[_Union[RpcServerState, str]] = ..., pid: _Optional[int] = ..., restarts: _Optional[int] = ..., generation: _Optional[int] = ..., endpoint: _Optional[str] = ..., protocol_version: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[RpcDevice, _Mapping]]] = ..., cache_dir: _Optional[str] = ..., state_since_unix_ms: _Optional[int] = ..., last_exit: _Optional[str] = ..., last_output: _Optional[_Iterable[str]] = ..., next_start_unix_ms: _Optional[int] = ...) -> None: ...
+
+class Device(_message.Message):
+    __slots__ = ("kind", "index", "name", "uuid", "total_bytes", "free_bytes", "used_bytes", "physical_total_bytes", "physical_free_bytes", "utilization_percent")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PHYSICAL_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PHYSICAL_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UTILIZATION_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    kind: DeviceKind
+    index: int
+    name: str
+    uuid: str
+    total_bytes: int
+    free_bytes: int
+    used_bytes: int
+    physical_total_bytes: int
+    physical_free_bytes: int
+    utilization_percent: int
+    def __init__(self, kind: _Optional[_Union[DeviceKind, str]] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., uuid: _Optional[str] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., physical_total_bytes: _Optional[int] = ..., physical_free_bytes: _Optional[int] = ..., utilization_percent: _Optional[int] = ...) -> None: ...
+
+class HostMemory(_message.Message):
+    __slots__ = ("total_bytes", "available_bytes")
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    total_bytes: int
+    available_bytes: int
+    def __init__(self, total_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ...) -> None: ...
+
+class AgentStatus(_message.Message):
+    __slots__ = ("node", "build", "rpc_server", "devices", "host", "observed_at_unix_ms", "memory_limit_bytes")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    BUILD_FIELD_NUMBER: _ClassVar[int]
+    RPC_SERVER_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    node: NodeIdentity
+    build: LlamaCppBuild
+    rpc_server: RpcServerStatus
+    devices: _containers.RepeatedCompositeFieldContainer[Device]
+    host: HostMemory
+    observed_at_unix_ms: int
+    memory_limit_bytes: int
+    def __init__(self, node: _Optional[_Union[NodeIdentity, _Mapping]] = ..., build: _Optional[_Union[LlamaCppBuild, _Mapping]] = ..., rpc_server: _Optional[_Union[RpcServerStatus, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., host: _Optional[_Union[HostMemory, _Mapping]] = ..., observed_at_unix_ms: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStatusResponse(_message.Message):
+    __slots__ = ("status",)
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: AgentStatus
+    def __init__(self, status: _Optional[_Union[AgentStatus, _Mapping]] = ...) -> None: ...
+
+class WatchStatusRequest(_message.Message):
+    __slots__ = ("heartbeat_interval_ms",)
+    HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    heartbeat_interval_ms: int
+    def __init__(self, heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
+
+class WatchStatusResponse(_message.Message):
+    __slots__ = ("status", "reason")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    status: AgentStatus
+    reason: WatchReason
+    def __init__(self, status: _Optional[_Union[AgentStatus, _Mapping]] = ..., reason: _Optional[_Union[WatchReason, str]] = ...) -> None: ...
+
+class StartRpcServerRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StartRpcServerResponse(_message.Message):
+    __slots__ = ("rpc_server",)
+    RPC_SERVER_FIELD_NUMBER: _ClassVar[int]
+    rpc_server: RpcServerStatus
+    def __init__(self, rpc_server: _Optional[_Union[RpcServerStatus, _Mapping]] = ...) -> None: ...
+
+class StopRpcServerRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StopRpcServerResponse(_message.Message):
+    __slots__ = ("rpc_server",)
+    RPC_SERVER_FIELD_NUMBER: _ClassVar[int]
+    rpc_server: RpcServerStatus
+    def __init__(self, rpc_server: _Optional[_Union[RpcServerStatus, _Mapping]] = ...) -> None: ...
+
+class RestartRpcServerRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RestartRpcServerResponse(_message.Message):
+    __slots__ = ("rpc_server",)
+    RPC_SERVER_FIELD_NUMBER: _ClassVar[int]
+    rpc_server: RpcServerStatus
+    def __init__(self, rpc_server: _Optional[_Union[RpcServerStatus, _Mapping]] = ...) -> None: ...
+
+class BuildRequest(_message.Message):
+    __slots__ = ("source", "cuda", "jobs")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CUDA_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    cuda: CudaMode
+    jobs: int
+    def __init__(self, source: _Optional[str] = ..., cuda: _Optional[_Union[CudaMode, str]] = ..., jobs: _Optional[int] = ...) -> None: ...
+
+class BuildProgress(_message.Message):
+    __slots__ = ("step", "message", "done", "total")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    step: str
+    message: str
+    done: int
+    total: int
+    def __init__(self, step: _Optional[str] = ..., message: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+
+class BuildResult(_message.Message):
+    __slots__ = ("build", "cached")
+    BUILD_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    build: LlamaCppBuild
+    cached: bool
+    def __init__(self, build: _Optional[_Union[LlamaCppBuild, _Mapping]] = ..., cached: _Optional[bool] = ...) -> None: ...
+
+class BuildResponse(_message.Message):
+    __slots__ = ("progress", "result")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: BuildProgress
+    result: BuildResult
+    def __init__(self, progress: _Optional[_Union[BuildProgress, _Mapping]] = ..., result: _Optional[_Union[BuildResult, _Mapping]] = ...) -> None: ...

