@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
-import click
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
 
-from llamafleet.common.cli import build_command, run_main
+import click
+import grpc
+
+from llamafleet.agent.settings import DEFAULT_LISTEN, AgentSettings
+from llamafleet.common.agent_client import AgentAddress, describe_rpc_error, read_token_file, sync_stub
+from llamafleet.common.cli import build_command, given_flags, run_main, setup_logging
 from llamafleet.common.paths import default_state_dir
+from llamafleet.common.proto_json import message_to_json
+from llamafleet.common.settings import load_settings
+from llamafleet.common.units import format_size
+from llamafleet.proto.v1 import agent_pb2 as pb
+
+CONFIG_OPTION = click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
+                             envvar="LLAMAFLEET_CONFIG", help="TOML config file (env LLAMAFLEET_CONFIG).")
 
 
 @click.group()
@@ -15,6 +30,96 @@ def cli() -> None:
 
 
 cli.add_command(build_command(lambda: default_state_dir("agent")))
+
+_SERVE_FLAGS = ["listen", "token_file", "rpc_host", "rpc_port", "rpc_threads", "devices", "rpc_cache",
+                "memory_limit", "state_dir", "cache_dir", "llama_cpp", "rpc_allow_wildcard", "rpc_autostart",
+                "heartbeat_interval_s", "tls_cert", "tls_key", "tls_client_ca"]
+_PATH = click.Path(path_type=Path)
+
+
+@cli.command()
+@CONFIG_OPTION
+@click.option("--listen", help=f"gRPC HOST:PORT (default {DEFAULT_LISTEN}).")
+@click.option("--token-file", type=_PATH, help="Bearer token file (default: STATE/token, created 0600 if missing).")
+@click.option("--rpc-host", help="IPv4 address for the rpc-server (default 127.0.0.1).")
+@click.option("--rpc-port", type=int, help="rpc-server port (default 50052).")
+@click.option("--rpc-threads", type=int, help="rpc-server CPU threads (default: its own).")
+@click.option("--devices", help="rpc-server devices, comma-separated (e.g. CUDA0,CUDA1).")
+@click.option("--rpc-cache/--no-rpc-cache", default=None, help="rpc-server local tensor cache (default on).")
+@click.option("--memory-limit", help="Cap on memory advertised per device, e.g. 20GiB.")
+@click.option("--state-dir", type=_PATH, help="Builds, token and node id.")
+@click.option("--cache-dir", type=_PATH, help="rpc-server tensor cache.")
+@click.option("--llama-cpp", type=_PATH, help="Adopt an existing llama.cpp install instead of a build.")
+@click.option("--rpc-allow-wildcard", is_flag=True, default=None, help="Allow --rpc-host 0.0.0.0 (unauthenticated!).")
+@click.option("--rpc-autostart/--no-rpc-autostart", default=None, help="Start the rpc-server with the agent (default on).")
+@click.option("--heartbeat-interval-s", type=float, help="Watch heartbeat interval (default 2).")
+@click.option("--tls-cert", type=_PATH, help="Server certificate (PEM).")
+@click.option("--tls-key", type=_PATH, help="Server key (PEM).")
+@click.option("--tls-client-ca", type=_PATH, help="Require client certificates from this CA (mTLS).")
+@click.option("--log-level", default="info", show_default=True, envvar="LLAMAFLEET_LOG_LEVEL")
+@click.pass_context
+def serve(ctx: click.Context, config_file: Path | None, log_level: str, **_: Any) -> None:
+    """Run the agent: gRPC service, rpc-server supervision, systemd notify."""
+    from llamafleet.agent.daemon import serve as run_daemon
+
+    settings = load_settings(AgentSettings, flags=given_flags(ctx, _SERVE_FLAGS), config_file=config_file)
+    setup_logging(log_level)
+    asyncio.run(run_daemon(settings))
+
+
+@cli.command()
+@CONFIG_OPTION
+@click.option("--address", help="Agent HOST:PORT (default: the configured --listen).")
+@click.option("--token-file", type=_PATH, help="Bearer token file (default: the configured one).")
+@click.option("--tls-ca", type=_PATH, help="CA of the agent's TLS certificate.")
+@click.option("--tls-client-cert", type=_PATH, help="Client certificate for mTLS.")
+@click.option("--tls-client-key", type=_PATH, help="Client key for mTLS.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the agent.")
+@click.pass_context
+def status(ctx: click.Context, config_file: Path | None, address: str | None, token_file: Path | None,
+           tls_ca: Path | None, tls_client_cert: Path | None, tls_client_key: Path | None,
+           as_json: bool, timeout: float) -> None:
+    """Show an agent's status (the local one by default)."""
+    settings = load_settings(AgentSettings, flags={}, config_file=config_file)
+    target = AgentAddress(
+        address=address or settings.listen,
+        token=read_token_file(token_file or settings.token_path),
+        tls_ca=tls_ca, tls_client_cert=tls_client_cert, tls_client_key=tls_client_key,
+    )
+    channel, stub = sync_stub(target)
+    with channel:
+        try:
+            reply = stub.GetStatus(pb.GetStatusRequest(), metadata=target.metadata, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise describe_rpc_error(target.address, exc) from None
+    document = message_to_json(reply.status)
+    if as_json:
+        click.echo(json.dumps(document, indent=2))
+        return
+    click.echo(render_status(document))
+
+
+def render_status(doc: dict[str, Any]) -> str:
+    rpc, build, node = doc["rpc_server"], doc["build"], doc["node"]
+    lines = [
+        f"node        {node['hostname']} ({node['node_id']}), agent {node['agent_version']}",
+        f"llama.cpp   {build['commit'] or build['source_id'] or 'none'} "
+        f"(RPC protocol {build['rpc_protocol_version'] or '?'}; {', '.join(build['backends']) or 'no backends'})",
+        f"rpc-server  {rpc['state']} {rpc['endpoint']} pid {rpc['pid']} generation {rpc['generation']} "
+        f"restarts {rpc['restarts']}",
+    ]
+    if rpc["last_exit"]:
+        lines.append(f"last exit   {rpc['last_exit']}")
+    for line in rpc["last_output"][-5:]:
+        lines.append(f"            | {line}")
+    for device in doc["devices"]:
+        lines.append(f"device      {device['name']}: {format_size(device['free_bytes'])} free of "
+                     f"{format_size(device['total_bytes'])}")
+    for device in rpc["devices"]:
+        lines.append(f"rpc device  {device['name']} ({device['description']}): "
+                     f"{format_size(device['free_bytes'])} free of {format_size(device['total_bytes'])}")
+    return "\n".join(lines)
 
 
 def main() -> None:

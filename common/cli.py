@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -99,3 +100,21 @@ def build_command(default_state_dir: Callable[[], Path]) -> click.Command:
         click.echo(str(manifest.install_dir))
 
     return build
+
+
+def setup_logging(level: str) -> None:
+    """Plain lines on stderr; under systemd the journal adds time and unit."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def given_flags(ctx: click.Context, names: list[str]) -> dict[str, Any]:
+    """The flags the operator actually typed (click defaults must not beat env or config)."""
+    out = {}
+    for name in names:
+        source = ctx.get_parameter_source(name)
+        if source in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.PROMPT):
+            out[name] = ctx.params[name]
+    return out

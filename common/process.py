@@ -10,6 +10,7 @@ Stopping is `stop_group`: SIGTERM to the group, a grace period, then SIGKILL to 
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import shutil
@@ -128,3 +129,42 @@ def pid_alive(pid: int) -> bool:
         # No /proc entry (or an unreadable one): the process is gone.
         return False
     return state not in (b"Z", b"X")
+
+
+async def spawn_group_async(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> asyncio.subprocess.Process:
+    """`spawn_group` for asyncio: own group, dies with us, stderr merged into a stdout pipe.
+
+    Call it from the event loop's thread: PR_SET_PDEATHSIG fires when the *thread* that
+    forked the child ends, and the loop's thread lives as long as the program.
+    """
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=dict(env) if env is not None else None,
+        cwd=cwd,
+        process_group=0,
+        preexec_fn=_die_with_parent,
+        close_fds=True,
+    )
+
+
+async def stop_group_async(proc: asyncio.subprocess.Process, grace_s: float = STOP_GRACE_S) -> int:
+    """`stop_group` for asyncio children: SIGTERM the group, grace, SIGKILL the group."""
+    if proc.returncode is None:
+        signal_group(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=grace_s)
+        except asyncio.TimeoutError:
+            signal_group(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    if group_alive(proc.pid):
+        signal_group(proc.pid, signal.SIGKILL)
+    assert proc.returncode is not None
+    return proc.returncode

@@ -11,7 +11,7 @@ import json
 import os
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llamafleet.common.errors import LlamafleetError
@@ -44,7 +44,6 @@ class Manifest:
     built_at_unix_ms: int
     adopted: bool = False
     schema: int = MANIFEST_SCHEMA
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def install_dir(self) -> Path:

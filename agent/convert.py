@@ -1,0 +1,96 @@
+"""Domain objects → wire messages. The only place that knows both shapes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llamafleet.agent.devices import DeviceInfo, HostMemoryInfo
+from llamafleet.agent.node import NodeIdentity
+from llamafleet.agent.supervisor import RpcServerSnapshot, RpcState
+from llamafleet.common.llamacpp.build import BuildEvent
+from llamafleet.common.llamacpp.install import Manifest
+from llamafleet.proto.v1 import agent_pb2 as pb
+
+_STATES = {
+    RpcState.STOPPED: pb.RPC_SERVER_STATE_STOPPED,
+    RpcState.STARTING: pb.RPC_SERVER_STATE_STARTING,
+    RpcState.RUNNING: pb.RPC_SERVER_STATE_RUNNING,
+    RpcState.BACKOFF: pb.RPC_SERVER_STATE_BACKOFF,
+    RpcState.FAILED: pb.RPC_SERVER_STATE_FAILED,
+    RpcState.STOPPING: pb.RPC_SERVER_STATE_STOPPING,
+}
+_KINDS = {"gpu": pb.DEVICE_KIND_GPU, "cpu": pb.DEVICE_KIND_CPU}
+
+
+@dataclass(frozen=True)
+class AgentSnapshot:
+    node: NodeIdentity
+    build: Manifest | None
+    rpc_server: RpcServerSnapshot
+    devices: list[DeviceInfo]
+    host: HostMemoryInfo
+    memory_limit_bytes: int
+    observed_at_unix_ms: int
+
+
+def build_to_proto(manifest: Manifest | None) -> pb.LlamaCppBuild:
+    if manifest is None:
+        return pb.LlamaCppBuild()
+    return pb.LlamaCppBuild(
+        commit=manifest.commit or "",
+        source_id=manifest.source_id,
+        version=manifest.version,
+        backends=manifest.backends,
+        install_dir=str(manifest.install_dir),
+        rpc_protocol_version=manifest.rpc_protocol_version,
+        adopted=manifest.adopted,
+    )
+
+
+def rpc_server_to_proto(snap: RpcServerSnapshot) -> pb.RpcServerStatus:
+    return pb.RpcServerStatus(
+        state=_STATES[snap.state],
+        pid=snap.pid,
+        restarts=snap.restarts,
+        generation=snap.generation,
+        endpoint=snap.endpoint,
+        protocol_version=snap.protocol_version,
+        devices=[pb.RpcDevice(name=d.name, description=d.description, total_bytes=d.total_bytes,
+                              free_bytes=d.free_bytes) for d in snap.devices],
+        cache_dir=snap.cache_dir,
+        state_since_unix_ms=snap.state_since_unix_ms,
+        last_exit=snap.last_exit,
+        last_output=list(snap.last_output),
+        next_start_unix_ms=snap.next_start_unix_ms,
+    )
+
+
+def device_to_proto(device: DeviceInfo) -> pb.Device:
+    message = pb.Device(
+        kind=_KINDS[device.kind], index=device.index, name=device.name, uuid=device.uuid,
+        total_bytes=device.total_bytes, free_bytes=device.free_bytes, used_bytes=device.used_bytes,
+        physical_total_bytes=device.physical_total_bytes, physical_free_bytes=device.physical_free_bytes,
+    )
+    if device.utilization_percent is not None:
+        message.utilization_percent = device.utilization_percent
+    return message
+
+
+def status_to_proto(snap: AgentSnapshot) -> pb.AgentStatus:
+    return pb.AgentStatus(
+        node=pb.NodeIdentity(
+            node_id=snap.node.node_id, hostname=snap.node.hostname,
+            agent_version=snap.node.agent_version, started_at_unix_ms=snap.node.started_at_unix_ms,
+        ),
+        build=build_to_proto(snap.build),
+        rpc_server=rpc_server_to_proto(snap.rpc_server),
+        devices=[device_to_proto(d) for d in snap.devices],
+        host=pb.HostMemory(total_bytes=snap.host.total_bytes, available_bytes=snap.host.available_bytes),
+        observed_at_unix_ms=snap.observed_at_unix_ms,
+        memory_limit_bytes=snap.memory_limit_bytes,
+    )
+
+
+def build_event_to_proto(event: BuildEvent) -> pb.BuildResponse:
+    return pb.BuildResponse(progress=pb.BuildProgress(step=event.step, message=event.message,
+                                                      done=event.done, total=event.total))

@@ -1,0 +1,187 @@
+"""The agent's domain: one supervisor, the device providers, the build, and change notifications.
+
+The gRPC service and the systemd integration sit on top of `Agent`; neither holds state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from llamafleet.agent.convert import AgentSnapshot
+from llamafleet.agent.devices import DeviceProvider, HostProvider, NvmlProvider
+from llamafleet.agent.node import NodeIdentity
+from llamafleet.agent.settings import AgentSettings
+from llamafleet.agent.supervisor import RestartPolicy, RpcLaunch, RpcServerSupervisor, RpcState
+from llamafleet.common.errors import LlamafleetError
+from llamafleet.common.llamacpp.build import BuildEvent, BuildOptions, BuildOutcome, current_manifest, run_build
+from llamafleet.common.llamacpp.install import (
+    MANIFEST_NAME,
+    InstallError,
+    Manifest,
+    find_binaries,
+    llama_server_version,
+    read_manifest,
+)
+from llamafleet.common.llamacpp.probe import probe_rpc_server
+from llamafleet.common.process import line_buffered
+from llamafleet.common.units import format_size
+
+log = logging.getLogger(__name__)
+
+
+class BuildBusyError(LlamafleetError):
+    """A build is already running on this worker."""
+
+
+class ChangeFeed:
+    """A version number that increases on every state change, and a way to wait for the next."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self._event = asyncio.Event()
+
+    def bump(self) -> None:
+        self.version += 1
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait_newer(self, version: int, timeout_s: float) -> bool:
+        """True when a change newer than `version` happened within `timeout_s`."""
+        if self.version > version:
+            return True
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            return self.version > version
+        return True
+
+
+def adopt_install(directory: Path) -> Manifest:
+    """Describe an operator's existing llama.cpp install (probed, nothing written there).
+
+    A llamafleet install (with its manifest) keeps what the manifest says it is.
+    """
+    rpc_server, llama_server = find_binaries(directory)
+    if (directory / MANIFEST_NAME).is_file():
+        return dataclasses.replace(read_manifest(directory), adopted=True)
+    banner = probe_rpc_server(rpc_server)
+    return Manifest(
+        key="adopted", commit=None, source_id=f"adopted:{directory}", source=str(directory),
+        cmake_flags=[], backends=sorted({d.name.rstrip("0123456789") for d in banner.devices} | {"RPC"}),
+        rpc_server=str(rpc_server), llama_server=str(llama_server),
+        rpc_protocol_version=banner.protocol_version, version=llama_server_version(llama_server),
+        built_at_unix_ms=0, adopted=True,
+    )
+
+
+class Agent:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        node: NodeIdentity,
+        gpu_provider: DeviceProvider | None = None,
+    ) -> None:
+        self.settings = settings
+        self.node = node
+        self.changes = ChangeFeed()
+        self._gpus = gpu_provider or NvmlProvider()
+        self._host = HostProvider()
+        self._build: Manifest | None = None
+        self._build_error = ""
+        self._build_lock = asyncio.Lock()
+        self.supervisor = RpcServerSupervisor(
+            self._launch,
+            RestartPolicy(
+                initial_s=settings.restart_backoff_initial_s, max_s=settings.restart_backoff_max_s,
+                max_failures=settings.restart_max_failures, healthy_reset_s=settings.healthy_reset_s,
+            ),
+            on_change=self.changes.bump,
+            autostart=settings.rpc_autostart,
+        )
+
+    # ---- the llama.cpp install ---------------------------------------------------------------
+
+    def load_build(self) -> None:
+        """Find the install to run: the adopted one, else the state dir's `current`."""
+        try:
+            if self.settings.llama_cpp is not None:
+                self._build = adopt_install(self.settings.llama_cpp)
+            else:
+                self._build = current_manifest(self.settings.state_path)
+            self._build_error = "" if self._build else (
+                f"no llama.cpp build in {self.settings.state_path}: run `llamafleet-agent build` "
+                "or pass --llama-cpp DIR"
+            )
+        except LlamafleetError as exc:
+            # A broken install is reported in status (and the rpc-server stays down), not fatal.
+            self._build, self._build_error = None, exc.message
+        if self._build_error:
+            log.warning("%s", self._build_error)
+
+    @property
+    def build(self) -> Manifest | None:
+        return self._build
+
+    def _launch(self) -> RpcLaunch:
+        if self._build is None:
+            raise InstallError(self._build_error or "no llama.cpp install")
+        s = self.settings
+        argv = [self._build.rpc_server, "-H", s.rpc_host, "-p", str(s.rpc_port)]
+        if s.rpc_threads:
+            argv += ["-t", str(s.rpc_threads)]
+        if s.devices:
+            argv += ["-d", ",".join(s.devices)]
+        env = dict(os.environ)
+        cache_dir = ""
+        if s.rpc_cache:
+            argv.append("-c")
+            # rpc-server keeps its cache in $LLAMA_CACHE/rpc.
+            env["LLAMA_CACHE"] = str(s.cache_path)
+            cache_dir = str(s.cache_path / "rpc")
+        return RpcLaunch(line_buffered(argv), env, s.rpc_port, s.rpc_endpoint, cache_dir)
+
+    async def run_build(self, options: BuildOptions, progress: Callable[[BuildEvent], None]) -> BuildOutcome:
+        if self._build_lock.locked():
+            raise BuildBusyError("a build is already running on this worker")
+        async with self._build_lock:
+            outcome = await asyncio.to_thread(run_build, options, progress)
+        if self.settings.llama_cpp is None:
+            self.load_build()
+            self.changes.bump()
+            if self.supervisor.snapshot().state == RpcState.FAILED and self.settings.rpc_autostart:
+                # The rpc-server was down for want of binaries: now there are some.
+                self.supervisor.request("start")
+        return outcome
+
+    # ---- status ------------------------------------------------------------------------------
+
+    def snapshot(self) -> AgentSnapshot:
+        limit = self.settings.memory_limit
+        devices = [d.capped(limit) for d in self._gpus.devices() + self._host.devices()]
+        return AgentSnapshot(
+            node=self.node,
+            build=self._build,
+            rpc_server=self.supervisor.snapshot(),
+            devices=devices,
+            host=self._host.memory(),
+            memory_limit_bytes=limit,
+            observed_at_unix_ms=int(time.time() * 1000),
+        )
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: rpc-server state, endpoint, free memory."""
+        snap = self.snapshot()
+        rpc = snap.rpc_server
+        line = f"rpc-server {rpc.state.value}"
+        if rpc.state == RpcState.RUNNING:
+            line += f" at {rpc.endpoint} (pid {rpc.pid}, generation {rpc.generation})"
+        elif rpc.last_exit:
+            line += f": {rpc.last_exit}"
+        free = ", ".join(f"{d.name} {format_size(d.free_bytes)}" for d in snap.devices)
+        return f"{line}; free {free}"

@@ -1,0 +1,94 @@
+"""`llamafleet-agent serve`: wire the agent, its gRPC server and systemd together on one loop.
+
+systemd protocol: READY=1 once the gRPC port is bound and the rpc-server has settled (running,
+or left stopped/failed for a stated reason); WATCHDOG=1 from this loop at half WATCHDOG_USEC,
+only while the supervisor's loop is turning; STATUS= one line on every change; STOPPING=1 on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+
+from llamafleet.agent.core import Agent
+from llamafleet.agent.node import load_node_identity, load_token
+from llamafleet.agent.service import start_server
+from llamafleet.agent.settings import AgentSettings
+from llamafleet.agent.supervisor import SETTLED, TICK_S
+from llamafleet.common.systemd import Notifier
+
+log = logging.getLogger(__name__)
+# The supervisor turns every TICK_S; staler than this and it is wedged: stop feeding the watchdog.
+SUPERVISOR_STALE_S = max(10 * TICK_S, 3.0)
+# How long serve waits for the rpc-server to settle before declaring READY anyway.
+READY_WAIT_S = 120.0
+
+
+async def _wait_settled(agent: Agent) -> None:
+    deadline = time.monotonic() + READY_WAIT_S
+    seen = -1
+    while agent.supervisor.snapshot().state not in SETTLED and time.monotonic() < deadline:
+        seen = agent.changes.version
+        await agent.changes.wait_newer(seen, 0.5)
+
+
+async def _keep_systemd_informed(agent: Agent, notifier: Notifier) -> None:
+    interval = notifier.watchdog_ping_interval_s
+    last_status = ""
+    seen = agent.changes.version
+    while True:
+        await agent.changes.wait_newer(seen, interval or 5.0)
+        seen = agent.changes.version
+        line = agent.status_line()
+        if line != last_status:
+            notifier.status(line)
+            last_status = line
+        if interval and time.monotonic() - agent.supervisor.last_tick < SUPERVISOR_STALE_S:
+            notifier.watchdog()
+        elif interval:
+            log.error("supervisor loop has not turned for %.1f s: withholding the watchdog ping",
+                      time.monotonic() - agent.supervisor.last_tick)
+
+
+async def serve(settings: AgentSettings, notifier: Notifier | None = None) -> None:
+    notifier = notifier or Notifier()
+    state = settings.state_path
+    state.mkdir(parents=True, exist_ok=True)
+    token = load_token(settings.token_path, create=settings.token_file is None)
+    if settings.rpc_allow_wildcard and settings.rpc_host == "0.0.0.0":
+        log.warning("!!! rpc-server will listen on 0.0.0.0: it has NO authentication; anyone who "
+                    "reaches port %d can run code on this worker's devices. Firewall it to the controller. !!!",
+                    settings.rpc_port)
+    agent = Agent(settings, load_node_identity(state))
+    agent.load_build()
+    server, port = await start_server(agent, settings, token)
+    log.info("agent %s listening on %s (port %d); rpc-server endpoint %s",
+             agent.node.node_id, settings.listen, port, settings.rpc_endpoint)
+    supervisor_task = asyncio.create_task(agent.supervisor.run(), name="rpc-server supervisor")
+    stop = asyncio.Event()
+    # The supervisor only ends when cancelled; if it dies of a bug, the agent must not linger.
+    supervisor_task.add_done_callback(lambda task: task.cancelled() or stop.set())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    informer: asyncio.Task[None] | None = None
+    try:
+        await _wait_settled(agent)
+        notifier.ready(agent.status_line())
+        informer = asyncio.create_task(_keep_systemd_informed(agent, notifier))
+        await stop.wait()
+        log.info("stopping: rpc-server first, then the gRPC server")
+        notifier.stopping()
+    finally:
+        for task in (informer, supervisor_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    # Cancellation is how these tasks are asked to end.
+                    await task
+        await server.stop(grace=1.0)
+    if not supervisor_task.cancelled() and (error := supervisor_task.exception()) is not None:
+        raise error

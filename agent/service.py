@@ -1,0 +1,197 @@
+"""The agent's gRPC edge: thin servicers, bearer-token auth, and one map of errors to status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from llamafleet.agent.convert import (
+    build_event_to_proto,
+    build_to_proto,
+    rpc_server_to_proto,
+    status_to_proto,
+)
+from llamafleet.agent.core import Agent, BuildBusyError
+from llamafleet.agent.settings import AgentSettings
+from llamafleet.common.errors import LlamafleetError, UsageError
+from llamafleet.common.llamacpp.build import BuildError, BuildEvent, BuildOptions
+from llamafleet.common.llamacpp.install import InstallError
+from llamafleet.common.llamacpp.source import SourceError
+from llamafleet.proto.v1 import agent_pb2 as pb
+from llamafleet.proto.v1 import agent_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AgentService"].full_name
+# How long a start/stop/restart RPC waits for the state to settle before answering.
+SETTLE_TIMEOUT_S = 30.0
+_PUBLIC_PREFIX = "/grpc.health.v1.Health/"
+
+# Domain errors → gRPC codes, in one place. Order matters: subclasses first.
+_ERROR_CODES: list[tuple[type[LlamafleetError], grpc.StatusCode]] = [
+    (UsageError, grpc.StatusCode.INVALID_ARGUMENT),
+    (SourceError, grpc.StatusCode.INVALID_ARGUMENT),
+    (BuildBusyError, grpc.StatusCode.ABORTED),
+    (BuildError, grpc.StatusCode.FAILED_PRECONDITION),
+    (InstallError, grpc.StatusCode.FAILED_PRECONDITION),
+    (LlamafleetError, grpc.StatusCode.FAILED_PRECONDITION),
+]
+
+
+def status_code_for(exc: LlamafleetError) -> grpc.StatusCode:
+    return next(code for kind, code in _ERROR_CODES if isinstance(exc, kind))
+
+
+def _details(exc: LlamafleetError) -> str:
+    return exc.message + (f"\n{exc.detail}" if exc.detail else "")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def maps_errors(method: F) -> F:
+    """Turn a LlamafleetError raised by a unary handler into the matching status code."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except LlamafleetError as exc:
+            # The operator-facing message travels as the status details.
+            await context.abort(status_code_for(exc), _details(exc))
+
+    return wrapper  # type: ignore[return-value]
+
+
+class AgentServicer(pb_grpc.AgentServiceServicer):
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    @maps_errors
+    async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
+        return pb.GetStatusResponse(status=status_to_proto(self.agent.snapshot()))
+
+    async def WatchStatus(
+        self, request: pb.WatchStatusRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchStatusResponse]:
+        interval = (request.heartbeat_interval_ms / 1000) or self.agent.settings.heartbeat_interval_s
+        changes = self.agent.changes
+        seen = changes.version
+        yield pb.WatchStatusResponse(status=status_to_proto(self.agent.snapshot()), reason=pb.WATCH_REASON_INITIAL)
+        while True:
+            changed = await changes.wait_newer(seen, interval)
+            seen = changes.version
+            reason = pb.WATCH_REASON_CHANGE if changed else pb.WATCH_REASON_HEARTBEAT
+            yield pb.WatchStatusResponse(status=status_to_proto(self.agent.snapshot()), reason=reason)
+
+    async def _act(self, action: str) -> pb.RpcServerStatus:
+        ticket = self.agent.supervisor.request(action)
+        return rpc_server_to_proto(await self.agent.supervisor.wait_settled(ticket, SETTLE_TIMEOUT_S))
+
+    @maps_errors
+    async def StartRpcServer(self, request: pb.StartRpcServerRequest, context: grpc.aio.ServicerContext) -> pb.StartRpcServerResponse:
+        return pb.StartRpcServerResponse(rpc_server=await self._act("start"))
+
+    @maps_errors
+    async def StopRpcServer(self, request: pb.StopRpcServerRequest, context: grpc.aio.ServicerContext) -> pb.StopRpcServerResponse:
+        return pb.StopRpcServerResponse(rpc_server=await self._act("stop"))
+
+    @maps_errors
+    async def RestartRpcServer(self, request: pb.RestartRpcServerRequest, context: grpc.aio.ServicerContext) -> pb.RestartRpcServerResponse:
+        return pb.RestartRpcServerResponse(rpc_server=await self._act("restart"))
+
+    async def Build(self, request: pb.BuildRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BuildResponse]:
+        cuda = {pb.CUDA_MODE_ON: True, pb.CUDA_MODE_OFF: False}.get(request.cuda)
+        options = BuildOptions(source=request.source, state_dir=self.agent.settings.state_path,
+                               cuda=cuda, jobs=request.jobs)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[BuildEvent | None] = asyncio.Queue()
+
+        def progress(event: BuildEvent) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        build = asyncio.ensure_future(self.agent.run_build(options, progress))
+        build.add_done_callback(lambda _: events.put_nowait(None))
+        while (event := await events.get()) is not None:
+            yield build_event_to_proto(event)
+        try:
+            outcome = build.result()
+        except LlamafleetError as exc:
+            # Same mapping as the unary calls; a stream aborts after the progress it sent.
+            await context.abort(status_code_for(exc), _details(exc))
+        yield pb.BuildResponse(result=pb.BuildResult(build=build_to_proto(outcome.manifest), cached=outcome.cached))
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Every method but health needs `authorization: Bearer <token>`; checked before the handler runs."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if details.method.startswith(_PUBLIC_PREFIX) or handler is None:
+            return handler
+        metadata = dict(details.invocation_metadata or ())
+        presented = metadata.get("authorization", "")
+        if hmac.compare_digest(str(presented).encode(), self._expected):
+            return handler
+        # Never log what was presented: a near-miss token is still a secret.
+        log.warning("refused %s: %s bearer token", details.method, "wrong" if presented else "missing")
+        return _refusal(handler, "missing or wrong bearer token" if presented else "missing bearer token")
+
+
+def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - abort raises; this makes the function a generator
+
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            stream, handler.request_deserializer, handler.response_serializer)
+    return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+
+
+async def start_server(agent: Agent, settings: AgentSettings, token: str) -> tuple[grpc.aio.Server, int]:
+    """Bind the gRPC server (TLS when configured); returns it and the bound port."""
+    server = grpc.aio.server(interceptors=[TokenAuthInterceptor(token)])
+    pb_grpc.add_AgentServiceServicer_to_server(AgentServicer(agent), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    if settings.tls_cert and settings.tls_key:
+        credentials = grpc.ssl_server_credentials(
+            [(_read(settings.tls_key), _read(settings.tls_cert))],
+            root_certificates=_read(settings.tls_client_ca) if settings.tls_client_ca else None,
+            require_client_auth=settings.tls_client_ca is not None,
+        )
+        port = server.add_secure_port(settings.listen, credentials)
+    else:
+        port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise UsageError(f"cannot listen on {settings.listen} (address in use or not on this host)")
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return server, port

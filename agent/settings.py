@@ -1,0 +1,85 @@
+"""The agent's one settings object (flags > LLAMAFLEET_* env > TOML file > defaults)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from llamafleet.common.paths import default_cache_dir, default_state_dir
+from llamafleet.common.settings import parse_path, setting
+from llamafleet.common.units import parse_size
+
+log = logging.getLogger(__name__)
+DEFAULT_LISTEN = "127.0.0.1:50051"
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"'{text}' is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    listen: str = setting(DEFAULT_LISTEN, help="gRPC address HOST:PORT")
+    token_file: Path | None = setting(None, parse=parse_path, help="bearer token file (default: STATE/token, created 0600)")
+    tls_cert: Path | None = setting(None, parse=parse_path, help="server certificate (PEM) for TLS")
+    tls_key: Path | None = setting(None, parse=parse_path, help="server key (PEM) for TLS")
+    tls_client_ca: Path | None = setting(None, parse=parse_path, help="CA that client certificates must chain to (mTLS)")
+    rpc_host: str = setting("127.0.0.1", help="IPv4 address the rpc-server binds")
+    rpc_port: int = setting(50052, help="rpc-server port")
+    rpc_threads: int = setting(0, help="rpc-server CPU threads (0: its default)")
+    devices: tuple[str, ...] = setting((), help="rpc-server devices, e.g. CUDA0,CUDA1 (default: all)")
+    rpc_cache: bool = setting(True, help="rpc-server local tensor cache (-c)")
+    rpc_autostart: bool = setting(True, help="start the rpc-server with the agent")
+    rpc_allow_wildcard: bool = setting(False, help="allow rpc_host 0.0.0.0 (rpc-server has no authentication)")
+    memory_limit: int = setting(0, parse=parse_size, help="cap on memory advertised per device (0: none)")
+    state_dir: Path | None = setting(None, parse=parse_path, help="builds, token, node id")
+    cache_dir: Path | None = setting(None, parse=parse_path, help="rpc-server tensor cache")
+    llama_cpp: Path | None = setting(None, parse=parse_path, help="adopt this llama.cpp install instead of a build")
+    heartbeat_interval_s: float = setting(2.0, help="WatchStatus heartbeat interval")
+    restart_backoff_initial_s: float = setting(0.5, help="first restart delay after an rpc-server exit")
+    restart_backoff_max_s: float = setting(30.0, help="cap on the restart delay")
+    restart_max_failures: int = setting(5, help="consecutive failed starts before giving up (state failed)")
+    healthy_reset_s: float = setting(30.0, help="running this long resets the backoff")
+
+    def __post_init__(self) -> None:
+        split_host_port(self.listen)
+        try:
+            address = ipaddress.IPv4Address(self.rpc_host)
+        except ValueError:
+            raise ValueError(f"rpc_host must be an IPv4 address literal, not '{self.rpc_host}'") from None
+        if address.is_unspecified and not self.rpc_allow_wildcard:
+            raise ValueError(
+                "rpc_host 0.0.0.0 exposes the unauthenticated rpc-server on every interface; "
+                "give the worker's private address, or pass --rpc-allow-wildcard if you really mean it"
+            )
+        if not 0 < self.rpc_port < 65536:
+            raise ValueError(f"rpc_port must be 1..65535, not {self.rpc_port}")
+        if self.rpc_threads < 0 or self.restart_max_failures < 1:
+            raise ValueError("rpc_threads must be >= 0 and restart_max_failures >= 1")
+        if self.heartbeat_interval_s <= 0 or self.restart_backoff_initial_s <= 0:
+            raise ValueError("heartbeat_interval_s and restart_backoff_initial_s must be > 0")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir or default_state_dir("agent")
+
+    @property
+    def cache_path(self) -> Path:
+        return self.cache_dir or default_cache_dir("agent")
+
+    @property
+    def token_path(self) -> Path:
+        return self.token_file or self.state_path / "token"
+
+    @property
+    def rpc_endpoint(self) -> str:
+        return f"{self.rpc_host}:{self.rpc_port}"

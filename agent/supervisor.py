@@ -1,0 +1,337 @@
+"""The one owner of the rpc-server's lifecycle on a worker.
+
+Only `RpcServerSupervisor.run()` changes the state; everyone else sends it a request
+(`request("start" | "stop" | "restart")`) and may wait for the state to settle.
+
+    stopped ──start──► starting ──banner complete + socket listening──► running
+       ▲                  │ exit / timeout                                │ exit
+       │                  ▼                                               ▼
+       └──stop── backoff (capped exponential delay) ◄─────────────────────┘
+                          │ too many consecutive failures
+                          ▼
+                        failed   (cause + last lines of output kept)
+
+Readiness is the child's own banner and its listening socket, never a TCP connect: the
+rpc-server serves one client at a time, so a probe could starve the coordinator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psutil
+
+from llamafleet.common.errors import LlamafleetError
+from llamafleet.common.llamacpp.banner import BannerDevice, RpcBanner
+from llamafleet.common.process import describe_exit, spawn_group_async, stop_group_async
+
+log = logging.getLogger(__name__)
+# How often the loop wakes when nothing happens: bounds watchdog staleness and poll latency.
+TICK_S = 0.25
+READY_POLL_S = 0.05
+OUTPUT_LINES_KEPT = 30
+
+
+class RpcState(enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    BACKOFF = "backoff"
+    FAILED = "failed"
+    STOPPING = "stopping"
+
+
+SETTLED = frozenset({RpcState.STOPPED, RpcState.RUNNING, RpcState.BACKOFF, RpcState.FAILED})
+
+
+@dataclass(frozen=True)
+class RpcLaunch:
+    """How to start the rpc-server right now (the binary may change after a build)."""
+
+    argv: list[str]
+    env: dict[str, str]
+    port: int
+    endpoint: str
+    cache_dir: str
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    max_failures: int = 5
+    healthy_reset_s: float = 30.0
+    # Banner and socket must appear within this; CUDA init of many GPUs takes seconds.
+    start_timeout_s: float = 120.0
+
+    def delay(self, failures: int) -> float:
+        return min(self.initial_s * 2 ** max(failures - 1, 0), self.max_s)
+
+
+@dataclass(frozen=True)
+class RpcServerSnapshot:
+    state: RpcState
+    pid: int = 0
+    restarts: int = 0
+    generation: int = 0
+    endpoint: str = ""
+    protocol_version: str = ""
+    devices: tuple[BannerDevice, ...] = ()
+    cache_dir: str = ""
+    state_since_unix_ms: int = 0
+    last_exit: str = ""
+    last_output: tuple[str, ...] = ()
+    next_start_unix_ms: int = 0
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _listening_on(pid: int, port: int) -> bool:
+    try:
+        connections = psutil.Process(pid).net_connections(kind="tcp")
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        # Gone or not ours to inspect: not (yet) listening; the exit watch will tell.
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in connections)
+
+
+@dataclass
+class _Child:
+    proc: asyncio.subprocess.Process
+    launch: RpcLaunch
+    banner: RpcBanner = field(default_factory=RpcBanner)
+    reader: asyncio.Task[None] | None = None
+    exited: asyncio.Task[int] | None = None
+
+
+class RpcServerSupervisor:
+    def __init__(
+        self,
+        launch_factory: Callable[[], RpcLaunch],
+        policy: RestartPolicy,
+        on_change: Callable[[], None] = lambda: None,
+        autostart: bool = True,
+    ) -> None:
+        self._launch_factory = launch_factory
+        self._policy = policy
+        self._on_change = on_change
+        self._want_running = autostart
+        self._queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+        self._requested = 0
+        self._handled = 0
+        self._changed = asyncio.Event()
+        self._snapshot = RpcServerSnapshot(RpcState.STOPPED, state_since_unix_ms=_now_ms())
+        self._output: deque[str] = deque(maxlen=OUTPUT_LINES_KEPT)
+        self._failures = 0
+        self._child: _Child | None = None
+        self._command_task: asyncio.Task[tuple[int, str]] | None = None
+        # Monotonic time of the loop's last turn: the watchdog pings only while this is fresh.
+        self.last_tick = time.monotonic()
+
+    # ---- what others may call -------------------------------------------------------------
+
+    def snapshot(self) -> RpcServerSnapshot:
+        return self._snapshot
+
+    def request(self, action: str) -> int:
+        """Queue 'start', 'stop' or 'restart'; returns a ticket for `wait_settled`."""
+        if action not in ("start", "stop", "restart"):
+            raise ValueError(f"unknown action {action!r}")
+        self._requested += 1
+        self._queue.put_nowait((self._requested, action))
+        return self._requested
+
+    async def wait_settled(self, ticket: int, timeout_s: float) -> RpcServerSnapshot:
+        """Wait until the request `ticket` was handled and the state is settled (or timeout)."""
+        deadline = time.monotonic() + timeout_s
+        while not (self._handled >= ticket and self._snapshot.state in SETTLED):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                # Timing out is fine: the loop re-checks and ends at the deadline.
+                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, TICK_S))
+        return self._snapshot
+
+    # ---- the owner --------------------------------------------------------------------------
+
+    def _set(self, state: RpcState, **changes: object) -> None:
+        old = self._snapshot
+        values = {**old.__dict__, **changes, "state": state}
+        if state != old.state:
+            values["state_since_unix_ms"] = _now_ms()
+            log.info("rpc-server %s → %s", old.state.value, state.value)
+        self._snapshot = RpcServerSnapshot(**values)  # type: ignore[arg-type]
+        self._changed.set()
+        self._on_change()
+
+    async def _next_command(self, timeout_s: float) -> tuple[int, str] | None:
+        if self._command_task is None:
+            self._command_task = asyncio.ensure_future(self._queue.get())
+        done, _ = await asyncio.wait({self._command_task}, timeout=timeout_s)
+        self.last_tick = time.monotonic()
+        if not done:
+            return None
+        command = self._command_task.result()
+        self._command_task = None
+        self._handled = command[0]
+        return command
+
+    async def run(self) -> None:
+        """The supervision loop; runs until cancelled, and then stops the child (SIGTERM, grace, SIGKILL)."""
+        try:
+            while True:
+                if not self._want_running:
+                    if self._snapshot.state not in (RpcState.STOPPED, RpcState.FAILED):
+                        self._set(RpcState.STOPPED, pid=0)
+                    command = await self._next_command(TICK_S)
+                    if command and command[1] in ("start", "restart"):
+                        self._want_running = True
+                        self._failures = 0
+                    continue
+                await self._run_child()
+        finally:
+            if self._child is not None:
+                await self._stop_child()
+
+    async def _run_child(self) -> None:
+        try:
+            launch = self._launch_factory()
+        except LlamafleetError as exc:
+            # No binary to run (no build yet): retrying will not help until something changes.
+            self._want_running = False
+            self._set(RpcState.FAILED, pid=0, last_exit=exc.message, last_output=())
+            return
+        self._output.clear()
+        proc = await spawn_group_async(launch.argv, env=launch.env)
+        child = _Child(proc, launch)
+        child.reader = asyncio.ensure_future(self._read_output(child))
+        child.exited = asyncio.ensure_future(proc.wait())
+        self._child = child
+        self._set(
+            RpcState.STARTING, pid=proc.pid, generation=self._snapshot.generation + 1,
+            endpoint=launch.endpoint, cache_dir=launch.cache_dir, protocol_version="", devices=(),
+            next_start_unix_ms=0,
+        )
+        became_ready_at = await self._wait_ready(child)
+        if became_ready_at is None:
+            return
+        await self._watch_running(child, became_ready_at)
+
+    async def _read_output(self, child: _Child) -> None:
+        assert child.proc.stdout is not None
+        async for raw in child.proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            self._output.append(line)
+            child.banner.feed(line)
+            log.info("rpc-server[%d]: %s", child.proc.pid, line)
+
+    async def _wait_ready(self, child: _Child) -> float | None:
+        """Until banner + socket (→ ready time), exit, timeout, or a stop/restart (→ None)."""
+        deadline = time.monotonic() + self._policy.start_timeout_s
+        assert child.exited is not None
+        while True:
+            if child.exited.done():
+                await self._after_exit(child, ready_at=None)
+                return None
+            banner = child.banner
+            if banner.devices and _listening_on(child.proc.pid, child.launch.port):
+                banner.end_devices()
+            if banner.complete and _listening_on(child.proc.pid, child.launch.port):
+                self._set(
+                    RpcState.RUNNING, protocol_version=banner.protocol_version,
+                    devices=tuple(banner.devices), last_output=(),
+                )
+                return time.monotonic()
+            if time.monotonic() > deadline:
+                log.warning("rpc-server gave no banner and socket in %.0f s; stopping it", self._policy.start_timeout_s)
+                await stop_group_async(child.proc)
+                await self._after_exit(child, ready_at=None, cause=f"not ready within {self._policy.start_timeout_s:.0f} s")
+                return None
+            command = await self._next_command(READY_POLL_S)
+            if command and await self._handle_while_alive(command[1]):
+                return None
+
+    async def _watch_running(self, child: _Child, ready_at: float) -> None:
+        assert child.exited is not None
+        while True:
+            if child.exited.done():
+                await self._after_exit(child, ready_at=ready_at)
+                return
+            command = await self._next_command(TICK_S)
+            if command and await self._handle_while_alive(command[1]):
+                return
+            if self._failures and time.monotonic() - ready_at >= self._policy.healthy_reset_s:
+                self._failures = 0
+
+    async def _handle_while_alive(self, action: str) -> bool:
+        """Apply stop/restart to a live child; True when the child was stopped."""
+        if action == "start":
+            return False
+        await self._stop_child()
+        self._failures = 0
+        if action == "stop":
+            self._want_running = False
+            self._set(RpcState.STOPPED, pid=0)
+        return True
+
+    async def _stop_child(self) -> None:
+        child = self._child
+        if child is None:
+            return
+        self._set(RpcState.STOPPING)
+        code = await stop_group_async(child.proc)
+        await self._drain(child)
+        self._set(RpcState.STOPPING, pid=0, last_exit=f"stopped on request ({describe_exit(code)})")
+        self._child = None
+
+    async def _drain(self, child: _Child) -> None:
+        if child.reader is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                # A grandchild holding the pipe open must not hang us: the group is dead anyway.
+                await asyncio.wait_for(child.reader, timeout=2)
+
+    async def _after_exit(self, child: _Child, ready_at: float | None, cause: str = "") -> None:
+        """The child ended on its own: record why, then back off or give up."""
+        assert child.exited is not None
+        code = child.exited.result()
+        await self._drain(child)
+        self._child = None
+        if ready_at is not None and time.monotonic() - ready_at >= self._policy.healthy_reset_s:
+            self._failures = 0
+        self._failures += 1
+        reason = cause or describe_exit(code)
+        if ready_at is None and not cause:
+            reason += " before it was ready"
+        tail = tuple(self._output)
+        log.warning("rpc-server (pid %d) %s; last output: %s", child.proc.pid, reason, " | ".join(tail[-5:]))
+        if self._failures >= self._policy.max_failures:
+            self._want_running = False
+            self._set(RpcState.FAILED, pid=0, last_exit=f"{reason} ({self._failures} failures in a row, giving up)",
+                      last_output=tail)
+            return
+        delay = self._policy.delay(self._failures)
+        self._set(RpcState.BACKOFF, pid=0, last_exit=reason, last_output=tail,
+                  next_start_unix_ms=_now_ms() + int(delay * 1000))
+        deadline = time.monotonic() + delay
+        while (remaining := deadline - time.monotonic()) > 0:
+            command = await self._next_command(min(remaining, TICK_S))
+            if command is None:
+                continue
+            if command[1] == "stop":
+                self._want_running = False
+                self._set(RpcState.STOPPED, next_start_unix_ms=0)
+                return
+            self._failures = 0  # an explicit start/restart skips the wait
+            break
+        self._set(RpcState.BACKOFF, restarts=self._snapshot.restarts + 1)
