@@ -17,7 +17,7 @@ from llamafleet.agent.core import Agent
 from llamafleet.agent.node import load_node_identity, load_token
 from llamafleet.agent.service import start_server
 from llamafleet.agent.settings import AgentSettings
-from llamafleet.agent.supervisor import SETTLED, TICK_S
+from llamafleet.agent.supervisor import TICK_S
 from llamafleet.common.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -29,8 +29,7 @@ READY_WAIT_S = 120.0
 
 async def _wait_settled(agent: Agent) -> None:
     deadline = time.monotonic() + READY_WAIT_S
-    seen = -1
-    while agent.supervisor.snapshot().state not in SETTLED and time.monotonic() < deadline:
+    while not agent.supervisor.at_rest() and time.monotonic() < deadline:
         seen = agent.changes.version
         await agent.changes.wait_newer(seen, 0.5)
 

@@ -142,6 +142,11 @@ class RpcServerSupervisor:
     def snapshot(self) -> RpcServerSnapshot:
         return self._snapshot
 
+    def at_rest(self) -> bool:
+        """Running, given up (failed), or stopped on purpose: nothing more will happen by itself."""
+        state = self._snapshot.state
+        return state in (RpcState.RUNNING, RpcState.FAILED) or (state == RpcState.STOPPED and not self._want_running)
+
     def request(self, action: str) -> int:
         """Queue 'start', 'stop' or 'restart'; returns a ticket for `wait_settled`."""
         if action not in ("start", "stop", "restart"):

@@ -1,0 +1,200 @@
+"""`llamafleet-agent serve` as a real process over the real ggml-rpc-server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llamafleet.common.llamacpp.install import Manifest
+from llamafleet.common.process import pid_alive, wait_gone
+from llamafleet.proto.v1 import agent_pb2 as pb
+from tests.integration.agent.harness import AGENT, NotifySocket, running_agent, wait_for
+
+pytestmark = pytest.mark.integration
+RUNNING = pb.RPC_SERVER_STATE_RUNNING
+
+
+def _listening(pid: int, endpoint: str) -> bool:
+    host, port = endpoint.rsplit(":", 1)
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.ip == host and c.laddr.port == int(port)
+               for c in psutil.Process(pid).net_connections("tcp"))
+
+
+def test_starts_rpc_server_and_reports_its_banner(tmp_path: Path, llama_cpp: Manifest) -> None:
+    with running_agent(tmp_path, llama_cpp.install_dir, extra_args=("--memory-limit", "120MiB")) as agent:
+        rpc = wait_for(lambda: (r := agent.rpc()).state == RUNNING and r, 30, "rpc-server running")
+        assert rpc.endpoint == agent.rpc_endpoint
+        assert rpc.protocol_version == llama_cpp.rpc_protocol_version
+        assert [d.name for d in rpc.devices] == ["CPU"] and rpc.devices[0].total_bytes > 0
+        assert rpc.generation == 1 and rpc.restarts == 0
+        assert rpc.cache_dir == str(tmp_path / "cache" / "rpc")
+        assert _listening(rpc.pid, agent.rpc_endpoint), "bound to exactly the address given"
+        status = agent.status()
+        cpu = [d for d in status.devices if d.kind == pb.DEVICE_KIND_CPU][0]
+        assert cpu.total_bytes == 120 * 1024 * 1024 and cpu.physical_total_bytes > cpu.total_bytes
+        assert status.memory_limit_bytes == 120 * 1024 * 1024
+        assert status.host.total_bytes == psutil.virtual_memory().total
+        assert status.build.rpc_protocol_version == llama_cpp.rpc_protocol_version
+        assert status.node.node_id
+
+
+def test_kill_9_of_rpc_server_restarts_it_within_3_seconds(tmp_path: Path, llama_cpp: Manifest) -> None:
+    with running_agent(tmp_path, llama_cpp.install_dir) as agent:
+        first = wait_for(lambda: (r := agent.rpc()).state == RUNNING and r, 30, "rpc-server running")
+        watch = agent.stub.WatchStatus(pb.WatchStatusRequest(heartbeat_interval_ms=60_000), metadata=agent.metadata)
+        assert next(watch).reason == pb.WATCH_REASON_INITIAL
+        os.kill(first.pid, signal.SIGKILL)
+        second = wait_for(lambda: (r := agent.rpc()).state == RUNNING and r.generation > first.generation and r,
+                          3.0, "rpc-server back to running")
+        assert second.restarts == first.restarts + 1
+        assert second.pid != first.pid and pid_alive(second.pid)
+        assert "SIGKILL" in second.last_exit
+        # The watch saw the change at once, not at the (one-minute) heartbeat.
+        update = next(watch)
+        assert update.reason == pb.WATCH_REASON_CHANGE
+        watch.cancel()
+
+
+def test_watch_sends_heartbeats(tmp_path: Path, llama_cpp: Manifest) -> None:
+    with running_agent(tmp_path, llama_cpp.install_dir) as agent:
+        wait_for(lambda: agent.rpc().state == RUNNING, 30, "rpc-server running")
+        watch = agent.stub.WatchStatus(pb.WatchStatusRequest(heartbeat_interval_ms=100), metadata=agent.metadata)
+        reasons = [next(watch).reason for _ in range(4)]
+        watch.cancel()
+        assert reasons[0] == pb.WATCH_REASON_INITIAL
+        assert reasons[1:] == [pb.WATCH_REASON_HEARTBEAT] * 3
+
+
+def test_stop_start_restart_rpcs(tmp_path: Path, llama_cpp: Manifest) -> None:
+    with running_agent(tmp_path, llama_cpp.install_dir) as agent:
+        first = wait_for(lambda: (r := agent.rpc()).state == RUNNING and r, 30, "rpc-server running")
+        stopped = agent.stub.StopRpcServer(pb.StopRpcServerRequest(), metadata=agent.metadata, timeout=30).rpc_server
+        assert stopped.state == pb.RPC_SERVER_STATE_STOPPED and stopped.pid == 0
+        assert wait_gone(first.pid, 2)
+        started = agent.stub.StartRpcServer(pb.StartRpcServerRequest(), metadata=agent.metadata, timeout=30).rpc_server
+        assert started.state == RUNNING and started.generation == first.generation + 1
+        restarted = agent.stub.RestartRpcServer(pb.RestartRpcServerRequest(), metadata=agent.metadata, timeout=30).rpc_server
+        assert restarted.state == RUNNING and restarted.generation == started.generation + 1
+        assert restarted.restarts == 0, "requested restarts are not crashes"
+        assert not pid_alive(started.pid)
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token"])
+def test_calls_without_the_right_token_are_refused_before_any_effect(tmp_path: Path, llama_cpp: Manifest, token: str | None) -> None:
+    with running_agent(tmp_path, llama_cpp.install_dir) as agent:
+        before = wait_for(lambda: (r := agent.rpc()).state == RUNNING and r, 30, "rpc-server running")
+        metadata = [("authorization", f"Bearer {token}")] if token else []
+        for call, request in ((agent.stub.StopRpcServer, pb.StopRpcServerRequest()),
+                              (agent.stub.GetStatus, pb.GetStatusRequest())):
+            with pytest.raises(grpc.RpcError) as caught:
+                call(request, metadata=metadata, timeout=5)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as caught:
+            next(agent.stub.Build(pb.BuildRequest(source="/nonexistent"), metadata=metadata, timeout=5))
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        after = agent.rpc()
+        assert (after.state, after.pid, after.generation) == (RUNNING, before.pid, before.generation)
+        assert not (agent.state_dir / "llama.cpp").exists(), "the refused build wrote nothing"
+        # Health stays public, and the token never reaches the log.
+        health = health_pb2_grpc.HealthStub(agent.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert agent.token not in agent.log() and "wrong-token" not in agent.log()
+        assert "refused /llamafleet.v1.AgentService/StopRpcServer" in agent.log()
+
+
+def test_build_rpc_with_a_bad_source_is_invalid_argument(tmp_path: Path, llama_cpp: Manifest) -> None:
+    with running_agent(tmp_path, llama_cpp.install_dir) as agent:
+        with pytest.raises(grpc.RpcError) as caught:
+            list(agent.stub.Build(pb.BuildRequest(source="not-a-source"), metadata=agent.metadata, timeout=10))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "unknown source kind" in caught.value.details()
+
+
+def test_systemd_notify_protocol(tmp_path: Path, llama_cpp: Manifest) -> None:
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"}
+        with running_agent(tmp_path, llama_cpp.install_dir, env=env) as agent:
+            fields = wait_for(lambda: "READY=1" in (f := notify.fields()) and f, 30, "READY=1")
+            # READY only once the rpc-server runs: the STATUS sent with it says so.
+            ready_status = fields[fields.index("READY=1") + 1]
+            assert ready_status.startswith("STATUS=rpc-server running at " + agent.rpc_endpoint)
+            assert agent.rpc().state == RUNNING
+            wait_for(lambda: notify.fields().count("WATCHDOG=1") >= 2, 5, "two watchdog pings at half of 1 s")
+            agent.proc.send_signal(signal.SIGTERM)
+            assert agent.proc.wait(timeout=15) == 0
+            assert "STOPPING=1" in notify.fields()
+    finally:
+        notify.close()
+
+
+def test_agent_sigterm_leaves_no_rpc_server(tmp_path: Path, llama_cpp: Manifest) -> None:
+    with running_agent(tmp_path, llama_cpp.install_dir) as agent:
+        rpc = wait_for(lambda: (r := agent.rpc()).state == RUNNING and r, 30, "rpc-server running")
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(timeout=15) == 0
+        assert wait_gone(rpc.pid, 2), "rpc-server outlived the agent"
+
+
+def test_agent_sigkill_leaves_no_rpc_server(tmp_path: Path, llama_cpp: Manifest) -> None:
+    with running_agent(tmp_path, llama_cpp.install_dir) as agent:
+        rpc = wait_for(lambda: (r := agent.rpc()).state == RUNNING and r, 30, "rpc-server running")
+        agent.proc.kill()
+        agent.proc.wait(timeout=5)
+        assert wait_gone(rpc.pid, 2), "rpc-server outlived a SIGKILLed agent"
+
+
+def test_status_cli_json(tmp_path: Path, llama_cpp: Manifest) -> None:
+    with running_agent(tmp_path, llama_cpp.install_dir) as agent:
+        wait_for(lambda: agent.rpc().state == RUNNING, 30, "rpc-server running")
+        result = subprocess.run([AGENT, "status", "--address", agent.address, "--token-file",
+                                 str(agent.state_dir / "token"), "--json"], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        doc = json.loads(result.stdout)
+        rpc = doc["rpc_server"]
+        assert rpc["state"] == "running" and rpc["pid"] > 0 and rpc["restarts"] == 0
+        assert rpc["endpoint"] == agent.rpc_endpoint and rpc["protocol_version"] == llama_cpp.rpc_protocol_version
+        assert doc["build"]["commit"] == (llama_cpp.commit or "")
+        assert doc["build"]["rpc_protocol_version"] == llama_cpp.rpc_protocol_version
+        assert all({"name", "total_bytes", "free_bytes"} <= set(d) for d in doc["devices"])
+        wrong = tmp_path / "wrong-token"
+        wrong.write_text("nope\n")
+        refused = subprocess.run([AGENT, "status", "--address", agent.address, "--token-file", str(wrong)],
+                                 capture_output=True, text=True, timeout=30)
+        assert refused.returncode == 1 and "refused the token" in refused.stderr
+        assert "Traceback" not in refused.stderr
+
+
+def test_status_cli_unreachable_agent(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    result = subprocess.run([AGENT, "status", "--address", "127.0.0.1:1", "--token-file", str(token), "--timeout", "2"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: agent at 127.0.0.1:1 is unreachable")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rpc-host", "0.0.0.0"], "exposes the unauthenticated rpc-server"),
+        (["--rpc-host", "localhost"], "must be an IPv4 address literal"),
+        (["--rpc-port", "70000"], "rpc_port must be 1..65535"),
+        (["--memory-limit", "lots"], "invalid memory_limit from --memory-limit: not a size"),
+        (["--listen", "nowhere"], "is not HOST:PORT"),
+    ],
+)
+def test_bad_serve_flags_are_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    result = subprocess.run([AGENT, "serve", "--state-dir", str(tmp_path / "s"), *args],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
