@@ -67,11 +67,13 @@ class RunningAgent:
     rpc_endpoint: str
     state_dir: Path
     log_path: Path
+    credentials: grpc.ChannelCredentials | None = None
     channel: grpc.Channel = field(init=False)
     stub: pb_grpc.AgentServiceStub = field(init=False)
 
     def __post_init__(self) -> None:
-        self.channel = grpc.insecure_channel(self.address)
+        self.channel = (grpc.secure_channel(self.address, self.credentials) if self.credentials
+                        else grpc.insecure_channel(self.address))
         self.stub = pb_grpc.AgentServiceStub(self.channel)
 
     @property
@@ -90,7 +92,8 @@ class RunningAgent:
 
 @contextmanager
 def running_agent(tmp_path: Path, llama_cpp_dir: Path, *, rpc_host: str = "127.0.0.2",
-                  extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Iterator[RunningAgent]:
+                  extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                  credentials: grpc.ChannelCredentials | None = None) -> Iterator[RunningAgent]:
     listen = f"127.0.0.1:{free_loopback_port()}"
     rpc_port = free_loopback_port()
     state = tmp_path / "state"
@@ -103,7 +106,8 @@ def running_agent(tmp_path: Path, llama_cpp_dir: Path, *, rpc_host: str = "127.0
         token_path = state / "token"
         wait_for(lambda: token_path.exists() or proc.poll() is not None, 20, "the agent's token")
         assert proc.poll() is None, f"agent exited: {log_path.read_text()}"
-        agent = RunningAgent(proc, listen, token_path.read_text().strip(), f"{rpc_host}:{rpc_port}", state, log_path)
+        agent = RunningAgent(proc, listen, token_path.read_text().strip(), f"{rpc_host}:{rpc_port}", state, log_path,
+                             credentials)
         wait_for(lambda: _answers(agent), 20, "the agent's gRPC port")
         yield agent
     finally:

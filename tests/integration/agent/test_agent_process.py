@@ -198,3 +198,21 @@ def test_bad_serve_flags_are_one_line_errors(tmp_path: Path, args: list[str], me
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_build_rpc_streams_progress_then_the_result(tmp_path: Path, llama_cpp: Manifest) -> None:
+    from tests.unit.common.llamacpp.fake_tree import make_fake_tree
+
+    tree = make_fake_tree(tmp_path / "fake-llama.cpp")
+    with running_agent(tmp_path, llama_cpp.install_dir) as agent:
+        request = pb.BuildRequest(source=str(tree), cuda=pb.CUDA_MODE_OFF, jobs=2)
+        replies = list(agent.stub.Build(request, metadata=agent.metadata, timeout=120))
+        *progress, last = replies
+        steps = [r.progress.step for r in progress]
+        assert {"resolve", "configure", "compile", "verify", "activate"} <= set(steps)
+        assert any(r.progress.total and r.progress.done == r.progress.total for r in progress)
+        assert last.WhichOneof("event") == "result" and not last.result.cached
+        assert last.result.build.rpc_protocol_version == "7.0.0"
+        assert (agent.state_dir / "llama.cpp" / "current").resolve() == Path(last.result.build.install_dir)
+        again = list(agent.stub.Build(request, metadata=agent.metadata, timeout=120))
+        assert again[-1].result.cached

@@ -80,3 +80,9 @@ def test_parse_size_refuses_garbage(text: str) -> None:
 
 def test_format_size() -> None:
     assert format_size(1536 * 2**20) == "1.5 GiB" and format_size(12) == "12 B"
+
+
+def test_the_example_config_is_valid_and_says_the_defaults() -> None:
+    example = Path(__file__).resolve().parents[3] / "agent" / "agent.example.toml"
+    from_file = load_settings(AgentSettings, flags={}, config_file=example, environ={})
+    assert from_file == load_settings(AgentSettings, flags={}, environ={})
