@@ -1,0 +1,229 @@
+"""Choose the fewest workers that hold a model, and the `--tensor-split` that puts it there.
+
+Deterministic for the same inputs. Nodes are ranked by usable memory (more first), then by
+load (fewer models first), then by address; the plan takes the smallest prefix of that ranking
+that holds the model, because every extra backend is one more network hop per token.
+
+Within the chosen nodes the devices are ordered as llama.cpp orders them (RPC devices in `--rpc`
+order); the node with the most room goes last, since the last device also holds the output
+layer. Layers are split in proportion to each device's room, then checked byte by byte; the
+split is given to llama.cpp as per-device layer counts (the output layer counted on the last
+device), which makes llama.cpp's own rounding put every layer where the plan says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from llamafleet.common.units import format_size
+from llamafleet.controller.estimate import MemoryEstimate
+from llamafleet.controller.placement.filters import (
+    has_usable_memory,
+    protocol_major,
+    ready_nodes,
+    run_filters,
+    running_rpc_server,
+)
+from llamafleet.controller.placement.nodes import DeviceView, NodeView
+
+MIN_CTX = 256
+
+
+@dataclass(frozen=True)
+class Headroom:
+    """Memory kept free on every device: a fraction of its total, at least `min_bytes`."""
+
+    fraction: float = 0.05
+    min_bytes: int = 0
+
+    def of(self, device: DeviceView) -> int:
+        return max(int(device.total_bytes * self.fraction), self.min_bytes)
+
+    def usable(self, device: DeviceView) -> int:
+        return device.free_bytes - self.of(device)
+
+
+@dataclass(frozen=True)
+class DeviceAssignment:
+    node: str
+    endpoint: str
+    device: str
+    first_layer: int
+    layer_count: int
+    weight_bytes: int
+    kv_bytes: int
+    output_bytes: int
+    compute_bytes: int
+    usable_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.output_bytes + self.compute_bytes
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    estimate: MemoryEstimate
+    fits: bool
+    assignments: list[DeviceAssignment] = field(default_factory=list)
+    excluded: dict[str, str] = field(default_factory=dict)
+    reason: str = ""  # why it does not fit, and what would make it fit
+
+    @property
+    def backends(self) -> list[str]:
+        """rpc-server endpoints in `--rpc` order."""
+        seen: list[str] = []
+        for a in self.assignments:
+            if a.endpoint not in seen:
+                seen.append(a.endpoint)
+        return seen
+
+    @property
+    def tensor_split(self) -> list[int]:
+        """Per-device layer counts, the output layer counted on the last device."""
+        counts = [a.layer_count for a in self.assignments]
+        if counts:
+            counts[-1] += 1
+        return counts
+
+
+def _devices_in_order(nodes: Sequence[NodeView], headroom: Headroom) -> list[tuple[NodeView, DeviceView, int]]:
+    # The node with the most room last: it also holds the output layer.
+    ordered = sorted(nodes, key=lambda n: (_usable(n, headroom), n.address))
+    return [(node, device, headroom.usable(device)) for node in ordered for device in node.devices]
+
+
+def _usable(node: NodeView, headroom: Headroom) -> int:
+    return sum(max(headroom.usable(d), 0) for d in node.devices)
+
+
+def _assign(estimate: MemoryEstimate, devices: list[tuple[NodeView, DeviceView, int]]) -> list[DeviceAssignment] | None:
+    """Contiguous layers per device, proportional to room; None if some device would overflow."""
+    last = len(devices) - 1
+    rooms = []
+    for i, (_, _, usable) in enumerate(devices):
+        room = usable - estimate.compute_bytes_per_device
+        if i == last:
+            room -= estimate.output_bytes + estimate.compute_bytes_output_device
+        rooms.append(room)
+    if rooms[last] < 0:
+        return None
+    counts = _proportional_counts(estimate, [max(r, 0) for r in rooms]) or _greedy_counts(estimate, rooms)
+    if counts is None:
+        return None
+    out, layer = [], 0
+    for i, ((node, device, usable), count) in enumerate(zip(devices, counts, strict=True)):
+        weights = sum(estimate.layer_weight_bytes[layer : layer + count])
+        kv = sum(estimate.kv_bytes_per_layer[layer : layer + count])
+        is_last = i == last
+        out.append(DeviceAssignment(
+            node=node.address, endpoint=node.endpoint, device=device.name, first_layer=layer, layer_count=count,
+            weight_bytes=weights, kv_bytes=kv,
+            output_bytes=estimate.output_bytes if is_last else 0,
+            compute_bytes=estimate.compute_bytes_per_device + (estimate.compute_bytes_output_device if is_last else 0),
+            usable_bytes=usable,
+        ))
+        layer += count
+    return out
+
+
+def _fits(estimate: MemoryEstimate, counts: list[int], rooms: list[int]) -> bool:
+    layer = 0
+    for count, room in zip(counts, rooms, strict=True):
+        if sum(estimate.layer_bytes(i) for i in range(layer, layer + count)) > room:
+            return False
+        layer += count
+    return layer == estimate.n_layers
+
+
+def _proportional_counts(estimate: MemoryEstimate, rooms: list[int]) -> list[int] | None:
+    total_room = sum(rooms)
+    if total_room <= 0:
+        return None
+    counts, assigned, cumulative_room = [], 0, 0
+    for room in rooms:
+        cumulative_room += room
+        upto = round(estimate.n_layers * cumulative_room / total_room)
+        counts.append(max(upto - assigned, 0))
+        assigned += counts[-1]
+    return counts if _fits(estimate, counts, rooms) else None
+
+
+def _greedy_counts(estimate: MemoryEstimate, rooms: list[int]) -> list[int] | None:
+    counts, layer = [], 0
+    for room in rooms:
+        count, used = 0, 0
+        while layer < estimate.n_layers and used + estimate.layer_bytes(layer) <= room:
+            used += estimate.layer_bytes(layer)
+            layer += 1
+            count += 1
+        counts.append(count)
+    return counts if layer == estimate.n_layers else None
+
+
+def make_plan(
+    model: str,
+    estimate: MemoryEstimate,
+    nodes: Sequence[NodeView],
+    coordinator_protocol: str,
+    headroom: Headroom = Headroom(),
+    estimate_for_ctx: Callable[[int], MemoryEstimate] | None = None,
+) -> Plan:
+    kept = run_filters(nodes, [
+        ready_nodes, running_rpc_server, protocol_major(coordinator_protocol),
+        has_usable_memory(lambda n: _usable(n, headroom)),
+    ])
+    ranked = sorted(kept.survivors, key=lambda n: (-_usable(n, headroom), n.load, n.address))
+    for k in range(1, len(ranked) + 1):
+        assignments = _assign(estimate, _devices_in_order(ranked[:k], headroom))
+        if assignments is not None:
+            excluded = dict(kept.dropped)
+            for node in ranked[k:]:
+                excluded[node.address] = "not needed: fewer backends hold the model"
+            return Plan(model, estimate, True, assignments, excluded)
+    return Plan(model, estimate, False, [], dict(kept.dropped),
+                _why_not(estimate, ranked, headroom, estimate_for_ctx))
+
+
+def _why_not(estimate: MemoryEstimate, ranked: list[NodeView], headroom: Headroom,
+             estimate_for_ctx: Callable[[int], MemoryEstimate] | None) -> str:
+    if not ranked:
+        return "no node can take part (see the reasons for each)"
+    offered = sum(_usable(n, headroom) for n in ranked)
+    need = estimate.device_total + estimate.compute_bytes_per_device * (sum(len(n.devices) for n in ranked) - 1)
+    short = max(need - offered, 0)
+    largest_device = max(headroom.usable(d) for n in ranked for d in n.devices)
+    parts = [f"needs {format_size(need)} on the workers; the {len(ranked)} usable node(s) offer "
+             f"{format_size(offered)} after headroom"]
+    if short:
+        parts.append(f"short by {format_size(short)}")
+    if estimate.output_bytes + estimate.compute_bytes_per_device + estimate.compute_bytes_output_device > largest_device:
+        parts.append(f"the output layer alone ({format_size(estimate.output_bytes)}) needs a device with more room "
+                     f"than the largest ({format_size(largest_device)})")
+    suggestions = []
+    if estimate_for_ctx is not None:
+        best = _largest_ctx_that_fits(estimate, ranked, headroom, estimate_for_ctx)
+        if best:
+            suggestions.append(f"a context of at most {best} tokens")
+    biggest = max(_usable(n, headroom) for n in ranked)
+    if biggest > 0 and short:
+        more = -(-short // biggest)
+        suggestions.append(f"about {more} more node(s) like the largest")
+    if suggestions:
+        parts.append("it would fit with " + " or ".join(suggestions))
+    return "; ".join(parts)
+
+
+def _largest_ctx_that_fits(estimate: MemoryEstimate, ranked: list[NodeView], headroom: Headroom,
+                           estimate_for_ctx: Callable[[int], MemoryEstimate]) -> int | None:
+    devices = _devices_in_order(ranked, headroom)
+    low, high, best = MIN_CTX, estimate.ctx_per_slot - 1, None
+    while low <= high:
+        mid = (low + high) // 2
+        if _assign(estimate_for_ctx(mid), devices) is not None:
+            best, low = mid, mid + 1
+        else:
+            high = mid - 1
+    return best
