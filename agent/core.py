@@ -6,12 +6,10 @@ The gRPC service and the systemd integration sit on top of `Agent`; neither hold
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from llamafleet.agent.convert import AgentSnapshot
 from llamafleet.agent.devices import DeviceProvider, HostProvider, NvmlProvider
@@ -20,15 +18,7 @@ from llamafleet.agent.settings import AgentSettings
 from llamafleet.agent.supervisor import RestartPolicy, RpcLaunch, RpcServerSupervisor, RpcState
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.llamacpp.build import BuildEvent, BuildOptions, BuildOutcome, current_manifest, run_build
-from llamafleet.common.llamacpp.install import (
-    MANIFEST_NAME,
-    InstallError,
-    Manifest,
-    find_binaries,
-    llama_server_version,
-    read_manifest,
-)
-from llamafleet.common.llamacpp.probe import probe_rpc_server
+from llamafleet.common.llamacpp.install import InstallError, Manifest, adopt_install
 from llamafleet.common.process import line_buffered
 from llamafleet.common.units import format_size
 
@@ -60,24 +50,6 @@ class ChangeFeed:
         except asyncio.TimeoutError:
             return self.version > version
         return True
-
-
-def adopt_install(directory: Path) -> Manifest:
-    """Describe an operator's existing llama.cpp install (probed, nothing written there).
-
-    A llamafleet install (with its manifest) keeps what the manifest says it is.
-    """
-    rpc_server, llama_server = find_binaries(directory)
-    if (directory / MANIFEST_NAME).is_file():
-        return dataclasses.replace(read_manifest(directory), adopted=True)
-    banner = probe_rpc_server(rpc_server)
-    return Manifest(
-        key="adopted", commit=None, source_id=f"adopted:{directory}", source=str(directory),
-        cmake_flags=[], backends=sorted({d.name.rstrip("0123456789") for d in banner.devices} | {"RPC"}),
-        rpc_server=str(rpc_server), llama_server=str(llama_server),
-        rpc_protocol_version=banner.protocol_version, version=llama_server_version(llama_server),
-        built_at_unix_ms=0, adopted=True,
-    )
 
 
 class Agent:

@@ -24,7 +24,10 @@ def report_error(exc: LlamafleetError) -> None:
 def run_main(group: click.Group, argv: list[str] | None = None) -> None:
     """Run a click program; a LlamafleetError becomes one line and its exit code, not a traceback."""
     try:
-        group.main(args=argv, standalone_mode=False)
+        code = group.main(args=argv, standalone_mode=False)
+        # Without standalone mode click returns a raised Exit's code instead of exiting.
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:

@@ -94,7 +94,7 @@ def _inside(path: Path, root: Path) -> bool:
 class ModelStore:
     def __init__(self, models_dir: Path | None = None, explicit: dict[str, Path] | None = None,
                  ollama_stores: list[Path] | None = None) -> None:
-        self.models_dir = models_dir
+        self.models_dir = models_dir.absolute() if models_dir else None
         self.explicit = dict(explicit or {})
         self.ollama_stores = list(ollama_stores or [])
         for name in self.explicit:
@@ -106,8 +106,10 @@ class ModelStore:
             if key in self.explicit:
                 return ResolvedModel(text, self.explicit[key], "explicit")
         if self.models_dir is not None and name.namespace == "library" and name.tag == "latest":
+            # The name grammar already rules out traversal; a symlink the operator put into
+            # their models directory is their choice and is followed.
             candidate = self.models_dir / f"{name.model}.gguf"
-            if candidate.is_file() and _inside(candidate, self.models_dir):
+            if candidate.is_file():
                 return ResolvedModel(text, candidate, "models-dir")
         for store in self.ollama_stores:
             if (found := self._from_ollama(store, name)) is not None:

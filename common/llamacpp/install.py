@@ -7,6 +7,7 @@ adopted instead (`--llama-cpp DIR`): its binaries are found and probed, nothing 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llamafleet.common.errors import LlamafleetError
+from llamafleet.common.llamacpp.probe import probe_rpc_server
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA = 1
@@ -126,3 +128,21 @@ def llama_server_version(llama_server: Path, timeout_s: float = 30.0) -> str:
         raise InstallError(f"{llama_server} --version exited with code {result.returncode}: {tail}")
     version_lines = [line for line in lines if line.startswith("version:")]
     return (version_lines or lines)[0].strip()
+
+
+def adopt_install(directory: Path) -> Manifest:
+    """Describe an operator's existing llama.cpp install (probed, nothing written there).
+
+    A llamafleet install (with its manifest) keeps what the manifest says it is.
+    """
+    rpc_server, llama_server = find_binaries(directory)
+    if (directory / MANIFEST_NAME).is_file():
+        return dataclasses.replace(read_manifest(directory), adopted=True)
+    banner = probe_rpc_server(rpc_server)
+    return Manifest(
+        key="adopted", commit=None, source_id=f"adopted:{directory}", source=str(directory),
+        cmake_flags=[], backends=sorted({d.name.rstrip("0123456789") for d in banner.devices} | {"RPC"}),
+        rpc_server=str(rpc_server), llama_server=str(llama_server),
+        rpc_protocol_version=banner.protocol_version, version=llama_server_version(llama_server),
+        built_at_unix_ms=0, adopted=True,
+    )

@@ -167,14 +167,15 @@ def make_plan(
     model: str,
     estimate: MemoryEstimate,
     nodes: Sequence[NodeView],
-    coordinator_protocol: str,
+    coordinator_protocol: str | None,
     headroom: Headroom = Headroom(),
     estimate_for_ctx: Callable[[int], MemoryEstimate] | None = None,
 ) -> Plan:
-    kept = run_filters(nodes, [
-        ready_nodes, running_rpc_server, protocol_major(coordinator_protocol),
-        has_usable_memory(lambda n: _usable(n, headroom)),
-    ])
+    filters = [ready_nodes, running_rpc_server]
+    if coordinator_protocol is not None:  # unknown when the controller has no build yet
+        filters.append(protocol_major(coordinator_protocol))
+    filters.append(has_usable_memory(lambda n: _usable(n, headroom)))
+    kept = run_filters(nodes, filters)
     ranked = sorted(kept.survivors, key=lambda n: (-_usable(n, headroom), n.load, n.address))
     for k in range(1, len(ranked) + 1):
         assignments = _assign(estimate, _devices_in_order(ranked[:k], headroom))

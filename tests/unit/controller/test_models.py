@@ -97,14 +97,23 @@ def test_corrupt_manifest(tmp_path: Path) -> None:
         ModelStore(None, {}, [store]).resolve("gemma3")
 
 
-def test_symlink_out_of_the_store_is_not_followed(tmp_path: Path) -> None:
+def test_operator_symlinks_in_the_models_dir_are_followed(tmp_path: Path) -> None:
     models_dir = tmp_path / "models"
     models_dir.mkdir()
-    secret = tmp_path / "secret.gguf"
-    secret.write_bytes(b"GGUF")
-    (models_dir / "evil.gguf").symlink_to(secret)
-    with pytest.raises(ModelNotFound):
-        ModelStore(models_dir, {}, []).resolve("evil")
+    elsewhere = tmp_path / "disk2" / "big.gguf"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"GGUF")
+    (models_dir / "big.gguf").symlink_to(elsewhere)
+    assert ModelStore(models_dir, {}, []).resolve("big").path == models_dir / "big.gguf"
+
+
+def test_ollama_blob_linked_out_of_the_store_is_refused(tmp_path: Path) -> None:
+    store = _ollama_store(tmp_path / "ollama", write_blob=False)
+    outside = tmp_path / "secret"
+    outside.write_bytes(b"GGUF")
+    (store / "blobs" / DIGEST.replace(":", "-")).symlink_to(outside)
+    with pytest.raises(ModelNotFound, match="is missing"):
+        ModelStore(None, {}, [store]).resolve("gemma3")
 
 
 def test_listing(tmp_path: Path) -> None:

@@ -1,0 +1,213 @@
+"""The set of agents the controller knows, each watched through one WatchStatus stream.
+
+A node is `ready` while its heartbeats arrive, `unreachable` once none came for
+`missed_heartbeats × heartbeat_interval`, and `maintenance` when the operator drained it
+(it stays watched, but takes no new placements). Membership and maintenance persist in SQLite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from llamafleet.agent.settings import split_host_port
+from llamafleet.common.agent_client import AgentAddress, describe_rpc_error
+from llamafleet.common.errors import UsageError
+from llamafleet.common.proto_json import message_to_json
+from llamafleet.controller.placement.nodes import DeviceView, NodeView
+from llamafleet.controller.store import Store
+from llamafleet.proto.v1 import agent_pb2 as pb
+from llamafleet.proto.v1 import agent_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+RECONNECT_MAX_S = 5.0
+_CUDA = re.compile(r"^CUDA(\d+)$")
+_CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                    ("grpc.keepalive_permit_without_calls", 1)]
+
+
+@dataclass
+class NodeRecord:
+    address: str
+    maintenance: bool = False
+    status: pb.AgentStatus | None = None
+    last_heartbeat: float | None = None  # monotonic
+    last_seen_unix_ms: int = 0
+    error: str = ""
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+def validate_address(address: str) -> str:
+    try:
+        split_host_port(address)
+    except ValueError as exc:
+        raise UsageError(f"invalid agent address: {exc}") from None
+    return address
+
+
+def node_view(address: str, state: str, status: pb.AgentStatus | None, load: int = 0) -> NodeView:
+    """What placement needs from an agent's status: the rpc-server's devices, with live memory."""
+    if status is None:
+        return NodeView(address, state, "unknown", "", "", (), load)
+    rpc = status.rpc_server
+    gpus = {d.index: d for d in status.devices if d.kind == pb.DEVICE_KIND_GPU}
+    cpu = next((d for d in status.devices if d.kind == pb.DEVICE_KIND_CPU), None)
+    cap = status.memory_limit_bytes or None
+    devices = []
+    for device in rpc.devices:
+        match = _CUDA.match(device.name)
+        live = cpu if device.name == "CPU" else gpus.get(int(match.group(1))) if match else None
+        if live is not None:
+            devices.append(DeviceView(device.name, live.total_bytes, live.free_bytes))
+        else:
+            # A backend NVML does not see (Metal, Vulkan…): the banner's numbers, capped.
+            devices.append(DeviceView(device.name, min(device.total_bytes, cap or device.total_bytes),
+                                      min(device.free_bytes, cap or device.free_bytes)))
+    state_name = pb.RpcServerState.Name(rpc.state).removeprefix("RPC_SERVER_STATE_").lower()
+    return NodeView(address, state, state_name, rpc.endpoint,
+                    rpc.protocol_version or status.build.rpc_protocol_version, tuple(devices), load)
+
+
+class Inventory:
+    def __init__(self, store: Store, target: Callable[[str], AgentAddress], heartbeat_s: float,
+                 unreachable_after_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._store = store
+        self._target = target
+        self._heartbeat_s = heartbeat_s
+        self._unreachable_after_s = unreachable_after_s
+        self._clock = clock
+        self._nodes: dict[str, NodeRecord] = {}
+        self._states: dict[str, str] = {}
+        self._monitor: asyncio.Task[None] | None = None
+        self.changed = asyncio.Event()
+
+    async def start(self, extra_agents: tuple[str, ...] = ()) -> None:
+        for address in extra_agents:
+            self._store.add_node(validate_address(address))
+        for address, maintenance in self._store.nodes():
+            self._watch(NodeRecord(address, maintenance))
+        self._monitor = asyncio.create_task(self._log_transitions())
+
+    async def close(self) -> None:
+        tasks = [r.task for r in self._nodes.values() if r.task] + ([self._monitor] if self._monitor else [])
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                # Cancelling is how watchers are told to end.
+                await task
+
+    def _watch(self, record: NodeRecord) -> None:
+        self._nodes[record.address] = record
+        record.task = asyncio.create_task(self._watch_loop(record), name=f"watch {record.address}")
+
+    # ---- membership ---------------------------------------------------------------------------
+
+    def add(self, address: str) -> bool:
+        validate_address(address)
+        if address in self._nodes:
+            return False
+        self._store.add_node(address)
+        self._watch(NodeRecord(address))
+        return True
+
+    async def remove(self, address: str) -> bool:
+        record = self._nodes.pop(address, None)
+        if record is None:
+            return False
+        self._store.remove_node(address)
+        if record.task is not None:
+            record.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                # The watcher of a removed node is told to end by cancellation.
+                await record.task
+        return True
+
+    def set_maintenance(self, address: str, enabled: bool) -> bool:
+        record = self._nodes.get(address)
+        if record is None:
+            return False
+        record.maintenance = enabled
+        self._store.set_maintenance(address, enabled)
+        return True
+
+    # ---- views --------------------------------------------------------------------------------
+
+    def state(self, record: NodeRecord) -> str:
+        if record.maintenance:
+            return "maintenance"
+        fresh = record.last_heartbeat is not None and self._clock() - record.last_heartbeat <= self._unreachable_after_s
+        return "ready" if fresh else "unreachable"
+
+    def records(self) -> list[NodeRecord]:
+        return [self._nodes[a] for a in sorted(self._nodes)]
+
+    def describe(self) -> list[dict[str, Any]]:
+        """`llamafleet nodes --json`: address, state, and the agent's last status fields."""
+        out = []
+        for record in self.records():
+            doc: dict[str, Any] = {"address": record.address, "state": self.state(record),
+                                   "error": record.error, "last_seen_unix_ms": record.last_seen_unix_ms}
+            status = message_to_json(record.status) if record.status is not None else {}
+            for key in ("node", "build", "rpc_server", "devices", "host", "memory_limit_bytes"):
+                doc[key] = status.get(key)
+            out.append(doc)
+        return out
+
+    def node_views(self, load: dict[str, int] | None = None) -> list[NodeView]:
+        load = load or {}
+        return [node_view(r.address, self.state(r), r.status, load.get(r.address, 0)) for r in self.records()]
+
+    # ---- watching -----------------------------------------------------------------------------
+
+    async def _watch_loop(self, record: NodeRecord) -> None:
+        delay = 0.2
+        target = self._target(record.address)
+        request = pb.WatchStatusRequest(heartbeat_interval_ms=int(self._heartbeat_s * 1000))
+        while True:
+            credentials = target.credentials()
+            channel = (grpc.aio.secure_channel(target.address, credentials, options=_CHANNEL_OPTIONS) if credentials
+                       else grpc.aio.insecure_channel(target.address, options=_CHANNEL_OPTIONS))
+            try:
+                call = pb_grpc.AgentServiceStub(channel).WatchStatus(request, metadata=target.metadata)
+                while True:
+                    # A stream that stays silent far past the grace is dead (a half-open
+                    # connection): drop it and dial again.
+                    message = await asyncio.wait_for(call.read(), timeout=self._unreachable_after_s * 3)
+                    if message is grpc.aio.EOF:
+                        raise ConnectionError("agent closed the stream")
+                    record.status = message.status
+                    record.last_heartbeat = self._clock()
+                    record.last_seen_unix_ms = int(time.time() * 1000)
+                    record.error = ""
+                    delay = 0.2
+                    self.changed.set()
+            except grpc.aio.AioRpcError as exc:
+                # The agent is down, refuses us, or the network failed: record why and redial.
+                record.error = describe_rpc_error(record.address, exc).message
+            except (asyncio.TimeoutError, ConnectionError) as exc:
+                record.error = f"agent at {record.address}: {exc or 'no message within the grace'}"
+            finally:
+                await channel.close()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX_S)
+
+    async def _log_transitions(self) -> None:
+        while True:
+            for record in self.records():
+                state = self.state(record)
+                if self._states.get(record.address) != state:
+                    if record.address in self._states:
+                        log.info("node %s: %s → %s%s", record.address, self._states[record.address], state,
+                                 f" ({record.error})" if record.error and state == "unreachable" else "")
+                    self._states[record.address] = state
+                    self.changed.set()
+            await asyncio.sleep(min(self._heartbeat_s / 2, 0.5))

@@ -1,0 +1,57 @@
+"""The controller's one settings object (flags > LLAMAFLEET_* env > TOML file > defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from llamafleet.agent.settings import split_host_port
+from llamafleet.common.paths import default_state_dir
+from llamafleet.common.settings import parse_path, setting
+from llamafleet.common.units import parse_size
+
+DEFAULT_LISTEN = "127.0.0.1:11434"
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    listen: str = setting(DEFAULT_LISTEN, help="HTTP address of the API (Ollama's port by default)")
+    agents: tuple[str, ...] = setting((), help="agent gRPC addresses HOST:PORT to add at start")
+    token_file: Path | None = setting(None, parse=parse_path, help="bearer token for the agents")
+    agent_tls_ca: Path | None = setting(None, parse=parse_path, help="CA of the agents' TLS certificates")
+    agent_tls_cert: Path | None = setting(None, parse=parse_path, help="client certificate for agents' mTLS")
+    agent_tls_key: Path | None = setting(None, parse=parse_path, help="client key for agents' mTLS")
+    models_dir: Path | None = setting(None, parse=parse_path, help="DIR/NAME.gguf is model NAME")
+    models: tuple[str, ...] = setting((), help="NAME=PATH entries")
+    ollama_models: Path | None = setting(None, parse=parse_path, help="an Ollama model store to read")
+    llama_cpp: Path | None = setting(None, parse=parse_path, help="adopt this llama.cpp install")
+    state_dir: Path | None = setting(None, parse=parse_path, help="SQLite state and builds")
+    heartbeat_interval_s: float = setting(2.0, help="heartbeat interval asked of every agent")
+    missed_heartbeats: int = setting(3, help="a node is unreachable after this many missed heartbeats")
+    headroom_fraction: float = setting(0.05, help="fraction of each device kept free by placement")
+    headroom_min: int = setting(0, parse=parse_size, help="at least this much kept free per device")
+    default_ctx: int = setting(4096, help="context per request when a plan names none")
+    parallel: int = setting(1, help="parallel request slots per coordinator")
+
+    def __post_init__(self) -> None:
+        split_host_port(self.listen)
+        for agent in self.agents:
+            split_host_port(agent)
+        if self.heartbeat_interval_s <= 0 or self.missed_heartbeats < 1:
+            raise ValueError("heartbeat_interval_s must be > 0 and missed_heartbeats >= 1")
+        if not 0 <= self.headroom_fraction < 1:
+            raise ValueError("headroom_fraction must be in [0, 1)")
+        if self.default_ctx < 1 or self.parallel < 1:
+            raise ValueError("default_ctx and parallel must be >= 1")
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir or default_state_dir("controller")
+
+    @property
+    def token_path(self) -> Path:
+        return self.token_file or self.state_path / "agent-token"
+
+    @property
+    def unreachable_after_s(self) -> float:
+        return self.heartbeat_interval_s * self.missed_heartbeats
