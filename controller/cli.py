@@ -190,8 +190,12 @@ def render_plan(doc: dict[str, Any]) -> str:
                          f"of {format_size(a['usable_bytes'])} usable")
     else:
         lines.append(f"does not fit: {doc['reason']}")
+    spare = [a for a, why in doc["excluded"].items() if why.startswith("not needed")]
     for address, why in sorted(doc["excluded"].items()):
-        lines.append(f"  excluded {address}: {why}")
+        if address not in spare:
+            lines.append(f"  excluded {address}: {why}")
+    if spare:
+        lines.append(f"  {len(spare)} more ready node(s) not needed: fewer backends hold the model")
     for warning in doc["warnings"]:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)

@@ -93,17 +93,21 @@ class RunningAgent:
 @contextmanager
 def running_agent(tmp_path: Path, llama_cpp_dir: Path, *, rpc_host: str = "127.0.0.2",
                   extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
-                  credentials: grpc.ChannelCredentials | None = None) -> Iterator[RunningAgent]:
+                  credentials: grpc.ChannelCredentials | None = None,
+                  token_file: Path | None = None) -> Iterator[RunningAgent]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     listen = f"127.0.0.1:{free_loopback_port()}"
     rpc_port = free_loopback_port()
     state = tmp_path / "state"
     log_path = tmp_path / "agent.log"
     argv = [AGENT, "serve", "--listen", listen, "--state-dir", str(state), "--cache-dir", str(tmp_path / "cache"),
             "--llama-cpp", str(llama_cpp_dir), "--rpc-host", rpc_host, "--rpc-port", str(rpc_port), *extra_args]
+    if token_file is not None:
+        argv += ["--token-file", str(token_file)]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     try:
-        token_path = state / "token"
+        token_path = token_file or state / "token"
         wait_for(lambda: token_path.exists() or proc.poll() is not None, 20, "the agent's token")
         assert proc.poll() is None, f"agent exited: {log_path.read_text()}"
         agent = RunningAgent(proc, listen, token_path.read_text().strip(), f"{rpc_host}:{rpc_port}", state, log_path,

@@ -1,0 +1,91 @@
+"""A real controller process over real agents, for the controller's integration tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llamafleet.common.llamacpp.install import Manifest
+from llamafleet.common.llamacpp.probe import free_loopback_port
+from tests.integration.agent.harness import RunningAgent, running_agent, wait_for
+
+LLAMAFLEET = str(Path(sys.executable).parent / "llamafleet")
+
+
+@dataclass
+class Fleet:
+    controller: subprocess.Popen[bytes] | None
+    url: str
+    agents: list[RunningAgent]
+    token_file: Path
+    state_dir: Path
+    models_dir: Path
+    log_path: Path
+    llama_cpp: Manifest
+    heartbeat_s: float
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([LLAMAFLEET, *args, "--controller", self.url], capture_output=True, text=True,
+                              timeout=timeout)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        result = self.cli("nodes", "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def node(self, address: str) -> dict[str, Any]:
+        return next(n for n in self.nodes() if n["address"] == address)
+
+    def start_controller(self, agents: list[str]) -> None:
+        port = self.url.rsplit(":", 1)[1]
+        argv = [LLAMAFLEET, "serve", "--listen", f"127.0.0.1:{port}", "--token-file", str(self.token_file),
+                "--models-dir", str(self.models_dir), "--state-dir", str(self.state_dir),
+                "--llama-cpp", str(self.llama_cpp.install_dir), "--heartbeat-interval-s", str(self.heartbeat_s),
+                "--headroom-fraction", "0"]
+        for address in agents:
+            argv += ["--agent", address]
+        with self.log_path.open("ab") as log:
+            self.controller = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: self._answers(), 20, "the controller's API")
+
+    def _answers(self) -> bool:
+        assert self.controller is not None and self.controller.poll() is None, self.log_path.read_text()
+        return self.cli("nodes", "--json", timeout=5).returncode == 0
+
+    def stop_controller(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        if self.controller is not None and self.controller.poll() is None:
+            self.controller.send_signal(sig)
+            self.controller.wait(timeout=15)
+
+
+@contextmanager
+def running_fleet(tmp_path: Path, llama_cpp: Manifest, model: Path, *, agents: int = 2,
+                  memory_limit: str = "260MiB", heartbeat_s: float = 0.3) -> Iterator[Fleet]:
+    token = tmp_path / "token"
+    token.write_text("fleet-token-for-tests\n")
+    os.chmod(token, 0o600)
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "gemma.gguf").symlink_to(model)
+    with ExitStack() as stack:
+        started = [stack.enter_context(running_agent(tmp_path / f"agent{i}", llama_cpp.install_dir,
+                                                     rpc_host=f"127.0.0.{i + 2}", token_file=token,
+                                                     extra_args=("--memory-limit", memory_limit)))
+                   for i in range(agents)]
+        fleet = Fleet(None, f"http://127.0.0.1:{free_loopback_port()}", started, token, tmp_path / "controller",
+                      models, tmp_path / "controller.log", llama_cpp, heartbeat_s)
+        fleet.start_controller([a.address for a in started])
+        try:
+            wait_for(lambda: all(n["state"] == "ready" and n["rpc_server"]["state"] == "running"
+                                 for n in fleet.nodes()), 30, "every node ready")
+            yield fleet
+        finally:
+            fleet.stop_controller()
