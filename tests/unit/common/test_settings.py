@@ -86,3 +86,11 @@ def test_the_example_config_is_valid_and_says_the_defaults() -> None:
     example = Path(__file__).resolve().parents[3] / "agent" / "agent.example.toml"
     from_file = load_settings(AgentSettings, flags={}, config_file=example, environ={})
     assert from_file == load_settings(AgentSettings, flags={}, environ={})
+
+
+def test_the_controller_example_config_is_valid_and_says_the_defaults() -> None:
+    from llamafleet.controller.settings import ControllerSettings
+
+    example = Path(__file__).resolve().parents[3] / "controller" / "controller.example.toml"
+    from_file = load_settings(ControllerSettings, flags={}, config_file=example, environ={})
+    assert from_file == load_settings(ControllerSettings, flags={}, environ={})
