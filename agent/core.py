@@ -47,7 +47,7 @@ class ChangeFeed:
             return True
         try:
             await asyncio.wait_for(self._event.wait(), timeout=timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return self.version > version
         return True
 

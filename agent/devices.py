@@ -107,12 +107,13 @@ class NvmlProvider:
             found.append(DeviceInfo(
                 kind="gpu",
                 index=index,
-                name=self._optional(lambda: _text(nvml.nvmlDeviceGetName(handle)), f"GPU {index}"),
-                uuid=self._optional(lambda: _text(nvml.nvmlDeviceGetUUID(handle)), ""),
+                name=self._optional(lambda h=handle: _text(nvml.nvmlDeviceGetName(h)), f"GPU {index}"),
+                uuid=self._optional(lambda h=handle: _text(nvml.nvmlDeviceGetUUID(h)), ""),
                 total_bytes=int(memory.total),
                 free_bytes=int(memory.free),
                 used_bytes=int(memory.used),
-                utilization_percent=self._optional(lambda: int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu), None),
+                utilization_percent=self._optional(
+                    lambda h=handle: int(nvml.nvmlDeviceGetUtilizationRates(h).gpu), None),
             ))
         return found
 

@@ -163,7 +163,7 @@ class RpcServerSupervisor:
             if remaining <= 0:
                 break
             self._changed.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
+            with contextlib.suppress(TimeoutError):
                 # Timing out is fine: the loop re-checks and ends at the deadline.
                 await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, TICK_S))
         return self._snapshot
@@ -302,7 +302,7 @@ class RpcServerSupervisor:
 
     async def _drain(self, child: _Child) -> None:
         if child.reader is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
+            with contextlib.suppress(TimeoutError):
                 # A grandchild holding the pipe open must not hang us: the group is dead anyway.
                 await asyncio.wait_for(child.reader, timeout=2)
 

@@ -161,7 +161,7 @@ async def stop_group_async(proc: asyncio.subprocess.Process, grace_s: float = ST
         signal_group(proc.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), timeout=grace_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             signal_group(proc.pid, signal.SIGKILL)
             await proc.wait()
     if group_alive(proc.pid):

@@ -193,7 +193,7 @@ class Inventory:
             except grpc.aio.AioRpcError as exc:
                 # The agent is down, refuses us, or the network failed: record why and redial.
                 record.error = describe_rpc_error(record.address, exc).message
-            except (asyncio.TimeoutError, ConnectionError) as exc:
+            except (TimeoutError, ConnectionError) as exc:
                 record.error = f"agent at {record.address}: {exc or 'no message within the grace'}"
             finally:
                 await channel.close()
