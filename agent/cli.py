@@ -10,9 +10,9 @@ from typing import Any
 import click
 import grpc
 
-from llamafleet.agent.settings import DEFAULT_LISTEN, AgentSettings
+from llamafleet.agent.settings import AgentSettings
 from llamafleet.common.agent_client import AgentAddress, describe_rpc_error, read_token_file, sync_stub
-from llamafleet.common.cli import build_command, given_flags, run_main, setup_logging
+from llamafleet.common.cli import build_command, run_main, settings_flags, settings_options, setup_logging
 from llamafleet.common.paths import default_state_dir
 from llamafleet.common.proto_json import message_to_json
 from llamafleet.common.settings import load_settings
@@ -31,38 +31,19 @@ def cli() -> None:
 
 cli.add_command(build_command(lambda: default_state_dir("agent")))
 
-_SERVE_FLAGS = ["listen", "token_file", "rpc_host", "rpc_port", "rpc_threads", "devices", "rpc_cache",
-                "memory_limit", "state_dir", "cache_dir", "llama_cpp", "rpc_allow_wildcard", "rpc_autostart",
-                "heartbeat_interval_s", "tls_cert", "tls_key", "tls_client_ca"]
 _PATH = click.Path(path_type=Path)
 
 
 @cli.command()
 @CONFIG_OPTION
-@click.option("--listen", help=f"gRPC HOST:PORT (default {DEFAULT_LISTEN}).")
-@click.option("--token-file", type=_PATH, help="Bearer token file (default: STATE/token, created 0600 if missing).")
-@click.option("--rpc-host", help="IPv4 address for the rpc-server (default 127.0.0.1).")
-@click.option("--rpc-port", type=int, help="rpc-server port (default 50052).")
-@click.option("--rpc-threads", type=int, help="rpc-server CPU threads (default: its own).")
-@click.option("--devices", help="rpc-server devices, comma-separated (e.g. CUDA0,CUDA1).")
-@click.option("--rpc-cache/--no-rpc-cache", default=None, help="rpc-server local tensor cache (default on).")
-@click.option("--memory-limit", help="Cap on memory advertised per device, e.g. 20GiB.")
-@click.option("--state-dir", type=_PATH, help="Builds, token and node id.")
-@click.option("--cache-dir", type=_PATH, help="rpc-server tensor cache.")
-@click.option("--llama-cpp", type=_PATH, help="Adopt an existing llama.cpp install instead of a build.")
-@click.option("--rpc-allow-wildcard", is_flag=True, default=None, help="Allow --rpc-host 0.0.0.0 (unauthenticated!).")
-@click.option("--rpc-autostart/--no-rpc-autostart", default=None, help="Start the rpc-server with the agent (default on).")
-@click.option("--heartbeat-interval-s", type=float, help="Watch heartbeat interval (default 2).")
-@click.option("--tls-cert", type=_PATH, help="Server certificate (PEM).")
-@click.option("--tls-key", type=_PATH, help="Server key (PEM).")
-@click.option("--tls-client-ca", type=_PATH, help="Require client certificates from this CA (mTLS).")
+@settings_options(AgentSettings)
 @click.option("--log-level", default="info", show_default=True, envvar="LLAMAFLEET_LOG_LEVEL")
 @click.pass_context
 def serve(ctx: click.Context, config_file: Path | None, log_level: str, **_: Any) -> None:
     """Run the agent: gRPC service, rpc-server supervision, systemd notify."""
     from llamafleet.agent.daemon import serve as run_daemon
 
-    settings = load_settings(AgentSettings, flags=given_flags(ctx, _SERVE_FLAGS), config_file=config_file)
+    settings = load_settings(AgentSettings, flags=settings_flags(AgentSettings, ctx.params), config_file=config_file)
     setup_logging(log_level)
     asyncio.run(run_daemon(settings))
 

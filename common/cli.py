@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.llamacpp.build import BuildEvent, BuildOptions, run_build
+from llamafleet.common.settings import flag_name, parse_bool, parse_float, parse_int, parse_list, parse_path
+from llamafleet.common.units import parse_size
 
 
 def report_error(exc: LlamafleetError) -> None:
@@ -113,11 +116,36 @@ def setup_logging(level: str) -> None:
     )
 
 
-def given_flags(ctx: click.Context, names: list[str]) -> dict[str, Any]:
-    """The flags the operator actually typed (click defaults must not beat env or config)."""
-    out = {}
-    for name in names:
-        source = ctx.get_parameter_source(name)
-        if source in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.PROMPT):
-            out[name] = ctx.params[name]
-    return out
+F = TypeVar("F", bound=Callable[..., Any])
+_METAVARS = {parse_int: "N", parse_float: "SECONDS", parse_path: "PATH", parse_size: "SIZE", parse_list: "LIST"}
+
+
+def settings_options(settings_class: type) -> Callable[[F], F]:
+    """One click option per settings field: the field's flag, help and shape (bool, repeatable).
+
+    Every option defaults to None, so a flag the operator did not type never beats the
+    environment or the config file; the settings parser converts and checks the text.
+    """
+
+    def decorate(command: F) -> F:
+        for field in reversed(dataclasses.fields(settings_class)):
+            flag = flag_name(field)
+            help_text = field.metadata.get("help", "")
+            if field.default not in (None, (), False, ""):
+                help_text += f" [default: {field.default}]"
+            metavar = _METAVARS.get(field.metadata["parse"], "TEXT")
+            if field.metadata["parse"] is parse_bool:
+                option = click.option(f"{flag}/--no-{flag[2:]}", field.name, default=None, help=help_text)
+            elif field.metadata.get("repeat"):
+                option = click.option(flag, field.name, multiple=True, help=help_text + " (repeatable)")
+            else:
+                option = click.option(flag, field.name, default=None, metavar=metavar, help=help_text)
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def settings_flags(settings_class: type, params: dict[str, Any]) -> dict[str, Any]:
+    """The settings fields among a command's parameters."""
+    return {f.name: params[f.name] for f in dataclasses.fields(settings_class) if f.name in params}

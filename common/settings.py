@@ -81,12 +81,22 @@ _DEFAULT_PARSERS: dict[type, Parser] = {
 }
 
 
-def setting(default: Any, *, parse: Parser | None = None, help: str = "") -> Any:
-    """Declare a settings field; `parse` turns a TOML/env/flag value into the field's type."""
+def setting(default: Any, *, parse: Parser | None = None, help: str = "", flag: str = "",
+            repeat: bool = False) -> Any:
+    """Declare a settings field; `parse` turns a TOML/env/flag value into the field's type.
+
+    The command-line flag is `--<name-with-dashes>` unless `flag` names another; `repeat`
+    makes it repeatable (`--agent A --agent B`) instead of comma-separated.
+    """
     chosen = parse or _DEFAULT_PARSERS.get(type(default))
     if chosen is None:
         raise TypeError(f"no parser for default {default!r}: pass parse=")
-    return dataclasses.field(default=default, metadata={"parse": chosen, "help": help})
+    return dataclasses.field(default=default, metadata={"parse": chosen, "help": help, "flag": flag,
+                                                        "repeat": repeat})
+
+
+def flag_name(field: dataclasses.Field[Any]) -> str:
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
 
 
 def env_name(field_name: str) -> str:
@@ -126,7 +136,7 @@ def load_settings(
             raw[name] = (value, env_name(name))
     for name, value in flags.items():
         if value is not None and value != ():
-            raw[name] = (value, f"--{name.replace('_', '-')}")
+            raw[name] = (value, flag_name(fields[name]))
     values = {}
     for name, (value, origin) in raw.items():
         try:

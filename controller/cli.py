@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from llamafleet.common.cli import build_command, given_flags, run_main, setup_logging
+from llamafleet.common.cli import build_command, run_main, settings_flags, settings_options, setup_logging
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.paths import default_state_dir
 from llamafleet.common.settings import load_settings
@@ -59,37 +59,17 @@ def cli() -> None:
 
 cli.add_command(build_command(lambda: default_state_dir("controller")))
 
-_SERVE_FLAGS = ["listen", "agents", "token_file", "models_dir", "models", "ollama_models", "llama_cpp",
-                "state_dir", "heartbeat_interval_s", "missed_heartbeats", "headroom_fraction", "headroom_min",
-                "default_ctx", "parallel", "agent_tls_ca", "agent_tls_cert", "agent_tls_key"]
-
-
 @cli.command()
 @click.option("--config", "config_file", type=_PATH, envvar="LLAMAFLEET_CONFIG", help="TOML config file.")
-@click.option("--listen", help=f"HTTP HOST:PORT (default {DEFAULT_LISTEN}).")
-@click.option("--agent", "agents", multiple=True, help="An agent's gRPC HOST:PORT (repeatable).")
-@click.option("--token-file", type=_PATH, help="The agents' bearer token (default STATE/agent-token).")
-@click.option("--models-dir", type=_PATH, help="DIR/NAME.gguf is served as model NAME.")
-@click.option("--model", "models", multiple=True, help="NAME=PATH (repeatable).")
-@click.option("--ollama-models", type=_PATH, help="An Ollama model store (default: the usual places).")
-@click.option("--llama-cpp", type=_PATH, help="Adopt an existing llama.cpp install.")
-@click.option("--state-dir", type=_PATH, help="SQLite state and builds.")
-@click.option("--heartbeat-interval-s", type=float, help="Heartbeat asked of every agent (default 2).")
-@click.option("--missed-heartbeats", type=int, help="Unreachable after this many (default 3).")
-@click.option("--headroom-fraction", type=float, help="Fraction of each device kept free (default 0.05).")
-@click.option("--headroom-min", help="At least this much kept free per device, e.g. 512MiB.")
-@click.option("--default-ctx", type=int, help="Context when a request names none (default 4096).")
-@click.option("--parallel", type=int, help="Parallel slots per coordinator (default 1).")
-@click.option("--agent-tls-ca", type=_PATH, help="CA of the agents' certificates.")
-@click.option("--agent-tls-cert", type=_PATH, help="Client certificate for agents' mTLS.")
-@click.option("--agent-tls-key", type=_PATH, help="Client key for agents' mTLS.")
+@settings_options(ControllerSettings)
 @click.option("--log-level", default="info", show_default=True, envvar="LLAMAFLEET_LOG_LEVEL")
 @click.pass_context
 def serve(ctx: click.Context, config_file: Path | None, log_level: str, **_: Any) -> None:
     """Run the controller: node inventory, placement, HTTP API."""
     from llamafleet.controller.daemon import serve as run_daemon
 
-    settings = load_settings(ControllerSettings, flags=given_flags(ctx, _SERVE_FLAGS), config_file=config_file)
+    settings = load_settings(ControllerSettings, flags=settings_flags(ControllerSettings, ctx.params),
+                             config_file=config_file)
     setup_logging(log_level)
     asyncio.run(run_daemon(settings))
 
