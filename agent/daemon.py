@@ -73,21 +73,20 @@ async def serve(settings: AgentSettings, notifier: Notifier | None = None) -> No
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    informer: asyncio.Task[None] | None = None
+    # The watchdog is fed from the start: systemd may count it before READY=1.
+    informer = asyncio.create_task(_keep_systemd_informed(agent, notifier))
     try:
         await _wait_settled(agent)
         notifier.ready(agent.status_line())
-        informer = asyncio.create_task(_keep_systemd_informed(agent, notifier))
         await stop.wait()
         log.info("stopping: rpc-server first, then the gRPC server")
         notifier.stopping()
     finally:
         for task in (informer, supervisor_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    # Cancellation is how these tasks are asked to end.
-                    await task
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                # Cancellation is how these tasks are asked to end.
+                await task
         await server.stop(grace=1.0)
     if not supervisor_task.cancelled() and (error := supervisor_task.exception()) is not None:
         raise error

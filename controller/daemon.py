@@ -42,6 +42,23 @@ def model_store(settings: ControllerSettings) -> ModelStore:
     return ModelStore(settings.models_dir, parse_model_entries(settings.models), stores)
 
 
+def status_line(settings: ControllerSettings, inventory: Inventory) -> str:
+    states = [inventory.state(r) for r in inventory.records()]
+    return (f"listening on {settings.listen}; {states.count('ready')} of {len(states)} node(s) ready")
+
+
+async def _keep_systemd_informed(settings: ControllerSettings, inventory: Inventory, notifier: Notifier) -> None:
+    """WATCHDOG=1 from the event loop itself (a wedged loop stops pinging), STATUS= on changes."""
+    interval = notifier.watchdog_ping_interval_s or 5.0
+    last = ""
+    while True:
+        await asyncio.sleep(interval)
+        notifier.watchdog()
+        if (line := status_line(settings, inventory)) != last:
+            notifier.status(line)
+            last = line
+
+
 async def serve(settings: ControllerSettings, notifier: Notifier | None = None) -> None:
     notifier = notifier or Notifier()
     settings.state_path.mkdir(parents=True, exist_ok=True)
@@ -71,11 +88,13 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    notifier.ready(f"listening on {settings.listen}; {len(inventory.records())} node(s)")
+    notifier.ready(status_line(settings, inventory))
+    pinger = asyncio.create_task(_keep_systemd_informed(settings, inventory, notifier))
     try:
         await stop.wait()
         notifier.stopping()
     finally:
+        pinger.cancel()
         await runner.cleanup()
         await inventory.close()
         store.close()

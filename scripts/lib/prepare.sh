@@ -75,7 +75,23 @@ prepare_llama_cpp() {
   export LLAMAFLEET_TEST_LLAMA_CPP LLAMAFLEET_TEST_STATE_DIR="$CACHE/state"
 }
 
+prepare_system_packages() {
+  # systemd-nspawn boots the throwaway systemd the unit tests need. Installed when we can
+  # (root with apt); otherwise those tests skip and say why.
+  if command -v systemd-nspawn >/dev/null 2>&1 || [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    return 0
+  fi
+  say "installing systemd-container (for the systemd tests)"
+  # --no-install-recommends keeps libnss-mymachines from editing nsswitch.conf.
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd-container >/dev/null 2>&1; then
+    apt-get update -q >/dev/null 2>&1 || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd-container >/dev/null 2>&1 \
+      || say "could not install systemd-container: the systemd tests will be skipped"
+  fi
+}
+
 prepare_all() {
+  prepare_system_packages
   prepare_venv
   prepare_sdist
   prepare_model
