@@ -227,8 +227,8 @@ build_llama_cpp() {
   else
     # Build as the service will run: same state directory, a transient user of its own.
     act systemd-run --quiet --wait --pipe --collect -p DynamicUser=yes -p StateDirectory=llamafleet-agent \
-      -p CacheDirectory=llamafleet-agent "$venv/bin/llamafleet-agent" build --source "$build_source" \
-      --state-dir /var/lib/llamafleet-agent
+      -p CacheDirectory=llamafleet-agent -p Environment=CCACHE_DIR=/var/cache/llamafleet-agent/ccache \
+      "$venv/bin/llamafleet-agent" build --source "$build_source" --state-dir /var/lib/llamafleet-agent
   fi
 }
 

@@ -121,6 +121,36 @@ def test_install_watchdog_stop_and_uninstall_under_real_systemd(tmp_path: Path, 
                                           set(after.splitlines()) ^ set(before.splitlines()))
 
 
+def test_build_rerun_token_reuse_and_uninstall(tmp_path: Path) -> None:
+    """--build-llama-cpp builds as the service's user into its state dir; a second run changes
+    nothing it need not; --uninstall removes the build too. (A tiny CMake tree stands in for
+    llama.cpp here: the real build is tested elsewhere and takes minutes.)"""
+    from tests.unit.common.llamacpp.fake_tree import make_fake_tree
+
+    house = wheelhouse()
+    wheel = next(house.glob("llamafleet-*.whl"))
+    make_fake_tree(tmp_path / "src" / "llama.cpp")
+    (tmp_path / "src" / "fleet.token").write_text("the-fleet-token\n")
+    # The container's /tmp is its own: the test's files come in through a read-only bind.
+    with booted_container(tmp_path / "c", binds_ro=[(tmp_path / "src", "/mnt/src")]) as container:
+        container.run("mkdir -p /opt/src && cp -r /mnt/src/llama.cpp /mnt/src/fleet.token /opt/src/")
+        before = container.run(SNAPSHOT).stdout
+        command = (f"{SCRIPT} --from {wheel} --pip-args '--no-index --find-links {house}' --python /usr/bin/python3 "
+                   "--build-llama-cpp /opt/src/llama.cpp --token-file /opt/src/fleet.token --no-start")
+        container.run(command, timeout=300)
+        manifest = container.run("cat /var/lib/private/llamafleet-agent/llama.cpp/current/manifest.json").stdout
+        assert '"rpc_protocol_version": "7.0.0"' in manifest
+        assert container.run("cat /etc/llamafleet/agent.token").stdout == "the-fleet-token\n"
+        recorded = container.run("cat /etc/llamafleet/install-manifest").stdout
+        rerun = container.run(command, timeout=300)
+        assert "creating /opt/llamafleet/venv" not in rerun.stdout and "writing /etc/llamafleet/agent.token" not in rerun.stdout
+        assert container.run("cat /etc/llamafleet/install-manifest").stdout == recorded
+        assert container.run(f"systemctl is-enabled {UNIT}").stdout.strip() == "enabled"
+        container.run(f"{SCRIPT} --uninstall", timeout=120)
+        after = container.run(SNAPSHOT).stdout
+        assert after == before, "\n".join(set(after.splitlines()) ^ set(before.splitlines()))
+
+
 def test_refusals_inside_a_real_systemd(tmp_path: Path) -> None:
     with booted_container(tmp_path) as container:
         wildcard = container.run(f"{SCRIPT} --rpc-host 0.0.0.0 --dry-run", check=False)
