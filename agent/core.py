@@ -96,10 +96,6 @@ class Agent:
         if self._build_error:
             log.warning("%s", self._build_error)
 
-    @property
-    def build(self) -> Manifest | None:
-        return self._build
-
     def _launch(self) -> RpcLaunch:
         if self._build is None:
             raise InstallError(self._build_error or "no llama.cpp install")

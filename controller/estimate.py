@@ -44,10 +44,6 @@ class MemoryEstimate:
     compute_bytes_per_device: int
     compute_bytes_output_device: int  # extra on the last device (logits)
 
-    @property
-    def kv_cells(self) -> int:
-        return self.ctx_per_slot * self.parallel
-
     def layer_bytes(self, index: int) -> int:
         return self.layer_weight_bytes[index] + self.kv_bytes_per_layer[index]
 
