@@ -35,9 +35,19 @@ if reason:
     pytestmark.append(pytest.mark.skip(reason=f"cannot boot a systemd container here: {reason}"))
 
 
+def test_cache() -> Path:
+    return Path(os.environ.get("LLAMAFLEET_TEST_CACHE", Path.home() / ".cache" / "llamafleet-test")).resolve()
+
+
+def shared_paths(*extra: tuple[Path, str]) -> list[tuple[Path, str]]:
+    """The checkout and the test cache, at the same paths inside: the container's /tmp is its
+    own, and a checkout or cache under /tmp (a CI clone) would otherwise be invisible there."""
+    return [(REPO, str(REPO)), (test_cache(), str(test_cache())), *extra]
+
+
 def wheelhouse() -> Path:
     """llamafleet's wheel (fresh) and its dependencies (cached): pip inside has no network."""
-    cache = Path(os.environ.get("LLAMAFLEET_TEST_CACHE", Path.home() / ".cache" / "llamafleet-test"))
+    cache = test_cache()
     deps = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()[:12]
     house = cache / f"wheelhouse-{deps}"
     house.mkdir(parents=True, exist_ok=True)
@@ -69,7 +79,7 @@ def _journal_monotonic(container: Container, pattern: str) -> float:
 def test_install_watchdog_stop_and_uninstall_under_real_systemd(tmp_path: Path, llama_cpp: Manifest) -> None:
     house = wheelhouse()
     wheel = next(house.glob("llamafleet-*.whl"))
-    with booted_container(tmp_path) as container:
+    with booted_container(tmp_path, binds_ro=shared_paths()) as container:
         llama_dir = _adoptable_llama_cpp(container, llama_cpp)
         before = container.run(SNAPSHOT).stdout
         install = container.run(
@@ -132,7 +142,7 @@ def test_build_rerun_token_reuse_and_uninstall(tmp_path: Path) -> None:
     make_fake_tree(tmp_path / "src" / "llama.cpp")
     (tmp_path / "src" / "fleet.token").write_text("the-fleet-token\n")
     # The container's /tmp is its own: the test's files come in through a read-only bind.
-    with booted_container(tmp_path / "c", binds_ro=[(tmp_path / "src", "/mnt/src")]) as container:
+    with booted_container(tmp_path / "c", binds_ro=shared_paths((tmp_path / "src", "/mnt/src"))) as container:
         container.run("mkdir -p /opt/src && cp -r /mnt/src/llama.cpp /mnt/src/fleet.token /opt/src/")
         before = container.run(SNAPSHOT).stdout
         command = (f"{SCRIPT} --from {wheel} --pip-args '--no-index --find-links {house}' --python /usr/bin/python3 "
@@ -152,7 +162,7 @@ def test_build_rerun_token_reuse_and_uninstall(tmp_path: Path) -> None:
 
 
 def test_refusals_inside_a_real_systemd(tmp_path: Path) -> None:
-    with booted_container(tmp_path) as container:
+    with booted_container(tmp_path, binds_ro=shared_paths()) as container:
         wildcard = container.run(f"{SCRIPT} --rpc-host 0.0.0.0 --dry-run", check=False)
         assert wildcard.returncode == 1 and "--i-know-rpc-is-unauthenticated" in wildcard.stderr
         old_python = container.run(f"{SCRIPT} --python /bin/false --dry-run", check=False)
