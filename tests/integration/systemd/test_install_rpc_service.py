@@ -35,19 +35,19 @@ if reason:
     pytestmark.append(pytest.mark.skip(reason=f"cannot boot a systemd container here: {reason}"))
 
 
-def test_cache() -> Path:
+def shared_cache() -> Path:
     return Path(os.environ.get("LLAMAFLEET_TEST_CACHE", Path.home() / ".cache" / "llamafleet-test")).resolve()
 
 
 def shared_paths(*extra: tuple[Path, str]) -> list[tuple[Path, str]]:
     """The checkout and the test cache, at the same paths inside: the container's /tmp is its
     own, and a checkout or cache under /tmp (a CI clone) would otherwise be invisible there."""
-    return [(REPO, str(REPO)), (test_cache(), str(test_cache())), *extra]
+    return [(REPO, str(REPO)), (shared_cache(), str(shared_cache())), *extra]
 
 
 def wheelhouse() -> Path:
     """llamafleet's wheel (fresh) and its dependencies (cached): pip inside has no network."""
-    cache = test_cache()
+    cache = shared_cache()
     deps = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()[:12]
     house = cache / f"wheelhouse-{deps}"
     house.mkdir(parents=True, exist_ok=True)
