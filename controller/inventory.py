@@ -20,7 +20,7 @@ import grpc
 
 from llamafleet.agent.settings import split_host_port
 from llamafleet.common.agent_client import AgentAddress, describe_rpc_error
-from llamafleet.common.errors import UsageError
+from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.common.proto_json import message_to_json
 from llamafleet.controller.placement.nodes import DeviceView, NodeView
 from llamafleet.controller.store import Store
@@ -173,7 +173,13 @@ class Inventory:
         target = self._target(record.address)
         request = pb.WatchStatusRequest(heartbeat_interval_ms=int(self._heartbeat_s * 1000))
         while True:
-            credentials = target.credentials()
+            try:
+                credentials = target.credentials()
+            except LlamafleetError as exc:
+                # An unreadable TLS file: say so on the node and try again later (it may be fixed).
+                record.error = exc.message
+                await asyncio.sleep(RECONNECT_MAX_S)
+                continue
             channel = (grpc.aio.secure_channel(target.address, credentials, options=_CHANNEL_OPTIONS) if credentials
                        else grpc.aio.insecure_channel(target.address, options=_CHANNEL_OPTIONS))
             try:
