@@ -203,6 +203,8 @@ class RpcServerSupervisor:
                     if command and command[1] in ("start", "restart"):
                         self._want_running = True
                         self._failures = 0
+                        # Before the next await: a waiter must not see the old settled state.
+                        self._set(RpcState.STARTING, pid=0)
                     continue
                 await self._run_child()
         finally:
@@ -339,4 +341,4 @@ class RpcServerSupervisor:
                 return
             self._failures = 0  # an explicit start/restart skips the wait
             break
-        self._set(RpcState.BACKOFF, restarts=self._snapshot.restarts + 1)
+        self._set(RpcState.STARTING, pid=0, restarts=self._snapshot.restarts + 1)

@@ -127,3 +127,22 @@ def test_cancelling_the_supervisor_stops_the_child(tmp_path: Path) -> None:
 
     asyncio.run(_run(supervisor, body))
     assert not pid_alive(pids[0])
+
+
+def test_start_after_failed_answers_with_the_new_attempt_not_the_old_state() -> None:
+    ready = {"binary": False}
+
+    def launch() -> RpcLaunch:
+        if not ready["binary"]:
+            raise LlamafleetError("no llama.cpp build yet")
+        return _launch("exit 1")
+
+    supervisor = RpcServerSupervisor(launch, FAST)
+
+    async def body() -> None:
+        await _until(supervisor, lambda s: s.state == RpcState.FAILED)
+        ready["binary"] = True
+        snap = await supervisor.wait_settled(supervisor.request("start"), 5)
+        assert snap.generation >= 1, f"answered with the stale state {snap}"
+
+    asyncio.run(_run(supervisor, body))
