@@ -129,7 +129,8 @@ def test_cancelling_the_supervisor_stops_the_child(tmp_path: Path) -> None:
     assert not pid_alive(pids[0])
 
 
-def test_start_after_failed_answers_with_the_new_attempt_not_the_old_state() -> None:
+def test_start_after_failed_leaves_the_failed_state_at_once() -> None:
+    """Once a start is taken, no waiter may see the old settled state (it would answer with it)."""
     ready = {"binary": False}
 
     def launch() -> RpcLaunch:
@@ -142,7 +143,11 @@ def test_start_after_failed_answers_with_the_new_attempt_not_the_old_state() -> 
     async def body() -> None:
         await _until(supervisor, lambda s: s.state == RpcState.FAILED)
         ready["binary"] = True
-        snap = await supervisor.wait_settled(supervisor.request("start"), 5)
-        assert snap.generation >= 1, f"answered with the stale state {snap}"
+        ticket = supervisor.request("start")
+        while supervisor._handled < ticket:  # the first moment the request counts as handled
+            await asyncio.sleep(0)
+        assert supervisor.snapshot().state == RpcState.STARTING
+        snap = await supervisor.wait_settled(ticket, 5)
+        assert snap.generation >= 1 and snap.state in (RpcState.BACKOFF, RpcState.FAILED)
 
     asyncio.run(_run(supervisor, body))
