@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from llamafleet.agent.devices import DeviceInfo, HostMemoryInfo
-from llamafleet.agent.node import NodeIdentity
+from llamafleet.agent.core import AgentSnapshot
+from llamafleet.agent.devices import DeviceInfo
 from llamafleet.agent.supervisor import RpcServerSnapshot, RpcState
 from llamafleet.common.llamacpp.build import BuildEvent
 from llamafleet.common.llamacpp.install import Manifest
@@ -20,17 +18,6 @@ _STATES = {
     RpcState.STOPPING: pb.RPC_SERVER_STATE_STOPPING,
 }
 _KINDS = {"gpu": pb.DEVICE_KIND_GPU, "cpu": pb.DEVICE_KIND_CPU}
-
-
-@dataclass(frozen=True)
-class AgentSnapshot:
-    node: NodeIdentity
-    build: Manifest | None
-    rpc_server: RpcServerSnapshot
-    devices: list[DeviceInfo]
-    host: HostMemoryInfo
-    memory_limit_bytes: int
-    observed_at_unix_ms: int
 
 
 def build_to_proto(manifest: Manifest | None) -> pb.LlamaCppBuild:

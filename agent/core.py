@@ -10,12 +10,13 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from llamafleet.agent.convert import AgentSnapshot
-from llamafleet.agent.devices import DeviceProvider, HostProvider, NvmlProvider
+from llamafleet.agent.devices import DeviceInfo, DeviceProvider, HostMemoryInfo, HostProvider, NvmlProvider
 from llamafleet.agent.node import NodeIdentity
 from llamafleet.agent.settings import AgentSettings
-from llamafleet.agent.supervisor import RestartPolicy, RpcLaunch, RpcServerSupervisor, RpcState
+from llamafleet.agent.supervisor import RestartPolicy, RpcLaunch, RpcServerSnapshot, RpcServerSupervisor, RpcState
+from llamafleet.common.changes import ChangeFeed
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.llamacpp.build import BuildEvent, BuildOptions, BuildOutcome, current_manifest, run_build
 from llamafleet.common.llamacpp.install import InstallError, Manifest, adopt_install
@@ -29,27 +30,17 @@ class BuildBusyError(LlamafleetError):
     """A build is already running on this worker."""
 
 
-class ChangeFeed:
-    """A version number that increases on every state change, and a way to wait for the next."""
+@dataclass(frozen=True)
+class AgentSnapshot:
+    """Everything the agent reports, at one moment (converted to the wire in convert.py)."""
 
-    def __init__(self) -> None:
-        self.version = 0
-        self._event = asyncio.Event()
-
-    def bump(self) -> None:
-        self.version += 1
-        self._event.set()
-        self._event = asyncio.Event()
-
-    async def wait_newer(self, version: int, timeout_s: float) -> bool:
-        """True when a change newer than `version` happened within `timeout_s`."""
-        if self.version > version:
-            return True
-        try:
-            await asyncio.wait_for(self._event.wait(), timeout=timeout_s)
-        except TimeoutError:
-            return self.version > version
-        return True
+    node: NodeIdentity
+    build: Manifest | None
+    rpc_server: RpcServerSnapshot
+    devices: list[DeviceInfo]
+    host: HostMemoryInfo
+    memory_limit_bytes: int
+    observed_at_unix_ms: int
 
 
 class Agent:

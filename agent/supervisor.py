@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from llamafleet.common.changes import ChangeFeed
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.llamacpp.banner import BannerDevice, RpcBanner
 from llamafleet.common.process import describe_exit, spawn_group_async, stop_group_async
@@ -128,7 +129,7 @@ class RpcServerSupervisor:
         self._queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
         self._requested = 0
         self._handled = 0
-        self._changed = asyncio.Event()
+        self._changes = ChangeFeed()
         self._snapshot = RpcServerSnapshot(RpcState.STOPPED, state_since_unix_ms=_now_ms())
         self._output: deque[str] = deque(maxlen=OUTPUT_LINES_KEPT)
         self._failures = 0
@@ -162,10 +163,7 @@ class RpcServerSupervisor:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                # Timing out is fine: the loop re-checks and ends at the deadline.
-                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, TICK_S))
+            await self._changes.wait_newer(self._changes.version, remaining)
         return self._snapshot
 
     # ---- the owner --------------------------------------------------------------------------
@@ -177,7 +175,7 @@ class RpcServerSupervisor:
             values["state_since_unix_ms"] = _now_ms()
             log.info("rpc-server %s → %s", old.state.value, state.value)
         self._snapshot = RpcServerSnapshot(**values)  # type: ignore[arg-type]
-        self._changed.set()
+        self._changes.bump()
         self._on_change()
 
     async def _next_command(self, timeout_s: float) -> tuple[int, str] | None:

@@ -87,7 +87,6 @@ class Inventory:
         self._nodes: dict[str, NodeRecord] = {}
         self._states: dict[str, str] = {}
         self._monitor: asyncio.Task[None] | None = None
-        self.changed = asyncio.Event()
 
     async def start(self, extra_agents: tuple[str, ...] = ()) -> None:
         for address in extra_agents:
@@ -195,7 +194,6 @@ class Inventory:
                     record.last_seen_unix_ms = int(time.time() * 1000)
                     record.error = ""
                     delay = 0.2
-                    self.changed.set()
             except grpc.aio.AioRpcError as exc:
                 # The agent is down, refuses us, or the network failed: record why and redial.
                 record.error = describe_rpc_error(record.address, exc).message
@@ -215,5 +213,4 @@ class Inventory:
                         log.info("node %s: %s → %s%s", record.address, self._states[record.address], state,
                                  f" ({record.error})" if record.error and state == "unreachable" else "")
                     self._states[record.address] = state
-                    self.changed.set()
             await asyncio.sleep(min(self._heartbeat_s / 2, 0.5))
