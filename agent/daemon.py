@@ -76,9 +76,14 @@ async def serve(settings: AgentSettings, notifier: Notifier | None = None) -> No
     # The watchdog is fed from the start: systemd may count it before READY=1.
     informer = asyncio.create_task(_keep_systemd_informed(agent, notifier))
     try:
-        await _wait_settled(agent)
-        notifier.ready(agent.status_line())
-        await stop.wait()
+        # A stop during a slow start-up is honoured at once, not after the rpc-server settles.
+        stopped = asyncio.ensure_future(stop.wait())
+        settled = asyncio.ensure_future(_wait_settled(agent))
+        await asyncio.wait({stopped, settled}, return_when=asyncio.FIRST_COMPLETED)
+        settled.cancel()
+        if not stop.is_set():
+            notifier.ready(agent.status_line())
+        await stopped
         log.info("stopping: rpc-server first, then the gRPC server")
         notifier.stopping()
     finally:
