@@ -30,9 +30,8 @@ def free_loopback_port() -> int:
 def probe_rpc_server(rpc_server: Path, timeout_s: float = PROBE_TIMEOUT_S) -> RpcBanner:
     """Run `rpc_server` on a free loopback port until its banner is complete, then stop it."""
     port = free_loopback_port()
-    env = dict(os.environ)
-    # No cache for a probe: nothing is loaded, and the operator's cache stays untouched.
-    proc = spawn_group(line_buffered([str(rpc_server), "-H", "127.0.0.1", "-p", str(port)]), env=env)
+    # No -c for a probe: nothing is loaded, and the operator's cache stays untouched.
+    proc = spawn_group(line_buffered([str(rpc_server), "-H", "127.0.0.1", "-p", str(port)]))
     banner = RpcBanner()
     output: deque[str] = deque(maxlen=20)
     assert proc.stdout is not None
@@ -57,13 +56,12 @@ def probe_rpc_server(rpc_server: Path, timeout_s: float = PROBE_TIMEOUT_S) -> Rp
                 banner.feed(line)
     finally:
         selector.close()
+        exited_by_itself = proc.poll() is not None
         code = stop_group(proc)
         proc.stdout.close()
     if not banner.complete:
-        if proc.returncode is not None and not banner.protocol_version:
-            why = describe_exit(code)
-        else:
-            why = f"no complete banner within {timeout_s:.0f} s"
+        # Its own exit is the cause; our SIGTERM after the timeout is not.
+        why = describe_exit(code) if exited_by_itself else f"no complete banner within {timeout_s:.0f} s"
         raise ProbeError(
             f"{rpc_server.name} did not start: {why}", detail="\n".join(output) or "(no output)"
         )
