@@ -18,7 +18,6 @@ import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 # How long a child gets between SIGTERM and SIGKILL. llama.cpp servers exit in well under a
 # second on SIGTERM; five seconds covers a loaded machine without stalling a restart.
@@ -41,22 +40,14 @@ def line_buffered(argv: Sequence[str]) -> list[str]:
     return [stdbuf, "-oL", "-eL", *argv] if stdbuf else list(argv)
 
 
-def spawn_group(
-    argv: Sequence[str],
-    *,
-    env: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
-    merge_stderr: bool = True,
-    stdin_devnull: bool = True,
-) -> subprocess.Popen[bytes]:
-    """Start `argv` in its own process group, stdout piped (stderr merged unless told not to)."""
+def spawn_group(argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start `argv` in its own process group, stdin closed, stdout and stderr into one pipe."""
     return subprocess.Popen(
         list(argv),
-        stdin=subprocess.DEVNULL if stdin_devnull else None,
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         env=dict(env) if env is not None else None,
-        cwd=cwd,
         process_group=0,
         preexec_fn=_die_with_parent,
         close_fds=True,
@@ -131,12 +122,7 @@ def pid_alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-async def spawn_group_async(
-    argv: Sequence[str],
-    *,
-    env: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
-) -> asyncio.subprocess.Process:
+async def spawn_group_async(argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> asyncio.subprocess.Process:
     """`spawn_group` for asyncio: own group, dies with us, stderr merged into a stdout pipe.
 
     Call it from the event loop's thread: PR_SET_PDEATHSIG fires when the *thread* that
@@ -148,7 +134,6 @@ async def spawn_group_async(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env=dict(env) if env is not None else None,
-        cwd=cwd,
         process_group=0,
         preexec_fn=_die_with_parent,
         close_fds=True,

@@ -28,6 +28,7 @@ from pathlib import Path
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.llamacpp.install import (
     LLAMA_SERVER_NAME,
+    backend_names,
     RPC_SERVER_NAMES,
     InstallError,
     Manifest,
@@ -188,7 +189,7 @@ class _StepRunner:
         self.progress = progress
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
 
-    def run(self, step: str, argv: list[str], cwd: Path | None = None) -> str:
+    def run(self, step: str, argv: list[str]) -> str:
         self.progress(BuildEvent(step, " ".join(argv[:3]) + (" …" if len(argv) > 3 else "")))
         self.tail.clear()
         captured: list[str] = []
@@ -196,7 +197,7 @@ class _StepRunner:
             log.write(f"$ {' '.join(argv)}\n")
             try:
                 # cmake relays ninja's output through stdio: unbuffered, progress arrives as it happens.
-                proc = spawn_group(line_buffered(argv), cwd=cwd, env=os.environ)
+                proc = spawn_group(line_buffered(argv))
             except OSError as exc:
                 # The tool is missing or not executable: a one-line cause, no traceback.
                 raise BuildError(step, f"cannot run {argv[0]}: {exc.strerror}") from exc
@@ -237,7 +238,6 @@ class _StepRunner:
 
 
 def _check_disk(layout: BuildLayout, need: int) -> None:
-    layout.root.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(layout.root).free
     if free < need:
         raise BuildError(
@@ -254,14 +254,6 @@ def _rpc_target(help_text: str) -> str:
         if name in targets:
             return name
     raise BuildError("configure", "the tree has no rpc-server target (is GGML_RPC supported here?)")
-
-
-def _backends(manifest_devices: list[str], flags: list[str]) -> list[str]:
-    found = {re.sub(r"\d+$", "", name) for name in manifest_devices}
-    found.add("RPC")
-    if "-DGGML_CUDA=ON" in flags:
-        found.add("CUDA")
-    return sorted(found)
 
 
 def activate(layout: BuildLayout, key: str) -> None:
@@ -333,6 +325,8 @@ def _build_new(
     key: str,
     progress: ProgressFn,
 ) -> Manifest:
+    if shutil.which("cmake") is None:
+        raise BuildError("configure", "cmake is not installed")
     work = layout.work / key
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -343,8 +337,6 @@ def _build_new(
     if ccache := shutil.which("ccache"):
         # Speeds up rebuilds after a flag change; not part of the key (same output).
         launcher = [f"-DCMAKE_C_COMPILER_LAUNCHER={ccache}", f"-DCMAKE_CXX_COMPILER_LAUNCHER={ccache}"]
-    if shutil.which("cmake") is None:
-        raise BuildError("configure", "cmake is not installed")
     runner.run("configure", ["cmake", "-S", str(source.directory), "-B", str(build_dir), *generator, *flags, *launcher])
     target = _rpc_target(runner.run("configure", ["cmake", "--build", str(build_dir), "--target", "help"]))
     jobs = options.jobs or os.cpu_count() or 1
@@ -377,7 +369,7 @@ def _build_new(
             source_id=source.source_id,
             source=source.spec.describe(),
             cmake_flags=flags,
-            backends=_backends([d.name for d in banner.devices], flags),
+            backends=backend_names(banner, cuda="-DGGML_CUDA=ON" in flags),
             rpc_server=str(final / "bin" / target),
             llama_server=str(final / "bin" / LLAMA_SERVER_NAME),
             rpc_protocol_version=banner.protocol_version,

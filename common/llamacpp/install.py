@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llamafleet.common.errors import LlamafleetError
+from llamafleet.common.llamacpp.banner import RpcBanner
 from llamafleet.common.llamacpp.probe import probe_rpc_server
 
 MANIFEST_NAME = "manifest.json"
@@ -130,6 +131,14 @@ def llama_server_version(llama_server: Path, timeout_s: float = 30.0) -> str:
     return (version_lines or lines)[0].strip()
 
 
+def backend_names(banner: RpcBanner, *, cuda: bool) -> list[str]:
+    """Backends an install offers: its rpc-server's device kinds (CPU, CUDA0 → CUDA), RPC, CUDA if built in."""
+    found = {device.name.rstrip("0123456789") for device in banner.devices} | {"RPC"}
+    if cuda:
+        found.add("CUDA")
+    return sorted(found)
+
+
 def adopt_install(directory: Path) -> Manifest:
     """Describe an operator's existing llama.cpp install (probed, nothing written there).
 
@@ -141,7 +150,7 @@ def adopt_install(directory: Path) -> Manifest:
     banner = probe_rpc_server(rpc_server)
     return Manifest(
         key="adopted", commit=None, source_id=f"adopted:{directory}", source=str(directory),
-        cmake_flags=[], backends=sorted({d.name.rstrip("0123456789") for d in banner.devices} | {"RPC"}),
+        cmake_flags=[], backends=backend_names(banner, cuda=False),
         rpc_server=str(rpc_server), llama_server=str(llama_server),
         rpc_protocol_version=banner.protocol_version, version=llama_server_version(llama_server),
         built_at_unix_ms=0, adopted=True,

@@ -240,16 +240,11 @@ def _prepare_dir(spec: DirSource) -> PreparedSource:
 def _safe_members(archive: tarfile.TarFile, prefix: str) -> list[tarfile.TarInfo]:
     members = []
     for member in archive.getmembers():
-        name = member.name.lstrip("./")
+        name = member.name.removeprefix("./")
         if prefix and not (name == prefix or name.startswith(prefix + "/")):
             continue
         members.append(member)
     return members
-
-
-def _single_top_level(names: list[str]) -> str:
-    tops = {name.lstrip("./").split("/", 1)[0] for name in names if name.strip("./")}
-    return tops.pop() if len(tops) == 1 else ""
 
 
 def _extract(spec: TarballSource, dest: Path) -> None:
@@ -286,9 +281,10 @@ def _prepare_tarball(spec: TarballSource, sources_dir: Path) -> PreparedSource:
             os.replace(staging, unpacked)
     tree = unpacked / spec.subdir if spec.subdir else unpacked
     if not spec.subdir and not (tree / "CMakeLists.txt").exists():
-        top = _single_top_level([p.name for p in unpacked.iterdir()])
-        if top and (unpacked / top).is_dir():
-            tree = unpacked / top
+        # The usual release tarball: everything inside one top folder (llama.cpp-b6000/).
+        entries = list(unpacked.iterdir())
+        if len(entries) == 1 and entries[0].is_dir():
+            tree = entries[0]
     require_llama_cpp_tree(tree, f"tarball {spec.describe()}")
     # Vendored trees (llama-cpp-python's sdist) carry a '.git' file pointing at a parent
     # repository that is not there; git would fail on it, so it tells nothing.
