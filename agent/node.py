@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
-from llamafleet.common.errors import UsageError
+from llamafleet.common.agent_client import read_token_file
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +49,12 @@ def load_node_identity(state_dir: Path) -> NodeIdentity:
 
 def load_token(path: Path, *, create: bool) -> str:
     """Read the bearer token; with `create`, make a new random one (0600) if there is none."""
-    try:
-        token = path.read_text().strip()
-    except FileNotFoundError:
-        if not create:
-            raise UsageError(f"token file not found: {path}") from None
+    if create and not path.exists():
         token = secrets.token_urlsafe(32)
         _write_private(path, token + "\n")
         log.info("created a new agent token in %s (give it to the controller)", path)
         return token
-    except OSError as exc:
-        raise UsageError(f"cannot read token file {path}: {exc.strerror}") from None
-    if not token:
-        raise UsageError(f"token file {path} is empty")
+    token = read_token_file(path)
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("token file %s is readable by others (mode %o): chmod 600 it", path, mode & 0o777)
