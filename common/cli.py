@@ -117,7 +117,7 @@ def setup_logging(level: str) -> None:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
-_METAVARS = {parse_int: "N", parse_float: "SECONDS", parse_path: "PATH", parse_size: "SIZE", parse_list: "LIST"}
+_METAVARS = {parse_int: "N", parse_float: "NUMBER", parse_path: "PATH", parse_size: "SIZE", parse_list: "LIST"}
 
 
 def settings_options(settings_class: type) -> Callable[[F], F]:
