@@ -89,9 +89,10 @@ class Plan:
         return counts
 
 
-def _devices_in_order(nodes: Sequence[NodeView], headroom: Headroom) -> list[tuple[NodeView, DeviceView, int]]:
+def _devices_in_order(nodes: Sequence[NodeView], headroom: Headroom,
+                      usable: dict[str, int]) -> list[tuple[NodeView, DeviceView, int]]:
     # The node with the most room last: it also holds the output layer.
-    ordered = sorted(nodes, key=lambda n: (_usable(n, headroom), n.address))
+    ordered = sorted(nodes, key=lambda n: (usable[n.address], n.address))
     return [(node, device, headroom.usable(device)) for node in ordered for device in node.devices]
 
 
@@ -174,25 +175,39 @@ def make_plan(
     filters = [ready_nodes, running_rpc_server]
     if coordinator_protocol is not None:  # unknown when the controller has no build yet
         filters.append(protocol_major(coordinator_protocol))
-    filters.append(has_usable_memory(lambda n: _usable(n, headroom)))
+    usable = {n.address: _usable(n, headroom) for n in nodes}  # used by every step below
+    filters.append(has_usable_memory(lambda n: usable[n.address]))
     kept = run_filters(nodes, filters)
-    ranked = sorted(kept.survivors, key=lambda n: (-_usable(n, headroom), n.load, n.address))
-    for k in range(1, len(ranked) + 1):
-        assignments = _assign(estimate, _devices_in_order(ranked[:k], headroom))
+    ranked = sorted(kept.survivors, key=lambda n: (-usable[n.address], n.load, n.address))
+    for k in range(_fewest_that_could_hold(estimate, ranked, headroom), len(ranked) + 1):
+        assignments = _assign(estimate, _devices_in_order(ranked[:k], headroom, usable))
         if assignments is not None:
             excluded = dict(kept.dropped)
             for node in ranked[k:]:
                 excluded[node.address] = "not needed: fewer backends hold the model"
             return Plan(model, estimate, True, assignments, excluded)
     return Plan(model, estimate, False, [], dict(kept.dropped),
-                _why_not(estimate, ranked, headroom, estimate_for_ctx))
+                _why_not(estimate, ranked, headroom, usable, estimate_for_ctx))
 
 
-def _why_not(estimate: MemoryEstimate, ranked: list[NodeView], headroom: Headroom,
+def _fewest_that_could_hold(estimate: MemoryEstimate, ranked: list[NodeView], headroom: Headroom) -> int:
+    """The smallest prefix of the ranking whose total room could hold the model (a necessary
+    condition, cheap to check), so the byte-by-byte split is tried only from there; one past
+    the end when even all of them could not."""
+    need = estimate.layers_total + estimate.output_bytes + estimate.compute_bytes_output_device
+    room = 0
+    for k, node in enumerate(ranked, start=1):
+        room += sum(max(headroom.usable(d) - estimate.compute_bytes_per_device, 0) for d in node.devices)
+        if room >= need:
+            return k
+    return len(ranked) + 1
+
+
+def _why_not(estimate: MemoryEstimate, ranked: list[NodeView], headroom: Headroom, usable: dict[str, int],
              estimate_for_ctx: Callable[[int], MemoryEstimate] | None) -> str:
     if not ranked:
         return "no node can take part (see the reasons for each)"
-    offered = sum(_usable(n, headroom) for n in ranked)
+    offered = sum(usable[n.address] for n in ranked)
     need = estimate.device_total + estimate.compute_bytes_per_device * (sum(len(n.devices) for n in ranked) - 1)
     short = max(need - offered, 0)
     largest_device = max(headroom.usable(d) for n in ranked for d in n.devices)
@@ -205,10 +220,10 @@ def _why_not(estimate: MemoryEstimate, ranked: list[NodeView], headroom: Headroo
                      f"than the largest ({format_size(largest_device)})")
     suggestions = []
     if estimate_for_ctx is not None:
-        best = _largest_ctx_that_fits(estimate, ranked, headroom, estimate_for_ctx)
+        best = _largest_ctx_that_fits(estimate, ranked, headroom, usable, estimate_for_ctx)
         if best:
             suggestions.append(f"a context of at most {best} tokens")
-    biggest = max(_usable(n, headroom) for n in ranked)
+    biggest = usable[ranked[0].address]
     if biggest > 0 and short:
         more = -(-short // biggest)
         suggestions.append(f"about {more} more node(s) like the largest")
@@ -218,8 +233,8 @@ def _why_not(estimate: MemoryEstimate, ranked: list[NodeView], headroom: Headroo
 
 
 def _largest_ctx_that_fits(estimate: MemoryEstimate, ranked: list[NodeView], headroom: Headroom,
-                           estimate_for_ctx: Callable[[int], MemoryEstimate]) -> int | None:
-    devices = _devices_in_order(ranked, headroom)
+                           usable: dict[str, int], estimate_for_ctx: Callable[[int], MemoryEstimate]) -> int | None:
+    devices = _devices_in_order(ranked, headroom, usable)
     low, high, best = MIN_CTX, estimate.ctx_per_slot - 1, None
     while low <= high:
         mid = (low + high) // 2
