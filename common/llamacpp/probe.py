@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
+import subprocess
 import socket
 import time
 from collections import deque
@@ -47,6 +49,10 @@ def probe_rpc_server(rpc_server: Path, timeout_s: float = PROBE_TIMEOUT_S) -> Rp
                 continue
             chunk = os.read(proc.stdout.fileno(), 65536)
             if not chunk:
+                # End of output: the process is exiting; give the kernel a moment to say how.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    # Still running with its output closed: treated below as no banner.
+                    proc.wait(timeout=2)
                 break
             pending += chunk
             *lines, pending = pending.split(b"\n")
