@@ -216,3 +216,29 @@ def test_build_rpc_streams_progress_then_the_result(tmp_path: Path, llama_cpp: M
         assert (agent.state_dir / "llama.cpp" / "current").resolve() == Path(last.result.build.install_dir)
         again = list(agent.stub.Build(request, metadata=agent.metadata, timeout=120))
         assert again[-1].result.cached
+
+
+def test_sigterm_during_a_slow_start_stops_at_once_without_ready(tmp_path: Path, llama_cpp: Manifest) -> None:
+    import dataclasses
+
+    from llamafleet.common.llamacpp.install import write_manifest
+
+    slow = tmp_path / "slow-llama.cpp"
+    (slow / "bin").mkdir(parents=True)
+    wrapper = slow / "bin" / "ggml-rpc-server"
+    wrapper.write_text(f"#!/bin/sh\nsleep 30\nexec {llama_cpp.rpc_server} \"$@\"\n")
+    wrapper.chmod(0o755)
+    (slow / "bin" / "llama-server").symlink_to(llama_cpp.llama_server)
+    write_manifest(slow, dataclasses.replace(llama_cpp, rpc_server=str(wrapper),
+                                             llama_server=str(slow / "bin" / "llama-server")))
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        with running_agent(tmp_path, slow, env={"NOTIFY_SOCKET": str(notify.path)}) as agent:
+            starting = agent.rpc()
+            assert starting.state == pb.RPC_SERVER_STATE_STARTING
+            agent.proc.send_signal(signal.SIGTERM)
+            assert agent.proc.wait(timeout=10) == 0, "a stop during start-up must not wait for the rpc-server"
+            assert "READY=1" not in notify.fields()
+            assert wait_gone(starting.pid, 2), "the half-started rpc-server outlived the agent"
+    finally:
+        notify.close()
