@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,8 +54,13 @@ def wheelhouse() -> Path:
     house.mkdir(parents=True, exist_ok=True)
     for old in house.glob("llamafleet-*.whl"):
         old.unlink()
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "-w", str(house),
-                    str(REPO)], check=True, capture_output=True, timeout=600)
+    with tempfile.TemporaryDirectory() as tmp:
+        # Built from a copy: setuptools leaves a build/ folder wherever it builds.
+        source = Path(tmp) / "src"
+        shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info",
+                                                                    "__pycache__", ".*_cache"))
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "-w", str(house),
+                        str(source)], check=True, capture_output=True, timeout=600)
     return house
 
 
