@@ -184,8 +184,13 @@ def _value(cur: _Cursor, value_type: int, key: str, depth: int = 0) -> Any:
             return [cur.string(f"{key}[{i}]") for i in range(count)]
         if element_type == _ARRAY:
             cur.need(count * 12, f"{count} arrays of {key}")
-            items = [_value(cur, _ARRAY, f"{key}[{i}]", depth + 1) for i in range(count)]
-            return items if count <= ARRAY_DECODE_LIMIT else SkippedArray(element_type, count)
+            keep = count <= ARRAY_DECODE_LIMIT
+            items = []
+            for i in range(count):
+                item = _value(cur, _ARRAY, f"{key}[{i}]", depth + 1)
+                if keep:  # a long one is walked to find its end, not kept
+                    items.append(item)
+            return items if keep else SkippedArray(element_type, count)
         raise cur.fail(f"{key}: unknown array element type {element_type}")
     raise cur.fail(f"{key}: unknown value type {value_type}")
 
