@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from llamafleet.agent.devices import DeviceInfo, DeviceProvider, HostMemoryInfo, HostProvider, NvmlProvider
 from llamafleet.agent.node import NodeIdentity
 from llamafleet.agent.settings import AgentSettings
-from llamafleet.agent.supervisor import RestartPolicy, RpcLaunch, RpcServerSnapshot, RpcServerSupervisor, RpcState
+from llamafleet.agent.supervisor import RpcLaunch, RpcServerSnapshot, RpcServerSupervisor, RpcState
 from llamafleet.common.changes import ChangeFeed
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.llamacpp.build import BuildEvent, BuildOptions, BuildOutcome, current_manifest, run_build
 from llamafleet.common.llamacpp.install import InstallError, Manifest, adopt_install
 from llamafleet.common.process import line_buffered
+from llamafleet.common.restart import RestartPolicy
 from llamafleet.common.units import format_size
 
 log = logging.getLogger(__name__)

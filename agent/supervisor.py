@@ -32,6 +32,7 @@ from llamafleet.common.changes import ChangeFeed
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.llamacpp.banner import BannerDevice, RpcBanner
 from llamafleet.common.process import describe_exit, spawn_group_async, stop_group_async
+from llamafleet.common.restart import RestartPolicy
 
 log = logging.getLogger(__name__)
 # How often the loop wakes when nothing happens: bounds watchdog staleness and poll latency.
@@ -61,19 +62,6 @@ class RpcLaunch:
     port: int
     endpoint: str
     cache_dir: str
-
-
-@dataclass(frozen=True)
-class RestartPolicy:
-    initial_s: float = 0.5
-    max_s: float = 30.0
-    max_failures: int = 5
-    healthy_reset_s: float = 30.0
-    # Banner and socket must appear within this; CUDA init of many GPUs takes seconds.
-    start_timeout_s: float = 120.0
-
-    def delay(self, failures: int) -> float:
-        return min(self.initial_s * 2 ** max(failures - 1, 0), self.max_s)
 
 
 @dataclass(frozen=True)

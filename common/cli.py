@@ -15,7 +15,7 @@ import click
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.llamacpp.build import BuildEvent, BuildOptions, run_build
 from llamafleet.common.settings import flag_name, parse_bool, parse_float, parse_int, parse_list, parse_path
-from llamafleet.common.units import parse_size
+from llamafleet.common.units import parse_duration, parse_size
 
 
 def report_error(exc: LlamafleetError) -> None:
@@ -117,7 +117,8 @@ def setup_logging(level: str) -> None:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
-_METAVARS = {parse_int: "N", parse_float: "NUMBER", parse_path: "PATH", parse_size: "SIZE", parse_list: "LIST"}
+_METAVARS = {parse_int: "N", parse_float: "NUMBER", parse_path: "PATH", parse_size: "SIZE", parse_list: "LIST",
+             parse_duration: "DURATION"}
 
 
 def settings_options(settings_class: type) -> Callable[[F], F]:

@@ -1,4 +1,4 @@
-"""`llamafleet serve`: the inventory, the planner and the HTTP API on one event loop."""
+"""`llamafleet serve`: inventory, placement, coordinators and the gateway on one event loop."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import asyncio
 import logging
 import signal
 
+from pathlib import Path
+
+import aiohttp
 from aiohttp import web
 
 from llamafleet.agent.settings import split_host_port
@@ -14,13 +17,22 @@ from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.llamacpp.build import current_manifest
 from llamafleet.common.llamacpp.install import Manifest, adopt_install
 from llamafleet.common.systemd import Notifier
-from llamafleet.controller.api import make_app
+from llamafleet.common.restart import RestartPolicy
+from llamafleet.controller.api import make_routes
+from llamafleet.controller.coordinator.deployment import Runtime
+from llamafleet.controller.coordinator.manager import CoordinatorManager
+from llamafleet.controller.gateway import ollama, openai
+from llamafleet.controller.gateway.catalog import Catalog
+from llamafleet.controller.gateway.dispatch import Dispatcher
+from llamafleet.controller.gateway.pool import OllamaPool
+from llamafleet.controller.gateway.router import Router, parse_routes
 from llamafleet.controller.inventory import Inventory
 from llamafleet.controller.models import ModelStore, default_ollama_stores, parse_model_entries
 from llamafleet.controller.placement.plan import Headroom
 from llamafleet.controller.planner import Planner
 from llamafleet.controller.settings import ControllerSettings
 from llamafleet.controller.store import Store
+from llamafleet.controller.web import errors_as_json
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +71,31 @@ async def _keep_systemd_informed(settings: ControllerSettings, inventory: Invent
             last = line
 
 
+def _llama_server(settings: ControllerSettings, planner: Planner) -> Path:
+    """The llama-server to start now: a build made since the controller started is picked up."""
+    manifest = coordinator_build(settings)
+    planner.coordinator = manifest
+    if manifest is None:
+        raise LlamafleetError("the controller has no llama.cpp build to run llama-server from: "
+                              "run `llamafleet build --source ...` or start it with --llama-cpp DIR")
+    return Path(manifest.llama_server)
+
+
+def make_app(settings: ControllerSettings, inventory: Inventory, planner: Planner, manager: CoordinatorManager,
+             router: Router, dispatcher: Dispatcher) -> web.Application:
+    app = web.Application(middlewares=[errors_as_json], client_max_size=settings.max_request_bytes)
+    app.add_routes(make_routes(inventory, planner, manager, router))
+    app.add_routes(ollama.make_routes(dispatcher, Catalog(), settings.max_request_bytes))
+    app.add_routes(openai.make_routes(dispatcher, settings.max_request_bytes))
+    return app
+
+
 async def serve(settings: ControllerSettings, notifier: Notifier | None = None) -> None:
     notifier = notifier or Notifier()
     settings.state_path.mkdir(parents=True, exist_ok=True)
     token = read_token_file(settings.token_path)
     models = model_store(settings)
+    routes = parse_routes(settings.routes)
 
     def target(address: str) -> AgentAddress:
         return AgentAddress(address, token, settings.agent_tls_ca, settings.agent_tls_cert, settings.agent_tls_key)
@@ -71,19 +103,41 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
     store = Store(settings.state_path / "controller.sqlite3")
     inventory = Inventory(store, target, settings.heartbeat_interval_s, settings.unreachable_after_s)
     await inventory.start(settings.agents)
-    coordinator = coordinator_build(settings)
-    planner = Planner(models, inventory, coordinator, Headroom(settings.headroom_fraction, settings.headroom_min),
-                      settings.parallel, settings.default_ctx)
-    runner = web.AppRunner(make_app(inventory, planner), access_log=None)
+    planner = Planner(models, inventory, coordinator_build(settings),
+                      Headroom(settings.headroom_fraction, settings.headroom_min), settings.parallel,
+                      settings.default_ctx)
+    # One HTTP client for everything the controller calls: coordinators and pool nodes.
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    runtime = Runtime(llama_server=lambda: _llama_server(settings, planner),
+                      log_root=settings.state_path / "logs" / "coordinators", session=session,
+                      policy=RestartPolicy(start_timeout_s=settings.load_timeout_s))
+    manager = CoordinatorManager(planner, inventory, store, runtime, settings.keep_alive)
+    pool = OllamaPool(settings.ollama_nodes, session)
+    await pool.start()
+    router = Router(planner, pool, routes, settings.ollama_node_memory)
+    dispatcher = Dispatcher(manager, router, pool, session)
+    runner = web.AppRunner(make_app(settings, inventory, planner, manager, router, dispatcher), access_log=None)
     await runner.setup()
     host, port = split_host_port(settings.listen)
+
+    async def close_all() -> None:
+        await manager.close()
+        await pool.close()
+        await session.close()
+        await inventory.close()
+        store.close()
+
     try:
         await web.TCPSite(runner, host, port).start()
     except OSError as exc:
-        await inventory.close()
-        store.close()
+        await runner.cleanup()
+        await close_all()
         raise LlamafleetError(f"cannot listen on {settings.listen}: {exc.strerror}") from None
-    log.info("controller listening on http://%s; %d node(s)", settings.listen, len(inventory.records()))
+    # Placements left by a controller that died are stale: its coordinators died with it.
+    for model in store.placements():
+        store.remove_placement(model)
+    log.info("controller listening on http://%s; %d node(s), %d Ollama pool node(s)", settings.listen,
+             len(inventory.records()), len(pool.nodes))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -95,6 +149,7 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
         notifier.stopping()
     finally:
         pinger.cancel()
+        # Coordinators first: the HTTP side may still be streaming from them.
+        await manager.close()
         await runner.cleanup()
-        await inventory.close()
-        store.close()
+        await close_all()

@@ -73,7 +73,7 @@ def node_view(address: str, state: str, status: pb.AgentStatus | None, load: int
                                       min(device.free_bytes, cap or device.free_bytes)))
     state_name = pb.RpcServerState.Name(rpc.state).removeprefix("RPC_SERVER_STATE_").lower()
     return NodeView(address, state, state_name, rpc.endpoint,
-                    rpc.protocol_version or status.build.rpc_protocol_version, tuple(devices), load)
+                    rpc.protocol_version or status.build.rpc_protocol_version, tuple(devices), load, rpc.generation)
 
 
 class Inventory:
@@ -145,6 +145,9 @@ class Inventory:
             return "maintenance"
         fresh = record.last_heartbeat is not None and self._clock() - record.last_heartbeat <= self._unreachable_after_s
         return "ready" if fresh else "unreachable"
+
+    def record(self, address: str) -> NodeRecord | None:
+        return self._nodes.get(address)
 
     def records(self) -> list[NodeRecord]:
         return [self._nodes[a] for a in sorted(self._nodes)]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from llamafleet.common.errors import UsageError
 from llamafleet.common.llamacpp.install import Manifest
-from llamafleet.controller.estimate import estimate_memory
+from llamafleet.controller.estimate import MemoryEstimate, estimate_memory
 from llamafleet.controller.gguf import GGUFHeader, read_gguf_header
 from llamafleet.controller.inventory import Inventory
 from llamafleet.controller.models import ModelStore, ResolvedModel
@@ -35,21 +36,31 @@ class Planner:
             self._headers = {key: read_gguf_header(path)}  # one model at a time is plenty
         return self._headers[key]
 
-    def plan(self, model: str, ctx: int | None = None) -> tuple[ResolvedModel, Plan, list[str]]:
-        ctx = self.default_ctx if ctx is None else ctx
-        if not 1 <= ctx <= MAX_CTX:
-            raise UsageError(f"ctx must be between 1 and {MAX_CTX}, not {ctx}")
-        resolved = self.models.resolve(model)
-        header = self.header(resolved.path)
-        estimate = estimate_memory(header, ctx, self.parallel)
+    def plan(self, model: str, ctx: int | None = None, reserved: Mapping[tuple[str, str], int] | None = None,
+             load: dict[str, int] | None = None) -> tuple[ResolvedModel, Plan, list[str]]:
+        """Place `model` over the ready nodes, minus `reserved` bytes per (node, device) already promised."""
+        resolved, header, estimate = self._estimate(model, ctx)
         warnings = []
         protocol = self.coordinator.rpc_protocol_version if self.coordinator else None
         if protocol is None:
             warnings.append("the controller has no llama.cpp build (run `llamafleet build` or pass --llama-cpp): "
                             "RPC protocol versions were not compared")
-        plan = make_plan(model, estimate, self.inventory.node_views(), protocol,
+        views = [v.reserving(reserved or {}) for v in self.inventory.node_views(load)]
+        plan = make_plan(model, estimate, views, protocol,
                          self.headroom, lambda c: estimate_memory(header, c, self.parallel))
         return resolved, plan, warnings
+
+    def estimate(self, model: str, ctx: int | None = None) -> tuple[ResolvedModel, MemoryEstimate]:
+        resolved, _, estimate = self._estimate(model, ctx)
+        return resolved, estimate
+
+    def _estimate(self, model: str, ctx: int | None) -> tuple[ResolvedModel, GGUFHeader, MemoryEstimate]:
+        ctx = self.default_ctx if ctx is None else ctx
+        if not 1 <= ctx <= MAX_CTX:
+            raise UsageError(f"ctx must be between 1 and {MAX_CTX}, not {ctx}")
+        resolved = self.models.resolve(model)
+        header = self.header(resolved.path)
+        return resolved, header, estimate_memory(header, ctx, self.parallel)
 
 
 def plan_to_json(resolved: ResolvedModel, plan: Plan, warnings: list[str], coordinator_protocol: str | None) -> dict[str, Any]:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 from llamafleet.agent.settings import split_host_port
 from llamafleet.common.paths import default_state_dir
 from llamafleet.common.settings import parse_path, setting
-from llamafleet.common.units import parse_size
+from llamafleet.common.units import parse_duration, parse_size
+
 
 DEFAULT_LISTEN = "127.0.0.1:11434"
 
@@ -32,6 +34,16 @@ class ControllerSettings:
     headroom_min: int = setting(0, parse=parse_size, help="at least this much kept free per device")
     default_ctx: int = setting(4096, help="context per request when a plan names none")
     parallel: int = setting(1, help="parallel request slots per coordinator")
+    keep_alive: float = setting(300.0, parse=parse_duration,
+                                help="how long an idle model stays loaded (\"5m\", seconds; negative: forever)")
+    load_timeout_s: float = setting(600.0, help="a coordinator must be healthy within this after its start")
+    max_request_bytes: int = setting(8 * 2**20, parse=parse_size, help="largest request body the gateway accepts")
+    ollama_nodes: tuple[str, ...] = setting((), help="an Ollama server (URL) in the pool for models one node holds",
+                                            flag="--ollama-node", repeat=True)
+    ollama_node_memory: int = setting(0, parse=parse_size,
+                                      help="memory of one Ollama pool node (0: trust what the node lists)")
+    routes: tuple[str, ...] = setting((), help="MODEL=pool or MODEL=fleet: override the routing",
+                                      flag="--route", repeat=True)
 
     def __post_init__(self) -> None:
         split_host_port(self.listen)
@@ -43,6 +55,12 @@ class ControllerSettings:
             raise ValueError("headroom_fraction must be in [0, 1)")
         if self.default_ctx < 1 or self.parallel < 1:
             raise ValueError("default_ctx and parallel must be >= 1")
+        if self.load_timeout_s <= 0 or self.max_request_bytes < 1024:
+            raise ValueError("load_timeout_s must be > 0 and max_request_bytes at least 1KiB")
+        for url in self.ollama_nodes:
+            parsed = urllib.parse.urlsplit(url)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ValueError(f"ollama node {url!r} must be an http(s):// URL")
 
     @property
     def state_path(self) -> Path:

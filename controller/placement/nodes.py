@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,19 @@ class NodeView:
     protocol_version: str  # the rpc-server's, e.g. 7.0.0
     devices: tuple[DeviceView, ...] = field(default_factory=tuple)
     load: int = 0  # models already placed here
+    generation: int = 0  # the rpc-server's incarnation: a new one holds no tensors of the old
+
+    def reserving(self, reserved: Mapping[tuple[str, str], int]) -> NodeView:
+        """This node with memory already promised to loaded models taken off each device.
+
+        Free is the smaller of what the agent reports and total minus what we placed here: the
+        report lags a fresh load by a heartbeat, and a capped CPU device never shows our use.
+        """
+        devices = tuple(
+            replace(d, free_bytes=max(min(d.free_bytes, d.total_bytes - reserved.get((self.address, d.name), 0)), 0))
+            for d in self.devices
+        )
+        return replace(self, devices=devices)
 
     @property
     def free_bytes(self) -> int:

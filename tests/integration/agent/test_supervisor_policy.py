@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from llamafleet.agent.supervisor import RestartPolicy, RpcLaunch, RpcServerSupervisor, RpcState
+from llamafleet.agent.supervisor import RpcLaunch, RpcServerSupervisor, RpcState
+from llamafleet.common.restart import RestartPolicy
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.process import pid_alive
 

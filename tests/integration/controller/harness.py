@@ -31,6 +31,7 @@ class Fleet:
     log_path: Path
     llama_cpp: Manifest
     heartbeat_s: float
+    controller_args: tuple[str, ...] = ()
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run([LLAMAFLEET, *args, "--controller", self.url], capture_output=True, text=True,
@@ -52,6 +53,7 @@ class Fleet:
                 "--headroom-fraction", "0"]
         for address in agents:
             argv += ["--agent", address]
+        argv += self.controller_args
         with self.log_path.open("ab") as log:
             self.controller = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         wait_for(lambda: self._answers(), 20, "the controller's API")
@@ -68,7 +70,8 @@ class Fleet:
 
 @contextmanager
 def running_fleet(tmp_path: Path, llama_cpp: Manifest, model: Path, *, agents: int = 2,
-                  memory_limit: str = "260MiB", heartbeat_s: float = 0.3) -> Iterator[Fleet]:
+                  memory_limit: str = "260MiB", heartbeat_s: float = 0.3,
+                  controller_args: tuple[str, ...] = ()) -> Iterator[Fleet]:
     token = tmp_path / "token"
     token.write_text("fleet-token-for-tests\n")
     os.chmod(token, 0o600)
@@ -81,7 +84,7 @@ def running_fleet(tmp_path: Path, llama_cpp: Manifest, model: Path, *, agents: i
                                                      extra_args=("--memory-limit", memory_limit)))
                    for i in range(agents)]
         fleet = Fleet(None, f"http://127.0.0.1:{free_loopback_port()}", started, token, tmp_path / "controller",
-                      models, tmp_path / "controller.log", llama_cpp, heartbeat_s)
+                      models, tmp_path / "controller.log", llama_cpp, heartbeat_s, controller_args)
         fleet.start_controller([a.address for a in started])
         try:
             wait_for(lambda: all(n["state"] == "ready" and n["rpc_server"]["state"] == "running"

@@ -1,0 +1,68 @@
+"""The `llama-server` command line for one placed model: the plan, spelled as llama.cpp flags."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+# Variables llama-server reads as defaults for its flags; inherited ones would quietly change
+# what our flags say, so a coordinator never sees them.
+_LLAMA_ARG_ENV = re.compile(r"^LLAMA_ARG_")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One rpc-server a coordinator uses, and which incarnation of it holds our tensors."""
+
+    node: str  # the agent's address
+    endpoint: str  # the rpc-server's HOST:PORT
+    generation: int  # the agent's rpc-server generation when the coordinator started
+
+
+@dataclass(frozen=True)
+class CoordinatorSpec:
+    """Everything that decides what a coordinator process is; equal specs mean the same process."""
+
+    model: str
+    model_path: Path
+    backends: tuple[Backend, ...]
+    tensor_split: tuple[int, ...]  # per RPC device, in `--rpc` order
+    n_layers: int
+    ctx_per_slot: int
+    parallel: int
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [b.endpoint for b in self.backends]
+
+
+def coordinator_argv(llama_server: Path, spec: CoordinatorSpec, port: int) -> list[str]:
+    """The full argv. Every device is an RPC device: the controller host computes nothing itself."""
+    devices = ",".join(f"RPC{i}" for i in range(len(spec.tensor_split)))
+    return [
+        str(llama_server),
+        "--model", str(spec.model_path),
+        "--alias", spec.model,
+        "--rpc", ",".join(spec.endpoints),
+        "--device", devices,
+        "--tensor-split", ",".join(str(n) for n in spec.tensor_split),
+        # Every repeating layer and the output layer go to the devices; none stay on the host.
+        "--n-gpu-layers", str(spec.n_layers + 1),
+        # llama-server's -c is the total over all slots.
+        "--ctx-size", str(spec.ctx_per_slot * spec.parallel),
+        "--parallel", str(spec.parallel),
+        # Our plan is the placement: llama.cpp must not shrink or move it to fit.
+        "--fit", "off",
+        # Loopback only: the gateway is the one door, and llama-server has no auth of ours.
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--no-webui",
+    ]
+
+
+def coordinator_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = os.environ if environ is None else environ
+    return {k: v for k, v in env.items() if not _LLAMA_ARG_ENV.match(k)}

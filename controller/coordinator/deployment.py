@@ -1,0 +1,343 @@
+"""One model's coordinator: the single owner of its lifecycle state.
+
+Only `Deployment._lifecycle()` changes the state; requests ask for the model (`acquire`),
+hand it back (`release`, with Ollama's keep-alive), or ask for it to go (`unload`).
+
+    stopped ──acquire──► starting ──/health 200──► ready ──idle past keep-alive / unload──► stopping ──► stopped
+                            ▲  │ exit, timeout                │ exit, backend rpc-server restarted,
+                            │  ▼                              │ requests need more context
+                            └──── backoff (capped, exponential) ◄┘
+                                   │ too many failures in a row
+                                   ▼
+                                 failed (the cause and the last lines kept; the next request tries again)
+
+A backend whose rpc-server generation changed holds none of our tensors any more, so the
+coordinator is restarted (re-placed) as soon as the agent reports it, not when a user's request
+finds out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import aiohttp
+
+from llamafleet.common.errors import LlamafleetError
+from llamafleet.common.llamacpp.probe import free_loopback_port
+from llamafleet.common.restart import RestartPolicy
+from llamafleet.controller.coordinator.command import CoordinatorSpec
+from llamafleet.controller.coordinator.process import CoordinatorExited, CoordinatorProcess
+
+log = logging.getLogger(__name__)
+# How often a ready coordinator's backends and idle deadline are checked when nothing wakes it.
+TICK_S = 0.25
+
+
+class CoordinatorState(enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+class DoesNotFit(LlamafleetError):
+    """No set of ready workers holds the model now (the message is the plan's reason)."""
+
+
+class Placer(Protocol):
+    """What a deployment asks of the fleet: where to go, and whether its backends still hold it."""
+
+    async def place(self, model: str, ctx: int, *, restarting: bool) -> CoordinatorSpec: ...
+    def release(self, model: str) -> None: ...
+    def backends_changed(self, spec: CoordinatorSpec) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What every coordinator is started with."""
+
+    llama_server: Callable[[], Path]  # raises LlamafleetError when the controller has no build
+    log_root: Path
+    session: aiohttp.ClientSession
+    policy: RestartPolicy
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A request's hold on a ready coordinator; it is not unloaded while a lease is out."""
+
+    url: str
+    incarnation: int
+    load_duration_s: float  # how long this request waited for a load (0 when it was ready)
+    spec: CoordinatorSpec
+
+
+@dataclass(frozen=True)
+class _StopReason:
+    kind: str  # unload, exit, backends, broken, ctx
+    message: str
+
+
+class Deployment:
+    def __init__(self, model: str, placer: Placer, runtime: Runtime, default_keep_alive_s: float) -> None:
+        self.model = model
+        self._placer = placer
+        self._runtime = runtime
+        self.default_keep_alive_s = default_keep_alive_s
+        self.state = CoordinatorState.STOPPED
+        self.state_since = time.time()
+        self.detail = ""
+        self.spec: CoordinatorSpec | None = None
+        self.process: CoordinatorProcess | None = None
+        self.incarnation = 0  # +1 per healthy start
+        self.restarts = 0  # unplanned restarts
+        self.last_exit = ""
+        self.last_output: tuple[str, ...] = ()
+        self.load_duration_s = 0.0
+        self.active = 0  # leases out
+        self.waiting = 0  # requests waiting for a load
+        self.last_used = time.monotonic()
+        self.expires_at: float | None = None  # monotonic; None: never (or in use)
+        self._wanted = False
+        self._unload_reason = ""
+        self._want_ctx = 0
+        self._broken_incarnation = 0
+        self._attempt = 0
+        self._failure: LlamafleetError | None = None
+        self._failure_attempt = 0
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+        self._wake = asyncio.Event()
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    async def acquire(self, ctx: int, *, after_incarnation: int = 0) -> Lease:
+        """Wait until the model is ready with at least `ctx` per slot, loading it if needed."""
+        started = time.monotonic()
+        loaded = False
+        self.waiting += 1
+        try:
+            while not self._usable(ctx, after_incarnation):
+                attempt = self._want(ctx)
+                loaded = True
+                changed = self._changed
+                await changed.wait()
+                if self._failure is not None and self._failure_attempt >= attempt:
+                    raise self._failure
+        finally:
+            self.waiting -= 1
+        assert self.process is not None and self.spec is not None
+        self.active += 1
+        self.expires_at = None
+        return Lease(self.process.url, self.incarnation, time.monotonic() - started if loaded else 0.0, self.spec)
+
+    def release(self, keep_alive_s: float | None = None) -> None:
+        """A request is done; the model stays `keep_alive_s` (negative: forever; 0: unload now)."""
+        self.active -= 1
+        self.last_used = time.monotonic()
+        keep = self.default_keep_alive_s if keep_alive_s is None else keep_alive_s
+        if self.active == 0:
+            self.expires_at = None if keep < 0 else self.last_used + keep
+            if keep == 0:
+                self._wake.set()
+
+    def set_keep_alive(self, keep_alive_s: float) -> None:
+        """Ollama's load-only request (`keep_alive` with an empty prompt) resets the deadline."""
+        if self.active == 0:
+            self.expires_at = None if keep_alive_s < 0 else time.monotonic() + keep_alive_s
+            self._wake.set()
+
+    def report_broken(self, incarnation: int) -> None:
+        """A request found this incarnation unusable (connection refused, reset): restart it."""
+        if incarnation == self.incarnation and self.state is CoordinatorState.READY:
+            self._broken_incarnation = incarnation
+            self._wake.set()
+
+    async def unload(self, reason: str = "unloaded on request") -> None:
+        """Stop the coordinator (cutting requests in flight) and wait until it is stopped."""
+        self._wanted = False
+        self._want_ctx = 0
+        self._unload_reason = reason
+        self._wake.set()
+        while self._task is not None and not self._task.done():
+            changed = self._changed
+            await changed.wait()
+
+    async def close(self) -> None:
+        await self.unload("the controller is stopping")
+
+    @property
+    def idle(self) -> bool:
+        return self.active == 0 and self.waiting == 0
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    # ---- the owner --------------------------------------------------------------------------------
+
+    def _usable(self, ctx: int, after_incarnation: int) -> bool:
+        return (self.state is CoordinatorState.READY and self.process is not None and self.process.alive
+                and self.spec is not None and self.spec.ctx_per_slot >= ctx and self.incarnation > after_incarnation
+                and self._broken_incarnation != self.incarnation)
+
+    def _want(self, ctx: int) -> int:
+        self._wanted = True
+        self._unload_reason = ""
+        self._want_ctx = max(self._want_ctx, ctx)
+        if not self.running:
+            self._attempt += 1
+            self._failure = None
+            self._task = asyncio.create_task(self._lifecycle(), name=f"coordinator {self.model}")
+        self._wake.set()
+        return self._attempt
+
+    def _set(self, state: CoordinatorState, detail: str = "") -> None:
+        if state is not self.state:
+            log.info("coordinator %s: %s → %s%s", self.model, self.state.value, state.value,
+                     f" ({detail})" if detail else "")
+            self.state_since = time.time()
+        self.state = state
+        self.detail = detail
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def _fail(self, exc: LlamafleetError, state: CoordinatorState) -> None:
+        self._failure = exc
+        self._failure_attempt = self._attempt
+        self._wanted = False
+        self._want_ctx = 0
+        self._set(state, exc.message)
+
+    async def _lifecycle(self) -> None:
+        policy = self._runtime.policy
+        failures = 0
+        restarting = False
+        try:
+            while self._wanted:
+                self._set(CoordinatorState.STARTING, "placing")
+                try:
+                    spec = await self._placer.place(self.model, self._want_ctx, restarting=restarting)
+                except DoesNotFit as exc:
+                    if not restarting:
+                        self._fail(exc, CoordinatorState.STOPPED)
+                        return
+                    failures += 1
+                    if failures >= policy.max_failures:
+                        self._fail(exc, CoordinatorState.FAILED)
+                        return
+                    await self._backoff(failures, exc.message)
+                    continue
+                except LlamafleetError as exc:
+                    # The model file went away or no llama.cpp build: nothing a retry fixes.
+                    self._fail(exc, CoordinatorState.STOPPED)
+                    return
+                self.spec = spec
+                loading_since = time.monotonic()
+                try:
+                    process = await CoordinatorProcess.spawn(self._runtime.llama_server(), spec, free_loopback_port(),
+                                                             self._runtime.log_root)
+                    self.process = process
+                    self._set(CoordinatorState.STARTING, f"loading over {len(spec.backends)} backend(s)")
+                    await process.wait_ready(self._runtime.session, policy.start_timeout_s)
+                except CoordinatorExited as exc:
+                    self._record_exit(exc)
+                    self.process = None
+                    self._placer.release(self.model)
+                    failures += 1
+                    if failures >= policy.max_failures:
+                        self._fail(exc, CoordinatorState.FAILED)
+                        return
+                    restarting = True
+                    await self._backoff(failures, exc.message)
+                    continue
+                except LlamafleetError as exc:
+                    self._placer.release(self.model)
+                    self._fail(exc, CoordinatorState.STOPPED)
+                    return
+                self.load_duration_s = time.monotonic() - loading_since
+                self.incarnation += 1
+                if restarting:
+                    self.restarts += 1
+                ready_at = time.monotonic()
+                self._set(CoordinatorState.READY)
+                reason = await self._watch(process, spec)
+                if time.monotonic() - ready_at >= policy.healthy_reset_s:
+                    failures = 0
+                self._set(CoordinatorState.STOPPING, reason.message)
+                if process.alive:
+                    await process.stop()
+                else:
+                    self._record_exit(process.exit_error())
+                self.process = None
+                self._placer.release(self.model)
+                if reason.kind == "unload":
+                    restarting = False
+                    continue  # a request that came while stopping wants it back
+                if reason.kind == "ctx":
+                    restarting = False
+                    continue
+                log.warning("coordinator %s: restarting: %s", self.model, reason.message)
+                failures += 1
+                if failures >= policy.max_failures:
+                    self._fail(LlamafleetError(f"coordinator for {self.model} failed {failures} times in a row; "
+                                               f"last: {reason.message}"), CoordinatorState.FAILED)
+                    return
+                restarting = True
+                await self._backoff(failures, reason.message)
+            self._set(CoordinatorState.STOPPED, self.detail if self.state is CoordinatorState.STOPPING else "")
+        finally:
+            if self.process is not None:
+                # Cancelled (the controller is going away): never leave the process behind.
+                await asyncio.shield(self.process.stop())
+                self.process = None
+                self._placer.release(self.model)
+            if self.state not in (CoordinatorState.STOPPED, CoordinatorState.FAILED):
+                self._set(CoordinatorState.STOPPED)
+
+    def _record_exit(self, exc: CoordinatorExited) -> None:
+        self.last_exit = exc.message
+        self.last_output = tuple(exc.detail.splitlines()[-10:]) if exc.detail else ()
+        log.warning("coordinator %s: %s", self.model, exc.message)
+
+    async def _backoff(self, failures: int, cause: str) -> None:
+        delay = self._runtime.policy.delay(failures)
+        self._set(CoordinatorState.STARTING, f"retrying in {delay:.1f}s after: {cause}")
+        deadline = time.monotonic() + delay
+        while self._wanted and (left := deadline - time.monotonic()) > 0:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                # Woken early by an unload: stop waiting and let the loop end.
+                await asyncio.wait_for(self._wake.wait(), timeout=left)
+
+    async def _watch(self, process: CoordinatorProcess, spec: CoordinatorSpec) -> _StopReason:
+        """Wait for the first reason to stop this process; its exit wakes us at once."""
+        process.exited.add_done_callback(lambda _: self._wake.set())
+        while True:
+            if not process.alive:
+                return _StopReason("exit", process.exit_error().message)
+            if not self._wanted:
+                return _StopReason("unload", self._unload_reason or "unloaded")
+            if self._broken_incarnation == self.incarnation:
+                return _StopReason("broken", "a request found llama-server unreachable")
+            if (why := self._placer.backends_changed(spec)) is not None:
+                return _StopReason("backends", why)
+            if self._want_ctx > spec.ctx_per_slot and self.active == 0:
+                return _StopReason("ctx", f"reloading with a context of {self._want_ctx}")
+            if self.idle and self.expires_at is not None and time.monotonic() >= self.expires_at:
+                self._wanted = False
+                self._want_ctx = 0
+                return _StopReason("unload", "keep-alive expired")
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                # Nothing woke us within a tick: look at the backends and the clock again.
+                await asyncio.wait_for(self._wake.wait(), timeout=TICK_S)

@@ -1,0 +1,129 @@
+"""One generation, end to end: to a pool node (proxied as is) or to a coordinator (leased, streamed).
+
+A coordinator request holds a lease, so the model is not unloaded under it, and hands it back
+with the request's keep-alive. When the coordinator cannot be reached before anything was sent
+to the client (its rpc-server died and took llama-server with it, say), the deployment is told,
+and the request is tried once more on the restarted coordinator: the client sees a slower
+answer, not an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+from aiohttp import web
+
+from llamafleet.controller.coordinator.manager import CoordinatorManager
+from llamafleet.controller.gateway.pool import OllamaPool, PoolUnavailable
+from llamafleet.controller.gateway.router import Route, Router
+from llamafleet.controller.gateway.upstream import UPSTREAM_TIMEOUT, UpstreamUnavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class RunInfo:
+    """What a response reports about how it was served."""
+
+    started: float = field(default_factory=time.monotonic)
+    load_duration_s: float = 0.0
+    retried: bool = False
+
+    @property
+    def total_ns(self) -> int:
+        return int((time.monotonic() - self.started) * 1e9)
+
+
+class Dispatcher:
+    def __init__(self, manager: CoordinatorManager, router: Router, pool: OllamaPool,
+                 session: aiohttp.ClientSession) -> None:
+        self.manager = manager
+        self.router = router
+        self.pool = pool
+        self.session = session
+
+    def route(self, model: str, ctx: int | None = None) -> Route:
+        return self.router.route(model, ctx)
+
+    async def fleet_stream(self, model: str, ctx: int | None, keep_alive_s: float | None,
+                           open_stream: Callable[[str], AsyncIterator[T]], info: RunInfo) -> AsyncIterator[T]:
+        """Yield what `open_stream(coordinator_url)` yields, with a lease held and one retry."""
+        deployment = self.manager.deployment(model)
+        ctx = ctx or self.manager.planner.default_ctx
+        lease = await deployment.acquire(ctx)
+        held = True
+        info.load_duration_s += lease.load_duration_s
+        try:
+            produced = False
+            try:
+                async for item in open_stream(lease.url):
+                    produced = True
+                    yield item
+                return
+            except UpstreamUnavailable as exc:
+                if produced:
+                    raise
+                log.warning("%s: %s; retrying once after the coordinator recovers", model, exc.message)
+                deployment.report_broken(lease.incarnation)
+            held = False
+            deployment.release(keep_alive_s)
+            lease = await deployment.acquire(ctx, after_incarnation=lease.incarnation)
+            held = True
+            info.load_duration_s += lease.load_duration_s
+            info.retried = True
+            async for item in open_stream(lease.url):
+                yield item
+        finally:
+            if held:
+                deployment.release(keep_alive_s)
+
+    async def load_only(self, model: str, ctx: int | None, keep_alive_s: float | None, info: RunInfo) -> str:
+        """Ollama's empty prompt: load (or, with keep_alive 0, unload). Returns the done_reason."""
+        if keep_alive_s == 0:
+            deployment = self.manager.find(model)
+            if deployment is not None:
+                await deployment.unload("unloaded on request (keep_alive 0)")
+            return "unload"
+        deployment = self.manager.deployment(model)
+        lease = await deployment.acquire(ctx or self.manager.planner.default_ctx)
+        info.load_duration_s += lease.load_duration_s
+        deployment.release(keep_alive_s)
+        return "load"
+
+    async def proxy_to_pool(self, request: web.Request, route: Route, path: str, body: dict[str, Any]) -> web.StreamResponse:
+        """Send `body` to the best pool node that answers; stream its reply back byte for byte."""
+        errors = []
+        for node in route.nodes:
+            node.in_flight += 1
+            try:
+                try:
+                    upstream = await self.session.post(f"{node.url}{path}", json=body, timeout=UPSTREAM_TIMEOUT)
+                except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                    # This node is gone: mark it and try the next one; nothing was sent yet.
+                    self.pool.mark_down(node, f"{type(exc).__name__}: {exc}")
+                    errors.append(f"{node.url}: {exc or type(exc).__name__}")
+                    continue
+                try:
+                    response = web.StreamResponse(status=upstream.status)
+                    response.content_type = upstream.content_type
+                    await response.prepare(request)
+                    try:
+                        async for chunk in upstream.content.iter_any():
+                            await response.write(chunk)
+                    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+                        # Cut mid-answer: say so in the stream, the way Ollama reports a late error.
+                        self.pool.mark_down(node, str(exc))
+                        await response.write(b'{"error":"the Ollama node dropped the connection"}\n')
+                    await response.write_eof()
+                    return response
+                finally:
+                    upstream.release()
+            finally:
+                node.in_flight -= 1
+        raise PoolUnavailable(f"no Ollama pool node could serve {body.get('model')}: {'; '.join(errors)}")

@@ -1,0 +1,285 @@
+"""Ollama's API (`/api/*`) over the fleet: the same JSON in and out as `ollama serve`.
+
+Requests are checked field by field (unknown fields are a 400, not silently passed on), then
+either proxied to an Ollama pool node or turned into a llama-server request on a coordinator.
+Streaming answers are NDJSON, one object per piece, and a final object with Ollama's counts and
+durations (nanoseconds) taken from llama-server's own timings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from aiohttp import web
+
+from llamafleet.common.errors import LlamafleetError
+from llamafleet.controller.gateway.catalog import Catalog, rfc3339
+from llamafleet.controller.gateway.dispatch import Dispatcher, RunInfo
+from llamafleet.controller.gateway.options import BadRequest, keep_alive_seconds, ollama_options, response_format
+from llamafleet.controller.gateway.upstream import Final, chat_pieces, completion_pieces
+from llamafleet.controller.models import ModelNotFound, parse_model_name
+from llamafleet.controller.web import error, json_body, string_field
+
+VERSION = "0.1.0"
+CHAT_FIELDS = frozenset({"model", "messages", "stream", "format", "options", "keep_alive", "tools", "think"})
+GENERATE_FIELDS = frozenset({"model", "prompt", "suffix", "system", "template", "context", "stream", "raw", "format",
+                             "images", "options", "keep_alive", "think"})
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+MESSAGE_FIELDS = frozenset({"role", "content", "images", "tool_calls", "tool_name", "thinking"})
+Piece = str | Final
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _check_fields(body: dict[str, Any], allowed: frozenset[str]) -> None:
+    for key in body:
+        if key not in allowed:
+            raise BadRequest(f"unknown field '{key}'")
+
+
+def _unsupported(body: dict[str, Any], key: str, why: str) -> None:
+    if body.get(key) not in (None, "", [], False):
+        raise BadRequest(f"'{key}' is not supported: {why}")
+
+
+def _messages(raw: Any) -> list[dict[str, str]]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise BadRequest("'messages' must be a list")
+    out = []
+    for i, message in enumerate(raw):
+        if not isinstance(message, dict):
+            raise BadRequest(f"messages[{i}] must be an object")
+        for key in message:
+            if key not in MESSAGE_FIELDS:
+                raise BadRequest(f"messages[{i}] has an unknown field '{key}'")
+        role, content = message.get("role"), message.get("content", "")
+        if role not in ROLES:
+            raise BadRequest(f"messages[{i}].role must be one of {sorted(ROLES)}")
+        if not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content must be a string")
+        if message.get("images"):
+            raise BadRequest(f"messages[{i}] has images: this model server does not take images")
+        if message.get("tool_calls"):
+            raise BadRequest(f"messages[{i}] has tool_calls: tools are not supported yet")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _stream_flag(body: dict[str, Any]) -> bool:
+    stream = body.get("stream", True)
+    if stream is None:
+        return True
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be true or false")
+    return stream
+
+
+def _final_fields(final: Final | None, info: RunInfo) -> dict[str, Any]:
+    doc: dict[str, Any] = {"done": True, "total_duration": info.total_ns,
+                           "load_duration": int(info.load_duration_s * 1e9)}
+    if final is not None:
+        doc |= {
+            "done_reason": final.done_reason,
+            "prompt_eval_count": final.prompt_tokens,
+            "prompt_eval_duration": int(final.prompt_ms * 1e6),
+            "eval_count": final.predicted_tokens,
+            "eval_duration": int(final.predicted_ms * 1e6),
+        }
+    return doc
+
+
+async def _respond(request: web.Request, stream: bool, pieces: AsyncIterator[Piece],
+                   piece_doc: Callable[[str], dict[str, Any]], info: RunInfo) -> web.StreamResponse:
+    """NDJSON when streaming (an error after the first line is a last `{"error"}` line), else one JSON."""
+    async with contextlib.aclosing(pieces):
+        if not stream:
+            text, final = [], None
+            async for piece in pieces:
+                if isinstance(piece, Final):
+                    final = piece
+                else:
+                    text.append(piece)
+            return web.json_response(piece_doc("".join(text)) | _final_fields(final, info))
+        response: web.StreamResponse | None = None
+        try:
+            async for piece in pieces:
+                if response is None:
+                    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+                    await response.prepare(request)
+                doc = piece_doc("") | _final_fields(piece, info) if isinstance(piece, Final) else piece_doc(piece)
+                await response.write(json.dumps(doc).encode() + b"\n")
+        except LlamafleetError as exc:
+            if response is None:
+                raise  # nothing sent yet: the error gets its own status
+            await response.write(json.dumps({"error": exc.message}).encode() + b"\n")
+        if response is None:
+            raise LlamafleetError("the coordinator sent nothing")
+        await response.write_eof()
+        return response
+
+
+def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -> web.RouteTableDef:
+    routes = web.RouteTableDef()
+    manager = dispatcher.manager
+    models = manager.planner.models
+
+    async def body_of(request: web.Request, allowed: frozenset[str]) -> dict[str, Any]:
+        body = await json_body(request, max_body_bytes)
+        _check_fields(body, allowed)
+        string_field(body, "model")
+        parse_model_name(body["model"])
+        return body
+
+    async def generation(request: web.Request, body: dict[str, Any], messages: list[dict[str, str]] | None,
+                         prompt: str | None, piece_doc: Callable[[str], dict[str, Any]]) -> web.StreamResponse:
+        model = body["model"]
+        options = ollama_options(body.get("options"))
+        keep_alive = keep_alive_seconds(body.get("keep_alive"))
+        stream = _stream_flag(body)
+        fmt = response_format(body.get("format"))
+        if body.get("think") not in (None, False):
+            raise BadRequest(f"'{model}' does not support thinking")
+        route = dispatcher.route(model, options.num_ctx)
+        if route.target == "pool":
+            return await dispatcher.proxy_to_pool(request, route, request.path, body)
+        info = RunInfo()
+        if not messages and not prompt:
+            reason = await dispatcher.load_only(model, options.num_ctx, keep_alive, info)
+            return web.json_response(piece_doc("") | {"done": True, "done_reason": reason,
+                                                      "total_duration": info.total_ns,
+                                                      "load_duration": int(info.load_duration_s * 1e9)})
+        session = dispatcher.session
+        if messages:
+            upstream = {"messages": messages, **options.sampling}
+            if "n_predict" in upstream:
+                upstream["max_tokens"] = upstream.pop("n_predict")
+            if fmt:
+                upstream["response_format"] = fmt
+
+            def open_stream(url: str) -> AsyncIterator[Piece]:
+                return chat_pieces(session, url, upstream)
+        else:
+            raw = {"prompt": prompt, **options.sampling}
+            if fmt:
+                raw["json_schema"] = fmt.get("json_schema", {}).get("schema", {})
+
+            def open_stream(url: str) -> AsyncIterator[Piece]:
+                return completion_pieces(session, url, raw)
+        pieces = dispatcher.fleet_stream(model, options.num_ctx, keep_alive, open_stream, info)
+        return await _respond(request, stream, pieces, piece_doc, info)
+
+    @routes.post("/api/chat")
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await body_of(request, CHAT_FIELDS)
+        _unsupported(body, "tools", "tools are not supported yet")
+        messages = _messages(body.get("messages"))
+        model = body["model"]
+
+        def piece(text: str) -> dict[str, Any]:
+            return {"model": model, "created_at": now(), "message": {"role": "assistant", "content": text},
+                    "done": False}
+        return await generation(request, body, messages, None, piece)
+
+    @routes.post("/api/generate")
+    async def generate(request: web.Request) -> web.StreamResponse:
+        body = await body_of(request, GENERATE_FIELDS)
+        for key, why in (("suffix", "fill-in-the-middle is not served"), ("template", "the model's template is used"),
+                         ("context", "use /api/chat for conversations"), ("images", "this model server takes no images")):
+            _unsupported(body, key, why)
+        prompt, system, raw = body.get("prompt") or "", body.get("system") or "", body.get("raw") or False
+        if not isinstance(prompt, str) or not isinstance(system, str) or not isinstance(raw, bool):
+            raise BadRequest("'prompt' and 'system' must be strings, 'raw' true or false")
+        model = body["model"]
+        messages = None
+        if prompt and not raw:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+        def piece(text: str) -> dict[str, Any]:
+            return {"model": model, "created_at": now(), "response": text, "done": False}
+        return await generation(request, body, messages, prompt if raw else None, piece)
+
+    @routes.get("/api/tags")
+    async def tags(request: web.Request) -> web.Response:
+        out, seen = [], set()
+        for resolved in models.list():
+            try:
+                card = catalog.card(resolved)
+            except (LlamafleetError, OSError):
+                # One unreadable file must not hide the others; /api/show names its problem.
+                continue
+            name = parse_model_name(resolved.name).short
+            if name in seen:
+                continue
+            seen.add(name)
+            out.append({"name": name, "model": name, "modified_at": card.modified_at, "size": card.size,
+                        "digest": card.digest, "details": card.details})
+        for name in sorted(dispatcher.pool.models() - seen):
+            out.append({"name": name, "model": name, "details": {}})
+        return web.json_response({"models": out})
+
+    @routes.get("/api/ps")
+    async def ps(request: web.Request) -> web.Response:
+        out = []
+        for doc in manager.describe():
+            resolved = models.resolve(doc["model"])
+            card = catalog.card(resolved)
+            expires = rfc3339(doc["expires_at_unix"]) if doc["expires_at_unix"] else None
+            out.append({"name": doc["model"], "model": doc["model"], "size": doc["size_bytes"],
+                        "size_vram": doc["gpu_bytes"], "digest": card.digest, "details": card.details,
+                        "expires_at": expires, "context_length": doc["ctx"],
+                        "state": doc["state"], "backends": doc["backends"]})
+        return web.json_response({"models": out})
+
+    @routes.post("/api/show")
+    async def show(request: web.Request) -> web.Response:
+        body = await json_body(request, max_body_bytes)
+        name = body.get("model") or body.get("name")
+        if not isinstance(name, str) or not name:
+            raise BadRequest("'model' must be a non-empty string")
+        try:
+            card = catalog.card(models.resolve(name))
+        except ModelNotFound:
+            route = dispatcher.route(name)
+            return await dispatcher.proxy_to_pool(request, route, "/api/show", {"model": name})
+        return web.json_response({
+            "modelfile": "", "parameters": "", "template": card.template, "license": "",
+            "details": card.details, "model_info": card.model_info, "capabilities": card.capabilities,
+            "modified_at": card.modified_at,
+        })
+
+    @routes.post("/api/embed")
+    @routes.post("/api/embeddings")
+    async def embed(request: web.Request) -> web.StreamResponse:
+        body = await json_body(request, max_body_bytes)
+        model = string_field(body, "model")
+        route = dispatcher.route(model)
+        if route.target == "pool":
+            return await dispatcher.proxy_to_pool(request, route, request.path, body)
+        card = catalog.card(models.resolve(model))
+        if "embedding" not in card.capabilities:
+            raise BadRequest(f"'{model}' does not support embeddings")
+        raise BadRequest(f"'{model}' is an embedding model; the distributed coordinator serves generation only "
+                         "(route it to an Ollama pool node with --route)")
+
+    @routes.get("/api/version")
+    async def version(request: web.Request) -> web.Response:
+        return web.json_response({"version": VERSION})
+
+    @routes.get("/")
+    async def root(request: web.Request) -> web.Response:
+        return web.Response(text="Ollama is running (llamafleet)")
+
+    for path in ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/blobs/{digest}"):
+        @routes.route("*", path)
+        async def not_served(request: web.Request) -> web.Response:
+            return error(501, f"{request.path} is not served by llamafleet: models are GGUF files in the "
+                              "models directory or an Ollama store the controller reads")
+    return routes

@@ -1,0 +1,137 @@
+"""Streaming from a coordinator (`llama-server`): text pieces, then the final counts and timings.
+
+Two llama-server endpoints are read: `/v1/chat/completions` (the model's chat template is
+applied there) and `/completion` (raw prompts). Both are asked to stream, also for clients
+that asked for one JSON answer: a stream shows a dead backend at once and carries the timings.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from llamafleet.common.errors import LlamafleetError
+
+# Connecting to a loopback llama-server is instant; a model's prompt processing is not, so
+# there is no read timeout (the client decides how long it waits).
+UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
+_STOP_TYPES = {"limit": "length", "eos": "stop", "word": "stop"}
+
+
+class UpstreamUnavailable(LlamafleetError):
+    """The coordinator could not be reached or dropped the connection (it probably died)."""
+
+
+class UpstreamRejected(LlamafleetError):
+    """llama-server answered with an error status; `status` is it, the message is its text."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Final:
+    done_reason: str  # stop, length
+    prompt_tokens: int
+    prompt_ms: float
+    predicted_tokens: int
+    predicted_ms: float
+
+
+async def _error_text(response: aiohttp.ClientResponse) -> str:
+    raw = await response.read()
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        # Not JSON: show the start of whatever it was.
+        return raw[:300].decode(errors="replace") or response.reason or "error"
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message") or error)
+    return str(error or doc)
+
+
+async def sse_events(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """POST `body` and yield each `data:` JSON object of the event stream until `[DONE]` or the end."""
+    try:
+        async with session.post(url, json=body, timeout=UPSTREAM_TIMEOUT) as response:
+            if response.status != 200:
+                raise UpstreamRejected(response.status, await _error_text(response))
+            async for raw in response.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    if line.startswith(b"error:"):
+                        raise UpstreamRejected(500, line[6:].decode(errors="replace").strip())
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    return
+                event = json.loads(data)
+                if isinstance(event, dict) and "error" in event:
+                    error = event["error"]
+                    raise UpstreamRejected(500, str(error.get("message") if isinstance(error, dict) else error))
+                yield event
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+        # Refused, reset, or cut mid-stream: the coordinator is gone or going.
+        raise UpstreamUnavailable(f"coordinator connection failed: {exc or type(exc).__name__}") from None
+
+
+async def one_answer(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """POST `body` for one JSON answer (no stream), yielded once."""
+    try:
+        async with session.post(url, json=body, timeout=UPSTREAM_TIMEOUT) as response:
+            if response.status != 200:
+                raise UpstreamRejected(response.status, await _error_text(response))
+            doc = await response.json(content_type=None)
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+        # Refused or reset: the coordinator is gone or going.
+        raise UpstreamUnavailable(f"coordinator connection failed: {exc or type(exc).__name__}") from None
+    if not isinstance(doc, dict):
+        raise UpstreamRejected(502, "the coordinator answered with something that is not a JSON object")
+    yield doc
+
+
+def _final(timings: dict[str, Any], prompt_tokens: int | None, predicted: int | None, done_reason: str) -> Final:
+    return Final(
+        done_reason=done_reason,
+        prompt_tokens=int(prompt_tokens if prompt_tokens is not None else timings.get("prompt_n", 0)),
+        prompt_ms=float(timings.get("prompt_ms", 0.0)),
+        predicted_tokens=int(predicted if predicted is not None else timings.get("predicted_n", 0)),
+        predicted_ms=float(timings.get("predicted_ms", 0.0)),
+    )
+
+
+async def chat_pieces(session: aiohttp.ClientSession, base: str, body: dict[str, Any]) -> AsyncIterator[str | Final]:
+    """Stream `/v1/chat/completions`: content pieces, then one Final."""
+    body = body | {"stream": True, "stream_options": {"include_usage": True}}
+    reason = "stop"
+    async for event in sse_events(session, f"{base}/v1/chat/completions", body):
+        for choice in event.get("choices") or []:
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                yield content
+            if choice.get("finish_reason"):
+                reason = "length" if choice["finish_reason"] == "length" else "stop"
+        if "timings" in event or "usage" in event:
+            usage = event.get("usage") or {}
+            yield _final(event.get("timings") or {}, usage.get("prompt_tokens"), usage.get("completion_tokens"), reason)
+            return
+    raise UpstreamUnavailable("coordinator ended the stream without its final counts")
+
+
+async def completion_pieces(session: aiohttp.ClientSession, base: str, body: dict[str, Any]) -> AsyncIterator[str | Final]:
+    """Stream llama-server's native `/completion` (a raw prompt): content pieces, then one Final."""
+    async for event in sse_events(session, f"{base}/completion", body | {"stream": True}):
+        if event.get("content"):
+            yield event["content"]
+        if event.get("stop"):
+            timings = event.get("timings") or {}
+            yield _final(timings, event.get("tokens_evaluated"), event.get("tokens_predicted"),
+                         _STOP_TYPES.get(str(event.get("stop_type")), "stop"))
+            return
+    raise UpstreamUnavailable("coordinator ended the stream without its final counts")
