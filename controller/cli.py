@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import urllib.error
+import sys
+import threading
+import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import click
 
 from llamafleet.common.cli import build_command, run_main, settings_flags, settings_options, setup_logging
 from llamafleet.common.errors import LlamafleetError
+from llamafleet.controller.client import ControllerError, call, stream_json_lines
 from llamafleet.common.paths import default_state_dir
 from llamafleet.common.settings import load_settings
 from llamafleet.common.units import format_size
@@ -26,29 +28,6 @@ CONTROLLER_OPTION = click.option(
     "--controller", default=lambda: os.environ.get("LLAMAFLEET_CONTROLLER", DEFAULT_CONTROLLER),
     show_default=DEFAULT_CONTROLLER, help="Controller URL (env LLAMAFLEET_CONTROLLER).")
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-
-
-class ControllerError(LlamafleetError):
-    """The controller could not be reached or answered with an error."""
-
-
-def call(controller: str, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 60) -> Any:
-    url = controller.rstrip("/") + path
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:
-            return json.loads(reply.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read()).get("error", exc.reason)
-        except (json.JSONDecodeError, AttributeError):
-            # Not our JSON error shape: fall back to the HTTP reason.
-            message = exc.reason
-        raise ControllerError(str(message)) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ControllerError(f"controller at {controller} is unreachable: {reason}") from None
 
 
 @click.group()
@@ -180,6 +159,152 @@ def render_plan(doc: dict[str, Any]) -> str:
     for warning in doc["warnings"]:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)
+
+
+@cli.command()
+@CONTROLLER_OPTION
+@JSON_OPTION
+def ps(controller: str, as_json: bool) -> None:
+    """List the loaded models: state, backends, memory, until when."""
+    docs = call(controller, "GET", "/llamafleet/v1/ps")
+    if as_json:
+        click.echo(json.dumps(docs, indent=2))
+        return
+    if not docs:
+        click.echo("no models loaded")
+        return
+    click.echo(f"{'MODEL':<28} {'STATE':<9} {'SIZE':>10} {'UNTIL':<12} BACKENDS")
+    for doc in docs:
+        until = "forever" if doc["expires_at_unix"] is None and doc["state"] == "ready" else ""
+        if doc["expires_at_unix"] is not None:
+            until = f"{max(doc['expires_at_unix'] - time.time(), 0):.0f}s idle" if doc["in_flight"] == 0 else "in use"
+        click.echo(f"{doc['model']:<28} {doc['state']:<9} {format_size(doc['size_bytes']):>10} {until:<12} "
+                   f"{','.join(doc['backends'])}")
+        if doc["state"] != "ready" and doc["detail"]:
+            click.echo(f"{'':<29}{doc['detail']}")
+
+
+@cli.command()
+@click.argument("model")
+@CONTROLLER_OPTION
+def stop(model: str, controller: str) -> None:
+    """Unload MODEL now (its coordinator stops; requests in flight end)."""
+    reply = call(controller, "POST", "/llamafleet/v1/stop", {"model": model})
+    click.echo(f"stopped {reply['model']}")
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("prompt", required=False)
+@click.option("--keep-alive", help="How long the model stays loaded after this (\"5m\", seconds, -1: forever).")
+@click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="An Ollama option for the answers, e.g. -o num_predict=64 -o temperature=0 (repeatable).")
+@CONTROLLER_OPTION
+def run(model: str, prompt: str | None, keep_alive: str | None, options: tuple[str, ...], controller: str) -> None:
+    """Load MODEL and answer PROMPT (streamed), or chat interactively without one."""
+    extra: dict[str, Any] = {"keep_alive": keep_alive} if keep_alive else {}
+    if options:
+        extra["options"] = parse_options(options)
+    _load_with_progress(controller, model, extra)
+    if prompt is not None:
+        _answer(controller, model, [{"role": "user", "content": prompt}], extra)
+        return
+    history: list[dict[str, str]] = []
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input(">>> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not interactive and not line:
+            break
+        line = line.strip()
+        if line in ("/bye", "/exit"):
+            break
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        history.append({"role": "assistant", "content": _answer(controller, model, history, extra)})
+
+
+def parse_options(entries: tuple[str, ...]) -> dict[str, Any]:
+    """`KEY=VALUE` pairs; a value is read as JSON (numbers, lists) when it is JSON, else as text."""
+    out: dict[str, Any] = {}
+    for entry in entries:
+        key, sep, value = entry.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, not {entry!r}", param_hint="--option")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            # Not JSON: the text itself (a stop word, say).
+            out[key] = value
+    return out
+
+
+def _load_with_progress(controller: str, model: str, extra: dict[str, Any]) -> None:
+    """Ask for the model and show its coordinator's state until it is ready (stderr)."""
+    outcome: dict[str, Any] = {}
+
+    def load() -> None:
+        try:
+            load = {"model": model, "prompt": ""} | {k: v for k, v in extra.items() if k != "keep_alive"}
+            outcome["reply"] = call(controller, "POST", "/api/generate", load, timeout=None)
+        except LlamafleetError as exc:
+            # Handed to the main thread, which reports it like any other error.
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    started, shown, tty = time.monotonic(), "", sys.stderr.isatty()
+    while worker.is_alive():
+        worker.join(0.5)
+        if not worker.is_alive():
+            break
+        try:
+            docs = call(controller, "GET", "/llamafleet/v1/ps", timeout=5)
+        except ControllerError:
+            continue  # the load request itself will report a dead controller
+        doc = next((d for d in docs if d["state"] != "ready" and model in (d["model"], d["model"].split(":")[0])), None)
+        if doc is None:
+            continue
+        line = f"loading {doc['model']}: {doc['detail'] or doc['state']} ({time.monotonic() - started:.0f}s)"
+        if tty:
+            click.echo(f"\r{line[:120]:<120}", err=True, nl=False)
+        elif line.split(" (")[0] != shown:
+            click.echo(line, err=True)
+        shown = line.split(" (")[0]
+    if tty and shown:
+        click.echo("", err=True)
+    if "error" in outcome:
+        raise outcome["error"]
+    load_s = outcome["reply"].get("load_duration", 0) / 1e9
+    if load_s > 0.05:
+        placed = next((d for d in call(controller, "GET", "/llamafleet/v1/ps") if d["state"] == "ready"
+                       and model in (d["model"], d["model"].split(":")[0])), None)
+        where = f" on {len(placed['backends'])} backend(s): {', '.join(placed['backends'])}" if placed else ""
+        click.echo(f"loaded {model} in {load_s:.1f}s{where}", err=True)
+
+
+def _answer(controller: str, model: str, messages: list[dict[str, str]], extra: dict[str, Any]) -> str:
+    """Stream one chat answer to stdout; a stats line to stderr. Returns the text."""
+    text = []
+    final: dict[str, Any] = {}
+    for doc in stream_json_lines(controller, "/api/chat", {"model": model, "messages": messages} | extra):
+        if "error" in doc:
+            click.echo("", err=True)
+            raise ControllerError(str(doc["error"]))
+        piece = (doc.get("message") or {}).get("content", "")
+        text.append(piece)
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+        if doc.get("done"):
+            final = doc
+    click.echo("")
+    if final.get("eval_duration"):
+        rate = final["eval_count"] / (final["eval_duration"] / 1e9)
+        click.echo(f"[{final['eval_count']} tokens, {rate:.1f} tokens/s, {final.get('done_reason', '')}]", err=True)
+    return "".join(text)
 
 
 def main() -> None:

@@ -89,10 +89,10 @@ class CoordinatorManager:
                 if plan.fits:
                     return self._placed(model, resolved, plan)
                 if not reserved:
-                    raise DoesNotFit(plan.reason)
+                    raise DoesNotFit(f"{model} does not fit: {plan.reason}")
                 _, alone, _ = self.planner.plan(model, ctx or None)
                 if not alone.fits:
-                    raise DoesNotFit(alone.reason)
+                    raise DoesNotFit(f"{model} does not fit: {alone.reason}")
                 victim = self._least_recently_used_idle(excluding=model)
                 if victim is not None:
                     log.info("unloading %s to make room for %s", victim.model, model)

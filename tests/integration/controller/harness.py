@@ -33,9 +33,11 @@ class Fleet:
     heartbeat_s: float
     controller_args: tuple[str, ...] = ()
 
-    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([LLAMAFLEET, *args, "--controller", self.url], capture_output=True, text=True,
-                              timeout=timeout)
+    def cli_argv(self, *args: str) -> list[str]:
+        return [LLAMAFLEET, *args, "--controller", self.url]
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.cli_argv(*args), capture_output=True, text=True, timeout=timeout)
 
     def nodes(self) -> list[dict[str, Any]]:
         result = self.cli("nodes", "--json")

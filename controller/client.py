@@ -1,0 +1,61 @@
+"""The operator CLI's HTTP calls to a controller: JSON in, JSON out, errors as one line."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+from llamafleet.common.errors import LlamafleetError
+
+
+class ControllerError(LlamafleetError):
+    """The controller could not be reached or answered with an error."""
+
+
+class DoesNotFitError(ControllerError):
+    """The controller answered 507: the model fits on no set of ready workers."""
+
+    exit_code = 3
+
+
+def _request(controller: str, method: str, path: str, body: dict[str, Any] | None) -> urllib.request.Request:
+    data = json.dumps(body).encode() if body is not None else None
+    return urllib.request.Request(controller.rstrip("/") + path, data=data, method=method,
+                                  headers={"Content-Type": "application/json"})
+
+
+def _error(controller: str, exc: Exception) -> ControllerError:
+    if isinstance(exc, urllib.error.HTTPError):
+        try:
+            message = json.loads(exc.read()).get("error", exc.reason)
+        except (json.JSONDecodeError, AttributeError):
+            # Not our JSON error shape: fall back to the HTTP reason.
+            message = exc.reason
+        if isinstance(message, dict):
+            message = message.get("message", message)
+        return (DoesNotFitError if exc.code == 507 else ControllerError)(str(message))
+    reason = getattr(exc, "reason", exc)
+    return ControllerError(f"controller at {controller} is unreachable: {reason}")
+
+
+def call(controller: str, method: str, path: str, body: dict[str, Any] | None = None,
+         timeout: float | None = 60) -> Any:
+    try:
+        with urllib.request.urlopen(_request(controller, method, path, body), timeout=timeout) as reply:
+            return json.loads(reply.read())
+    except (urllib.error.URLError, OSError) as exc:
+        raise _error(controller, exc) from None
+
+
+def stream_json_lines(controller: str, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """POST and yield each NDJSON line of the answer as it arrives."""
+    try:
+        with urllib.request.urlopen(_request(controller, "POST", path, body), timeout=None) as reply:
+            for line in reply:
+                if line.strip():
+                    yield json.loads(line)
+    except (urllib.error.URLError, OSError) as exc:
+        raise _error(controller, exc) from None
