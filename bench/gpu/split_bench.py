@@ -4,13 +4,15 @@ From one run, prints and writes (JSON + a markdown table, with the device and th
 
 - decode tokens/s and prompt-processing tokens/s (a 512-token prompt) of
   1. `llama-server` alone on the local GPU (`-ngl 999`);
-  2. a hand-started `llama-server --rpc A,B --tensor-split X,Y` over two bare `ggml-rpc-server`s;
-     the split is the one llamafleet's planner chose for the same model and memory caps;
-  3. the same, with the coordinator's own GPU hidden (`CUDA_VISIBLE_DEVICES=`), as on a controller
-     host without a GPU;
+  2. a hand-started `llama-server --rpc A,B --device RPC0,RPC1 --tensor-split X,Y` over two bare
+     `ggml-rpc-server`s, with the flags llamafleet's coordinator uses and the split its planner
+     chose for the same model and memory caps;
+  3. the same over the two agents' rpc-servers (with their tensor cache);
   4. llamafleet: two agents (`--memory-limit` caps each below the model's size, so placement
-     needs both), the controller, and the Ollama-compatible gateway (`POST /api/generate`); run
-     only when `llamafleet.controller.gateway` can be imported;
+     needs both), the controller, and the Ollama-compatible gateway (`POST /api/generate`, raw
+     prompt); run only when `llamafleet.controller.gateway` can be imported;
+  5. as 2 without `--device`: llama.cpp's default device list, which adds the coordinator host's
+     own GPU (at split 0) to the two RPC devices;
 - the load time of the RPC split with no tensor cache, with the agents' `--rpc-cache` cold (empty)
   and warm (a second load of the same model);
 - the decode roofline: measured GPU memory bandwidth ÷ bytes of weights read per token, and each
@@ -72,7 +74,7 @@ CONTROLLER_PORT = 11500
 SERVER_PORT = 18181
 MODEL_NAME = "bench"
 # Rough seconds each stage needs (8B Q8_0 on an H100), for the deadline check.
-STAGE_COST_S = {"membw": 20, "fleet": 30, "single": 30, "rpc": 45, "cache": 50, "llamafleet": 90, "rpc_no_local_gpu": 40}
+STAGE_COST_S = {"membw": 20, "fleet": 30, "single": 30, "rpc": 45, "cache": 50, "llamafleet": 90, "rpc_local_gpu": 40}
 # Lines of llama-server's log (at -lv 4) that say where the model went and how much memory it took.
 PLACEMENT_MARKERS = ("load_tensors:", "buffer size", "memory_breakdown", "offload", "RPC", "CUDA0", "flash_attn")
 NOT_BUILT = "not run: gateway not built yet"
@@ -101,8 +103,11 @@ class Bench:
 
     @property
     def server_args(self) -> list[str]:
-        """Flags every hand-started llama-server gets (the coordinator's are recorded separately)."""
-        return ["-ngl", "999", "-c", str(self.ctx), "-np", "1", "--fit", "off", "--no-webui", "-lv", "4"]
+        """Flags every hand-started llama-server gets: those of llamafleet's coordinator (one slot),
+        and a log level that shows where the tensors went."""
+        n_gpu_layers = int(self.summary["shape"]["n_layers"]) + 1
+        return ["--n-gpu-layers", str(n_gpu_layers), "--ctx-size", str(self.ctx), "--parallel", "1",
+                "--fit", "off", "--no-webui", "-lv", "4"]
 
     def save(self) -> None:
         (self.out / "results.json").write_text(json.dumps(self.results, indent=2, default=str) + "\n")
@@ -243,11 +248,19 @@ def stage_single(bench: Bench) -> None:
     bench.results["runs"]["single"] = run_server_case(bench, "llama-server-single", [])
 
 
-def _rpc_case(bench: Bench, name: str, env: dict[str, str] | None) -> None:
+def rpc_args(endpoints: list[str], split: str, rpc_devices_only: bool = True) -> list[str]:
+    """`--rpc` and `--tensor-split`, and (as the coordinator does) `--device` naming only the RPC devices."""
+    args = ["--rpc", ",".join(endpoints), "--tensor-split", split]
+    if rpc_devices_only:
+        args += ["--device", ",".join(f"RPC{i}" for i in range(len(endpoints)))]
+    return args
+
+
+def _rpc_case(bench: Bench, name: str, rpc_devices_only: bool) -> None:
     servers = [start_rpc_server(bench.llama, port, bench.logdir) for port in PLAIN_RPC_PORTS]
     try:
-        endpoints = ",".join(f"{LOOPBACK}:{port}" for port in PLAIN_RPC_PORTS)
-        result = run_server_case(bench, f"llama-server-{name}", ["--rpc", endpoints, "--tensor-split", plan_split(bench)], env)
+        endpoints = [f"{LOOPBACK}:{port}" for port in PLAIN_RPC_PORTS]
+        result = run_server_case(bench, f"llama-server-{name}", rpc_args(endpoints, plan_split(bench), rpc_devices_only))
         result["load_note"] = "no rpc-server tensor cache: every tensor crosses the loopback socket"
         bench.results["runs"][name] = result
     finally:
@@ -256,23 +269,31 @@ def _rpc_case(bench: Bench, name: str, env: dict[str, str] | None) -> None:
 
 
 def stage_rpc(bench: Bench) -> None:
-    _rpc_case(bench, "rpc", None)
+    _rpc_case(bench, "rpc", rpc_devices_only=True)
 
 
-def stage_rpc_no_local_gpu(bench: Bench) -> None:
-    _rpc_case(bench, "rpc_no_local_gpu", dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+def stage_rpc_local_gpu(bench: Bench) -> None:
+    _rpc_case(bench, "rpc_local_gpu", rpc_devices_only=False)
 
 
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
+def clear_agent_caches(bench: Bench) -> None:
+    """Empty the agents' rpc tensor caches (the files only: the running rpc-servers keep the folder)."""
+    for spec in AGENTS:
+        for entry in (bench.workdir / f"{spec.name}-cache" / "rpc").glob("*"):
+            if entry.is_file():
+                entry.unlink()
+
+
 def stage_cache(bench: Bench) -> None:
     """Load over the agents' rpc-servers (with -c) twice: cold (empty cache), then warm."""
     plan = _two_backend_plan(bench)
-    endpoints = ",".join(plan["backends"] if plan else [spec.rpc_endpoint for spec in AGENTS])
-    args = ["--rpc", endpoints, "--tensor-split", plan_split(bench)]
+    args = rpc_args(plan["backends"] if plan else [spec.rpc_endpoint for spec in AGENTS], plan_split(bench))
     caches = [bench.workdir / f"{spec.name}-cache" for spec in AGENTS]
+    clear_agent_caches(bench)
     cold = run_server_case(bench, "llama-server-cache-cold", args, measure=False)
     cached = sum(_dir_bytes(c) for c in caches)
     warm = run_server_case(bench, "llama-server-cache-warm", args)
@@ -305,15 +326,19 @@ def stage_llamafleet(bench: Bench, fleet: Fleet) -> None:
         raise BenchError("the controller is not running (the fleet stage failed)")
     words = int(bench.summary["words"])
 
-    def generate(prompt: str, n_predict: int) -> tuple[dict[str, Any], float]:
+    def generate(prompt: str, n_predict: int, **extra: Any) -> tuple[dict[str, Any], float]:
         started = time.monotonic()
+        # raw: the prompt as it is, no chat template, so it has exactly n_prompt tokens.
         reply = http_json("POST", f"{fleet.url}/api/generate", {
-            "model": MODEL_NAME, "prompt": prompt, "stream": False,
-            "options": {"num_predict": n_predict, "temperature": 0, "seed": 1},
+            "model": MODEL_NAME, "prompt": prompt, "raw": True, "stream": False,
+            "options": {"num_predict": n_predict, "temperature": 0, "seed": 1}, **extra,
         }, timeout_s=600)
         return reply, time.monotonic() - started
 
-    first, first_wall = generate(words_prompt(16, words, seed=0), 16)
+    # Ollama's empty prompt loads the model (the coordinator starts over the planned backends).
+    clear_agent_caches(bench)
+    cold, cold_wall = generate("", 1)
+    generate(words_prompt(16, words, seed=0), 16)
     samples = []
     for rep in range(bench.reps):
         reply, wall = generate(words_prompt(bench.n_prompt, words, seed=rep + 1), bench.n_predict)
@@ -324,18 +349,32 @@ def stage_llamafleet(bench: Bench, fleet: Fleet) -> None:
             "total_duration_s": reply.get("total_duration", 0) / 1e9, "wall_s": round(wall, 3),
         })
     try:
-        ps = json.loads(run_cli([llamafleet_bin("llamafleet"), "ps", "--controller", fleet.url, "--json"]))
-    except (BenchError, json.JSONDecodeError) as exc:
+        ps = http_json("GET", f"{fleet.url}/api/ps", timeout_s=30)
+    except BenchError as exc:
         ps = {"error": str(exc)}
+    # keep_alive 0 unloads; the next load finds the agents' caches warm.
+    unload, _ = generate("", 1, keep_alive=0)
+    warm, warm_wall = generate("", 1)
+    coordinator_logs = sorted(p for p in bench.workdir.rglob("*.log") if "coordinator" in str(p))
+    # The coordinator's log starts with its command line ("# llama-server …").
+    coordinator_argv = [log.read_text(errors="replace").splitlines()[0] for log in coordinator_logs if log.stat().st_size]
     bench.results["runs"]["llamafleet"] = {
         "status": "ok",
-        "load_s": round(first.get("load_duration", 0) / 1e9, 2),
-        "first_request_wall_s": round(first_wall, 2),
+        "load_s": round(cold.get("load_duration", 0) / 1e9, 2),
+        "load_cache_cold_s": round(cold.get("load_duration", 0) / 1e9, 2),
+        "load_cache_cold_wall_s": round(cold_wall, 2),
+        "unload_reply": unload,
+        "load_cache_warm_s": round(warm.get("load_duration", 0) / 1e9, 2),
+        "load_cache_warm_wall_s": round(warm_wall, 2),
         "decode_tps": median([s["predicted_per_second"] for s in samples]),
         "prompt_tps": median([s["prompt_per_second"] for s in samples]),
         "samples": samples,
         "ps": ps,
-        "load_note": "load_duration of the first /api/generate (coordinator start); agents' rpc caches warm",
+        "coordinator_argv": coordinator_argv,
+        "coordinator_logs": [str(p) for p in coordinator_logs],
+        "controller_log_tail": fleet.controller.tail(40),
+        "load_note": "load_duration of an empty-prompt /api/generate (coordinator start), agents' caches "
+                     "emptied first; warm: after a keep_alive 0 unload",
     }
 
 
@@ -366,8 +405,8 @@ LABELS = {
     "single": "llama-server, local GPU",
     "rpc": "hand-started llama-server --rpc, 2 bare rpc-servers",
     "rpc_agents": "hand-started llama-server --rpc, the 2 agents' rpc-servers",
-    "rpc_no_local_gpu": "as `rpc`, coordinator's GPU hidden",
     "llamafleet": "llamafleet (agents + controller + gateway)",
+    "rpc_local_gpu": "as hand-started, without --device (coordinator's GPU listed too)",
 }
 
 
@@ -419,6 +458,10 @@ def markdown(results: dict[str, Any]) -> str:
                   f"| RPC, no tensor cache | {_fmt(load['rpc_no_cache_s'], '.2f')} |",
                   f"| RPC, agents' --rpc-cache cold (empty) | {_fmt(load['rpc_cache_cold_s'], '.2f')} |",
                   f"| RPC, agents' --rpc-cache warm | {_fmt(load['rpc_cache_warm_s'], '.2f')} |"]
+        fleet_run = results["runs"].get("llamafleet", {})
+        if fleet_run.get("status") == "ok":
+            lines += [f"| llamafleet gateway (load_duration), agents' cache cold | {_fmt(fleet_run['load_cache_cold_s'], '.2f')} |",
+                      f"| llamafleet gateway (load_duration), agents' cache warm | {_fmt(fleet_run['load_cache_warm_s'], '.2f')} |"]
     fleet = results["runs"].get("llamafleet", {})
     if fleet.get("decode_vs_hand_rpc"):
         lines += ["", f"llamafleet vs hand-started RPC: decode {fleet['decode_vs_hand_rpc']:.3f}, "
@@ -456,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ctx", type=int, default=4096)
     parser.add_argument("--memory-limit", default="6GiB", help="per agent; below the model's size so placement needs both")
     parser.add_argument("--deadline-s", type=float, default=540.0, help="skip stages that would end later than this")
-    parser.add_argument("--stages", default="membw,fleet,single,rpc,cache,llamafleet,rpc_no_local_gpu")
+    parser.add_argument("--stages", default="membw,fleet,single,rpc,cache,llamafleet,rpc_local_gpu")
     parser.add_argument("--not-run", action="append", default=[], help="a line for the report's 'not run' list")
     args = parser.parse_args(argv)
     begin = time.monotonic()
@@ -496,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         "rpc": lambda: stage_rpc(bench),
         "cache": lambda: stage_cache(bench),
         "llamafleet": lambda: stage_llamafleet(bench, fleet),
-        "rpc_no_local_gpu": lambda: stage_rpc_no_local_gpu(bench),
+        "rpc_local_gpu": lambda: stage_rpc_local_gpu(bench),
     }
     try:
         for name in args.stages.split(","):
