@@ -63,6 +63,10 @@ def make_routes(inventory: Inventory, planner: Planner, manager: CoordinatorMana
         return web.json_response(plan_to_json(resolved, result, warnings, protocol)
                                  | {"route": router.route(model, ctx).to_json()})
 
+    @routes.get(f"{PREFIX}/pool")
+    async def pool(request: web.Request) -> web.Response:
+        return web.json_response([node.describe() for node in router.pool.nodes])
+
     @routes.get(f"{PREFIX}/ps")
     async def ps(request: web.Request) -> web.Response:
         return web.json_response(manager.describe())

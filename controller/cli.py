@@ -185,6 +185,22 @@ def ps(controller: str, as_json: bool) -> None:
 
 
 @cli.command()
+@CONTROLLER_OPTION
+@JSON_OPTION
+def pool(controller: str, as_json: bool) -> None:
+    """List the Ollama pool nodes: health, load, models."""
+    docs = call(controller, "GET", "/llamafleet/v1/pool")
+    if as_json:
+        click.echo(json.dumps(docs, indent=2))
+        return
+    if not docs:
+        click.echo("no Ollama pool nodes (add them with --ollama-node URL)")
+    for doc in docs:
+        state = "healthy" if doc["healthy"] else f"down: {doc['error']}"
+        click.echo(f"{doc['url']:<32} {state:<12} in flight {doc['in_flight']}, {len(doc['models'])} model(s)")
+
+
+@cli.command()
 @click.argument("model")
 @CONTROLLER_OPTION
 def stop(model: str, controller: str) -> None:

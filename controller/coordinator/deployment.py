@@ -32,6 +32,7 @@ import aiohttp
 
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.llamacpp.probe import free_loopback_port
+from llamafleet.common.process import STOP_GRACE_S
 from llamafleet.common.restart import RestartPolicy
 from llamafleet.controller.coordinator.command import CoordinatorSpec
 from llamafleet.controller.coordinator.process import CoordinatorExited, CoordinatorProcess
@@ -39,6 +40,9 @@ from llamafleet.controller.coordinator.process import CoordinatorExited, Coordin
 log = logging.getLogger(__name__)
 # How often a ready coordinator's backends and idle deadline are checked when nothing wakes it.
 TICK_S = 0.25
+# A coordinator whose backend lost its tensors can only fail; requests stuck on the dead
+# connection would hold a graceful stop for the whole grace, so it gets a short one.
+BROKEN_STOP_GRACE_S = 0.5
 
 
 class CoordinatorState(enum.Enum):
@@ -275,7 +279,7 @@ class Deployment:
                     failures = 0
                 self._set(CoordinatorState.STOPPING, reason.message)
                 if process.alive:
-                    await process.stop()
+                    await process.stop(BROKEN_STOP_GRACE_S if reason.kind in ("backends", "broken") else STOP_GRACE_S)
                 else:
                     self._record_exit(process.exit_error())
                 self.process = None
@@ -328,7 +332,8 @@ class Deployment:
             if not self._wanted:
                 return _StopReason("unload", self._unload_reason or "unloaded")
             if self._broken_incarnation == self.incarnation:
-                return _StopReason("broken", "a request found llama-server unreachable")
+                why = self._placer.backends_changed(spec) or "a request found llama-server unreachable"
+                return _StopReason("broken", why)
             if (why := self._placer.backends_changed(spec)) is not None:
                 return _StopReason("backends", why)
             if self._want_ctx > spec.ctx_per_slot and self.active == 0:

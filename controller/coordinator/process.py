@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 
 from llamafleet.common.errors import LlamafleetError
-from llamafleet.common.process import describe_exit, spawn_group_async, stop_group_async
+from llamafleet.common.process import STOP_GRACE_S, describe_exit, spawn_group_async, stop_group_async
 from llamafleet.controller.coordinator.command import CoordinatorSpec, coordinator_argv, coordinator_env
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,8 @@ class CoordinatorProcess:
             # The last lines say why it died; a pipe held open by a stray child must not hang us.
             await asyncio.wait_for(asyncio.shield(self._reader), timeout=1.0)
 
-    async def stop(self) -> int:
-        code = await stop_group_async(self.proc)
+    async def stop(self, grace_s: float = STOP_GRACE_S) -> int:
+        code = await stop_group_async(self.proc, grace_s)
         await self._drain()
         return code
 

@@ -74,6 +74,7 @@ class Fleet:
 def running_fleet(tmp_path: Path, llama_cpp: Manifest, model: Path, *, agents: int = 2,
                   memory_limit: str = "260MiB", heartbeat_s: float = 0.3,
                   controller_args: tuple[str, ...] = ()) -> Iterator[Fleet]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     token = tmp_path / "token"
     token.write_text("fleet-token-for-tests\n")
     os.chmod(token, 0o600)
