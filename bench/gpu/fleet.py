@@ -73,7 +73,7 @@ def start(name: str, argv: Sequence[str], logdir: Path, env: dict[str, str] | No
     with log.open("ab") as handle:
         handle.write(f"$ {' '.join(argv)}\n".encode())
         handle.flush()
-        popen = subprocess.Popen(  # noqa: S603 - argv built by the benchmark itself
+        popen = subprocess.Popen(
             list(argv), stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, env=env,
         )
@@ -85,7 +85,7 @@ def http_json(method: str, url: str, body: dict[str, Any] | None = None, timeout
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as reply:  # noqa: S310 - loopback URLs
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
             return json.loads(reply.read())
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")[:500]
@@ -112,7 +112,7 @@ def wait_until(check: Any, what: str, timeout_s: float, proc: Proc | None = None
 def http_ok(url: str) -> bool:
     """True when GET `url` answers 200."""
     try:
-        with urllib.request.urlopen(url, timeout=2) as reply:  # noqa: S310 - loopback URLs
+        with urllib.request.urlopen(url, timeout=2) as reply:
             return reply.status == 200
     except (urllib.error.URLError, OSError):
         # Not up yet (connection refused) or still loading (503).
@@ -229,7 +229,7 @@ def llamafleet_bin(name: str) -> str:
 def run_cli(argv: Sequence[str], timeout_s: float = 60.0) -> str:
     """Run a llamafleet command, return stdout; BenchError with its stderr on failure."""
     try:
-        result = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout_s, check=False)  # noqa: S603
+        result = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired as exc:
         raise BenchError(f"{' '.join(argv)} timed out after {timeout_s} s") from exc
     if result.returncode != 0:

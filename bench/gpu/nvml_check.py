@@ -20,7 +20,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fleet import AgentSpec, BenchError, LlamaCpp, agent_status, nvidia_smi, start_agent, write_token
+from fleet import (
+    AgentSpec,
+    BenchError,
+    LlamaCpp,
+    agent_status,
+    nvidia_smi,
+    start_agent,
+    write_token,
+)
 
 MIB = 1024 * 1024
 TOLERANCE_MIB = 8  # "within a few MiB"

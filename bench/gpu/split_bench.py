@@ -402,11 +402,11 @@ def derive(results: dict[str, Any]) -> None:
 
 
 LABELS = {
-    "single": "llama-server, local GPU",
+    "single": "llama-server alone on the local device (all layers)",
     "rpc": "hand-started llama-server --rpc, 2 bare rpc-servers",
     "rpc_agents": "hand-started llama-server --rpc, the 2 agents' rpc-servers",
     "llamafleet": "llamafleet (agents + controller + gateway)",
-    "rpc_local_gpu": "as hand-started, without --device (coordinator's GPU listed too)",
+    "rpc_local_gpu": "as hand-started, without --device (coordinator's own device listed too)",
 }
 
 
@@ -416,20 +416,24 @@ def _fmt(value: Any, spec: str = ".1f") -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     dev, model, roof = results["device"], results["model"], results.get("roofline", {})
+    on_gpu = "no GPU" not in str(dev.get("name"))
+    title = (f"# GPU benchmark: {model['shape']['name']} {model['type']} split over two rpc-servers" if on_gpu else
+             f"# Script trial on a machine without a GPU ({model['shape']['name']} {model['type']}): "
+             "checks that every path runs; not a performance result")
     lines = [
-        f"# GPU benchmark: {model['shape']['name']} {model['type']} split over two rpc-servers",
+        title,
         "",
         f"- device: {dev.get('name')} ({dev.get('total_mib')} MiB), driver {dev.get('driver')}, "
         f"{dev.get('device_kind', '')}".rstrip(", "),
         f"- date: {results['date']}",
         f"- llama.cpp: {results.get('llama_cpp_version')}",
-        f"- model: {model['shape']['name']} shape, {model['type']}, random weights, "
-        f"{model['file_bytes'] / 1e9:.2f} GB file, {model['bytes_read_per_token'] / 1e9:.3f} GB of weights read per token",
-        f"- requests: {results['settings']['n_prompt']}-token prompt, {results['settings']['n_predict']} new tokens, "
-        f"greedy, seed 1, median of {results['settings']['reps']}; ctx {results['settings']['ctx']}",
-        f"- split: `--tensor-split {results.get('tensor_split')}` "
+        (f"- model: {model['shape']['name']} shape, {model['type']}, random weights, "
+        f"{model['file_bytes'] / 1e9:.2f} GB file, {model['bytes_read_per_token'] / 1e9:.3f} GB of weights read per token"),
+        (f"- requests: {results['settings']['n_prompt']}-token prompt, {results['settings']['n_predict']} new tokens, "
+        f"greedy, seed 1, median of {results['settings']['reps']}; ctx {results['settings']['ctx']}"),
+        (f"- split: `--tensor-split {results.get('tensor_split')}` "
         f"({'from the llamafleet plan' if results.get('split_from_plan') else 'even fallback: no 2-backend plan'}), "
-        f"agents capped at --memory-limit {results['settings']['memory_limit']} each, both on the one GPU",
+        f"agents capped at --memory-limit {results['settings']['memory_limit']} each, both on this one device"),
     ]
     if roof.get("decode_tps_roofline_measured"):
         lines.append(f"- decode roofline: {roof['measured_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s measured copy bandwidth "
@@ -454,7 +458,7 @@ def markdown(results: dict[str, Any]) -> str:
     load = results.get("load")
     if load:
         lines += ["", "| load (spawn → /health 200) | s |", "| --- | ---: |",
-                  f"| local GPU, no RPC | {_fmt(load['single_local_s'], '.2f')} |",
+                  f"| local device, no RPC | {_fmt(load['single_local_s'], '.2f')} |",
                   f"| RPC, no tensor cache | {_fmt(load['rpc_no_cache_s'], '.2f')} |",
                   f"| RPC, agents' --rpc-cache cold (empty) | {_fmt(load['rpc_cache_cold_s'], '.2f')} |",
                   f"| RPC, agents' --rpc-cache warm | {_fmt(load['rpc_cache_warm_s'], '.2f')} |"]
@@ -464,15 +468,15 @@ def markdown(results: dict[str, Any]) -> str:
                       f"| llamafleet gateway (load_duration), agents' cache warm | {_fmt(fleet_run['load_cache_warm_s'], '.2f')} |"]
     fleet = results["runs"].get("llamafleet", {})
     if fleet.get("decode_vs_hand_rpc"):
-        lines += ["", f"llamafleet vs hand-started RPC: decode {fleet['decode_vs_hand_rpc']:.3f}, "
-                      f"prompt {fleet['prompt_vs_hand_rpc']:.3f}."]
+        lines += ["", (f"llamafleet vs hand-started RPC: decode {fleet['decode_vs_hand_rpc']:.3f}, "
+                      f"prompt {fleet['prompt_vs_hand_rpc']:.3f}.")]
     nvml = results.get("nvml")
     if nvml and nvml.get("gpus"):
         g = nvml["gpus"][0]
-        lines += ["", f"NVML (agent) vs nvidia-smi: total {g.get('agent_total_mib')} vs {g['smi_total_mib']} MiB, "
+        lines += ["", (f"NVML (agent) vs nvidia-smi: total {g.get('agent_total_mib')} vs {g['smi_total_mib']} MiB, "
                       f"free diff {g.get('free_diff_mib')} MiB; rpc-server banner: {g.get('banner_name')} "
                       f"'{g.get('banner_description')}' {g.get('banner_total_mib')} MiB total; "
-                      f"within {nvml['tolerance_mib']} MiB: {'yes' if nvml['ok'] else 'no'}"]
+                      f"within {nvml['tolerance_mib']} MiB: {'yes' if nvml['ok'] else 'no'}")]
     if results.get("not_run"):
         lines += ["", "Not run:"] + [f"- {item}" for item in results["not_run"]]
     return "\n".join(lines) + "\n"

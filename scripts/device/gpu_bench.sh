@@ -27,8 +27,14 @@ BUDGET=${BENCH_BUDGET_S:-570}
 WORK=/tmp/lf
 SITE=/tmp/site
 SRC_SUBDIR=llama_cpp_python-0.3.36/vendor/llama.cpp
-MODEL_DIR=/dev/shm
 SHAPE=${BENCH_SHAPE:-llama-8b}
+# tmpfs when the model is there or fits (8.5 GB for the 8B shape), else the disk (page cache).
+if [ -f "/dev/shm/$SHAPE-q8_0.gguf" ] ||
+  [ "$(df --output=avail -B1 /dev/shm 2>/dev/null | tail -n 1)" -gt $((12 * 1024 ** 3)) ] 2>/dev/null; then
+  MODEL_DIR=/dev/shm
+else
+  MODEL_DIR=$WORK/models
+fi
 MODEL=$MODEL_DIR/$SHAPE-q8_0.gguf
 STATE=${BENCH_STATE_DIR:-$WORK/state}
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -110,6 +116,7 @@ setup() {
   python3 bench/gpu/nvml_check.py --llama-cpp "$install" --out "$WORK/nvml.json" --workdir "$WORK/nvml" \
     || say "the NVML check failed (see above); going on"
   say "generating the model"
+  mkdir -p "$MODEL_DIR"
   df -h "$MODEL_DIR" | tail -n 1
   python3 bench/gpu/make_model.py --shape "$SHAPE" --type q8_0 --out "$MODEL"
   python3 - "$install" "$WORK" "$OUT/setup.json" <<'EOF'
