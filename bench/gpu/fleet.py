@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -40,9 +41,11 @@ class Proc:
     started: float
 
     def alive(self) -> bool:
+        """Whether the process is still running."""
         return self.popen.poll() is None
 
     def tail(self, lines: int = 20) -> str:
+        """The last lines of its log, for error messages."""
         try:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError as exc:
@@ -129,6 +132,7 @@ def tcp_open(port: int, host: str = LOOPBACK) -> bool:
 
 
 def median(values: Sequence[float]) -> float | None:
+    """The median, or None for no values."""
     return statistics.median(values) if values else None
 
 
@@ -143,10 +147,12 @@ class LlamaCpp:
 
     @property
     def llama_server(self) -> Path:
+        """bin/llama-server of the install."""
         return self.root / "bin" / "llama-server"
 
     @property
     def rpc_server(self) -> Path:
+        """bin/ggml-rpc-server (or the older name, bin/rpc-server) of the install."""
         for name in ("ggml-rpc-server", "rpc-server"):
             if (self.root / "bin" / name).exists():
                 return self.root / "bin" / name
@@ -175,6 +181,7 @@ class LlamaServer:
     argv: list[str] = field(default_factory=list)
 
     def stop(self) -> None:
+        """Stop the server (its process group)."""
         self.proc.stop()
 
 
@@ -194,8 +201,6 @@ def start_llama_server(llama: LlamaCpp, name: str, model: Path, port: int, args:
 
 def words_prompt(n_tokens: int, words: int, seed: int) -> str:
     """A prompt of exactly `n_tokens` tokens with the benchmark vocabulary (BOS + one per word)."""
-    import random
-
     rng = random.Random(seed)
     return " ".join(f"t{rng.randrange(words)}" for _ in range(n_tokens - 1))
 
@@ -255,6 +260,7 @@ class AgentSpec:
 
 
 def agent_status(address: str, token_file: Path) -> dict[str, Any]:
+    """`llamafleet-agent status --json` of the agent at `address`."""
     out = run_cli([llamafleet_bin("llamafleet-agent"), "status", "--address", address,
                    "--token-file", str(token_file), "--json"], timeout_s=30)
     return json.loads(out)
@@ -290,6 +296,7 @@ def start_agent(spec: AgentSpec, llama: LlamaCpp, workdir: Path, token_file: Pat
 
 
 def write_token(path: Path) -> Path:
+    """A fresh random bearer token for the agents and the controller (mode 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(os.urandom(24).hex() + "\n")
     path.chmod(0o600)

@@ -160,6 +160,7 @@ def placement_lines(log: Path, limit: int = 80) -> list[str]:
 
 
 def stage_membw(bench: Bench) -> None:
+    """Measure the copy bandwidth (membw.py, in its own process) and derive the decode roofline."""
     script = Path(__file__).with_name("membw.py")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
     try:
@@ -181,6 +182,8 @@ def stage_membw(bench: Bench) -> None:
 
 @dataclass
 class Fleet:
+    """The benchmark's agents and controller, stopped together at the end."""
+
     agents: list[Proc]
     controller: Proc | None
     token: Path
@@ -232,6 +235,7 @@ def stage_fleet(bench: Bench, fleet: Fleet) -> None:
 
 
 def _two_backend_plan(bench: Bench) -> dict[str, Any] | None:
+    """The controller's plan when it fits on exactly two backends, else None."""
     plan = bench.results.get("plan") or {}
     return plan if plan.get("fits") and len(plan.get("backends", [])) == 2 else None
 
@@ -245,6 +249,7 @@ def plan_split(bench: Bench) -> str:
 
 
 def stage_single(bench: Bench) -> None:
+    """The whole model on the local GPU: the baseline."""
     bench.results["runs"]["single"] = run_server_case(bench, "llama-server-single", [])
 
 
@@ -257,6 +262,7 @@ def rpc_args(endpoints: list[str], split: str, rpc_devices_only: bool = True) ->
 
 
 def _rpc_case(bench: Bench, name: str, rpc_devices_only: bool) -> None:
+    """Two bare rpc-servers (no cache) and a hand-started llama-server over them."""
     servers = [start_rpc_server(bench.llama, port, bench.logdir) for port in PLAIN_RPC_PORTS]
     try:
         endpoints = [f"{LOOPBACK}:{port}" for port in PLAIN_RPC_PORTS]
@@ -269,14 +275,17 @@ def _rpc_case(bench: Bench, name: str, rpc_devices_only: bool) -> None:
 
 
 def stage_rpc(bench: Bench) -> None:
+    """Hand-started split with the coordinator's flags."""
     _rpc_case(bench, "rpc", rpc_devices_only=True)
 
 
 def stage_rpc_local_gpu(bench: Bench) -> None:
+    """Hand-started split with llama.cpp's default device list (the local GPU at split 0)."""
     _rpc_case(bench, "rpc_local_gpu", rpc_devices_only=False)
 
 
 def _dir_bytes(path: Path) -> int:
+    """Bytes of the files under `path` (0 if it does not exist)."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
@@ -411,10 +420,12 @@ LABELS = {
 
 
 def _fmt(value: Any, spec: str = ".1f") -> str:
+    """A number for the table, or an en dash when there is none."""
     return "–" if value is None else format(value, spec)
 
 
 def markdown(results: dict[str, Any]) -> str:
+    """The report: device, date, model and settings, then the speed and load tables."""
     dev, model, roof = results["device"], results["model"], results.get("roofline", {})
     on_gpu = "no GPU" not in str(dev.get("name"))
     title = (f"# GPU benchmark: {model['shape']['name']} {model['type']} split over two rpc-servers" if on_gpu else
@@ -483,6 +494,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def print_summary(results: dict[str, Any]) -> None:
+    """Print the report last, where the device tool's output tail shows it."""
     print()
     print(markdown(results))
 
