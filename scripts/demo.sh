@@ -4,7 +4,9 @@
 # local fleet: three agents on 127.0.0.2, .3 and .4, each supervising its own ggml-rpc-server
 # and advertising 260 MiB (less than the 253 MB model plus its 16k-token KV cache, so the plan
 # must spread it over all three), and a controller that watches them; it prints the nodes and
-# the placement plan. Everything it starts is stopped on exit or Ctrl-C.
+# the placement plan, then asks the model a question through the Ollama API (the controller
+# starts llama-server over the three rpc-servers on that first request) and prints the answer,
+# the placement and the tokens/s. Everything it starts is stopped on exit or Ctrl-C.
 # Environment: see scripts/lib/prepare.sh (LLAMAFLEET_TEST_CACHE, LLAMAFLEET_VENV, PYTHON).
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR
@@ -39,7 +41,7 @@ done
 say "starting the controller on $CONTROLLER (log $RUN_DIR/controller.log)"
 llamafleet serve --listen "${CONTROLLER#http://}" --token-file "$TOKEN" --state-dir "$RUN_DIR/controller" \
   --models-dir "$RUN_DIR/models" --llama-cpp "$LLAMAFLEET_TEST_LLAMA_CPP" \
-  --agent 127.0.0.1:50062 --agent 127.0.0.1:50063 --agent 127.0.0.1:50064 \
+  --agent 127.0.0.1:50062 --agent 127.0.0.1:50063 --agent 127.0.0.1:50064 --default-ctx 16384 \
   >"$RUN_DIR/controller.log" 2>&1 &
 PIDS+=($!)
 
@@ -52,11 +54,24 @@ done
 echo
 llamafleet nodes --controller "$CONTROLLER"
 echo
-llamafleet plan gemma3-270m --ctx 16384 --controller "$CONTROLLER" || true
+llamafleet plan gemma3-270m --controller "$CONTROLLER"
+echo
+PROMPT="Write one sentence about the sea."
+say "asking gemma3-270m through the Ollama API: $PROMPT"
+llamafleet run gemma3-270m "$PROMPT" -o num_predict=64 -o temperature=0 -o seed=1 --controller "$CONTROLLER"
+echo
+llamafleet ps --controller "$CONTROLLER"
+echo
+python3 - "$CONTROLLER" <<'PY'
+import sys, ollama
+reply = ollama.Client(host=sys.argv[1]).generate(model="gemma3-270m", prompt="The capital of France is", raw=True,
+                                                options={"num_predict": 64, "temperature": 0, "seed": 1})
+print(f"the official ollama client, raw prompt: {reply.eval_count} tokens at "
+      f"{reply.eval_count / (reply.eval_duration / 1e9):.1f} tokens/s, first token after "
+      f"{reply.prompt_eval_duration / 1e6:.0f} ms of prompt processing")
+PY
+cat >&2 <<MSG
 
-cat >&2 <<'MSG'
-
-The plan above is what the coordinator will run (`llama-server --rpc … --tensor-split …`). Not
-built yet: starting that coordinator and the Ollama gateway in front of it (the next issue);
-the demo stops here and shuts the fleet down.
+The fleet is up: try \`curl $CONTROLLER/api/chat -d '{"model":"gemma3-270m","messages":[{"role":"user","content":"hi"}]}'\`
+or OLLAMA_HOST=$CONTROLLER with any Ollama client. Logs: $RUN_DIR. Stopping everything now.
 MSG

@@ -170,6 +170,7 @@ class CoordinatorManager:
                 "size_bytes": sum(a.total_bytes for a in plan.assignments) if plan else 0,
                 "gpu_bytes": sum(a.total_bytes for a in plan.assignments if a.device != "CPU") if plan else 0,
                 "pid": d.process.proc.pid if d.process else None,
+                "url": d.process.url if d.process else None,  # loopback only: for debugging and benchmarks
                 "restarts": d.restarts,
                 "last_exit": d.last_exit,
                 "load_duration_s": round(d.load_duration_s, 3),
