@@ -125,8 +125,9 @@ def main() -> int:
             fleet.cli("stop", "gemma")
             proc = spawn_group(argv)
             try:
-                wait_for(lambda: subprocess.run(["curl", "-sf", f"http://127.0.0.1:{by_hand_port}/health"],
-                                                capture_output=True).returncode == 0, 120, "hand-started llama-server")
+                health = ["curl", "-sf", f"http://127.0.0.1:{by_hand_port}/health"]
+                wait_for(lambda h=health: subprocess.run(h, capture_output=True).returncode == 0, 120,
+                         "hand-started llama-server")
                 direct(f"http://127.0.0.1:{by_hand_port}", args.tokens)
                 by_hand += [direct(f"http://127.0.0.1:{by_hand_port}", args.tokens) for _ in range(args.rounds // 2)]
             finally:

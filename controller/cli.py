@@ -156,6 +156,8 @@ def render_plan(doc: dict[str, Any]) -> str:
             lines.append(f"  excluded {address}: {why}")
     if spare:
         lines.append(f"  {len(spare)} more ready node(s) not needed: fewer backends hold the model")
+    if route := doc.get("route"):
+        lines.append(f"route: {route['target']}: {route['reason']}")
     for warning in doc["warnings"]:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)

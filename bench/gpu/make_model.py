@@ -29,28 +29,19 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES
 
+# The shapes are the test fixtures' (one definition of a llama-family shape in the repository).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.fixtures.synthetic_gguf import LLAMA_8B, Shape  # noqa: E402
+
 ALIGNMENT = 32
 # Pool of random blocks written over and over; 1 Mi blocks of Q8_0 is 34 MiB.
 POOL_BLOCKS = 1 << 20
 
 
-@dataclass(frozen=True)
-class Shape:
-    """The hyper-parameters that fix a llama-family model's tensor sizes."""
-
-    name: str
-    n_layers: int
-    n_embd: int
-    n_ff: int
-    n_head: int
-    n_head_kv: int
-    n_vocab: int
-
-
 SHAPES = {
     s.name: s
     for s in (
-        Shape("llama-8b", 32, 4096, 14336, 32, 8, 128256),
+        LLAMA_8B,
         # For trying the scripts out on a CPU: they load in a second.
         Shape("llama-tiny", 4, 256, 512, 4, 2, 2048),
         Shape("llama-small", 8, 1024, 2816, 8, 2, 8192),

@@ -362,6 +362,11 @@ def _build_new(
             banner = probe_rpc_server(bin_dir / target)
         except (InstallError, ProbeError) as exc:
             raise BuildError("verify", exc.message, detail=exc.detail) from exc
+        if ("-DGGML_CUDA=ON" in flags and nvidia_driver_present()
+                and not any(d.name.startswith("CUDA") for d in banner.devices)):
+            # A CUDA build that sees no GPU where the driver is present would silently run on CPU.
+            raise BuildError("verify", "built with CUDA, but the rpc-server lists no CUDA device: "
+                             + ", ".join(d.name for d in banner.devices))
         final = layout.installs / key
         manifest = Manifest(
             key=key,

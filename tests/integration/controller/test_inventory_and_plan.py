@@ -44,6 +44,7 @@ def test_plan_spreads_the_model_over_workers_smaller_than_it(tmp_path: Path, lla
         assert plan["coordinator_rpc_protocol"] == llama_cpp.rpc_protocol_version and plan["warnings"] == []
         text = fleet.cli("plan", "gemma", "--ctx", "2048")
         assert "fits on 2 backend(s)" in text.stdout and "--tensor-split" in text.stdout
+        assert plan["route"]["target"] == "fleet" and "route: fleet: placed across the fleet" in text.stdout
 
 
 def test_does_not_fit_exits_3_and_says_what_would(tmp_path: Path, llama_cpp: Manifest, test_model: Path) -> None:
