@@ -24,6 +24,10 @@ PREFIX = "/llamafleet/v1"
 def make_routes(inventory: Inventory, planner: Planner, manager: CoordinatorManager, router: Router) -> web.RouteTableDef:
     routes = web.RouteTableDef()
 
+    @routes.get(f"{PREFIX}/health")
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
     @routes.get(f"{PREFIX}/nodes")
     async def nodes(request: web.Request) -> web.Response:
         return web.json_response(inventory.describe())

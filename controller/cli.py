@@ -19,7 +19,7 @@ from llamafleet.common.errors import LlamafleetError
 from llamafleet.controller.client import ControllerError, call, stream_json_lines
 from llamafleet.common.paths import default_state_dir
 from llamafleet.common.settings import load_settings
-from llamafleet.common.units import format_size
+from llamafleet.common.units import format_size, parse_duration
 from llamafleet.controller.settings import DEFAULT_LISTEN, ControllerSettings
 
 DEFAULT_CONTROLLER = f"http://{DEFAULT_LISTEN}"
@@ -220,7 +220,13 @@ def stop(model: str, controller: str) -> None:
 @CONTROLLER_OPTION
 def run(model: str, prompt: str | None, keep_alive: str | None, options: tuple[str, ...], controller: str) -> None:
     """Load MODEL and answer PROMPT (streamed), or chat interactively without one."""
-    extra: dict[str, Any] = {"keep_alive": keep_alive} if keep_alive else {}
+    extra: dict[str, Any] = {}
+    if keep_alive:
+        try:
+            parse_duration(keep_alive)
+        except LlamafleetError as exc:
+            raise click.BadParameter(exc.message, param_hint="--keep-alive") from None
+        extra["keep_alive"] = keep_alive
     if options:
         extra["options"] = parse_options(options)
     _load_with_progress(controller, model, extra)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -23,8 +24,10 @@ class DoesNotFitError(ControllerError):
 
 def _request(controller: str, method: str, path: str, body: dict[str, Any] | None) -> urllib.request.Request:
     data = json.dumps(body).encode() if body is not None else None
-    return urllib.request.Request(controller.rstrip("/") + path, data=data, method=method,
-                                  headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if key := os.environ.get("LLAMAFLEET_API_KEY"):
+        headers["Authorization"] = f"Bearer {key}"
+    return urllib.request.Request(controller.rstrip("/") + path, data=data, method=method, headers=headers)
 
 
 def _error(controller: str, exc: Exception) -> ControllerError:

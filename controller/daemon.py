@@ -32,7 +32,7 @@ from llamafleet.controller.placement.plan import Headroom
 from llamafleet.controller.planner import Planner
 from llamafleet.controller.settings import ControllerSettings
 from llamafleet.controller.store import Store
-from llamafleet.controller.web import errors_as_json
+from llamafleet.controller.web import errors_as_json, read_api_keys, require_api_key
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,38 @@ def _llama_server(settings: ControllerSettings, planner: Planner) -> Path:
     return Path(manifest.llama_server)
 
 
+async def _reload_previous(store: Store, manager: CoordinatorManager, inventory: Inventory, wait_s: float) -> None:
+    """Load again what a previous controller had loaded when it died.
+
+    Its coordinators died with it (PR_SET_PDEATHSIG), so nothing runs twice: the placements in
+    SQLite only say which models users had loaded. Each is placed afresh on today's nodes.
+    """
+    previous = store.placements()
+    if not previous:
+        return
+    deadline = asyncio.get_running_loop().time() + wait_s
+    # Place on nodes we have heard from: right after a start every node looks unreachable.
+    while any(r.last_heartbeat is None for r in inventory.records()) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+    for model, plan in previous.items():
+        store.remove_placement(model)
+        try:
+            deployment = manager.deployment(model)
+            await deployment.acquire(int(plan.get("estimate", {}).get("ctx") or 0))
+        except LlamafleetError as exc:
+            # Gone or no longer fitting: the next request says so; the others still load.
+            log.warning("not reloading %s: %s", model, exc.message)
+            continue
+        deployment.release()
+        log.info("reloaded %s, loaded when the previous controller stopped", model)
+
+
 def make_app(settings: ControllerSettings, inventory: Inventory, planner: Planner, manager: CoordinatorManager,
              router: Router, dispatcher: Dispatcher) -> web.Application:
-    app = web.Application(middlewares=[errors_as_json], client_max_size=settings.max_request_bytes)
+    middlewares = [errors_as_json]
+    if settings.api_key_file is not None:
+        middlewares.insert(0, require_api_key(read_api_keys(settings.api_key_file)))
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_request_bytes)
     app.add_routes(make_routes(inventory, planner, manager, router))
     app.add_routes(ollama.make_routes(dispatcher, Catalog(), settings.max_request_bytes))
     app.add_routes(openai.make_routes(dispatcher, settings.max_request_bytes))
@@ -133,9 +162,8 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
         await runner.cleanup()
         await close_all()
         raise LlamafleetError(f"cannot listen on {settings.listen}: {exc.strerror}") from None
-    # Placements left by a controller that died are stale: its coordinators died with it.
-    for model in store.placements():
-        store.remove_placement(model)
+    reloading = asyncio.create_task(_reload_previous(store, manager, inventory, settings.unreachable_after_s * 2),
+                                    name="reload placements")
     log.info("controller listening on http://%s; %d node(s), %d Ollama pool node(s)", settings.listen,
              len(inventory.records()), len(pool.nodes))
     stop = asyncio.Event()
@@ -149,6 +177,7 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
         notifier.stopping()
     finally:
         pinger.cancel()
+        reloading.cancel()
         # Coordinators first: the HTTP side may still be streaming from them.
         await manager.close()
         await runner.cleanup()

@@ -44,6 +44,8 @@ class ControllerSettings:
                                       help="memory of one Ollama pool node (0: trust what the node lists)")
     routes: tuple[str, ...] = setting((), help="MODEL=pool or MODEL=fleet: override the routing",
                                       flag="--route", repeat=True)
+    api_key_file: Path | None = setting(None, parse=parse_path,
+                                        help="API keys (one per line) the gateway requires as Bearer tokens")
 
     def __post_init__(self) -> None:
         split_host_port(self.listen)

@@ -7,8 +7,10 @@ its clients parse. Nothing raises out of a handler as a traceback.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+from pathlib import Path
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,8 +28,12 @@ from llamafleet.controller.models import InvalidModelName, ModelNotFound
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Domain errors → HTTP status, in one place. Subclasses first.
+class BodyTooLarge(UsageError):
+    """The request body is over the configured limit (413)."""
+
+
 _STATUS: list[tuple[type[LlamafleetError], int]] = [
-    (InvalidModelName, 400), (UsageError, 400), (ModelNotFound, 404), (DoesNotFit, 507),
+    (BodyTooLarge, 413), (InvalidModelName, 400), (UsageError, 400), (ModelNotFound, 404), (DoesNotFit, 507),
     (GGUFError, 422), (EstimateError, 422), (CoordinatorExited, 503), (UpstreamUnavailable, 502),
     (PoolUnavailable, 502), (LlamafleetError, 500),
 ]
@@ -63,13 +69,50 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return error(exc.status, exc.reason or "error", openai)
 
 
+# Reachable without a key: liveness checks and Ollama's version probe, which clients send first.
+PUBLIC_ROUTES = frozenset({("GET", "/"), ("HEAD", "/"), ("GET", "/api/version"), ("HEAD", "/api/version"),
+                           ("GET", "/llamafleet/v1/health")})
+
+
+def read_api_keys(path: Path) -> tuple[str, ...]:
+    """One key per line; blank lines and `#` comments skipped. An empty file is refused."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read API key file {path}: {exc.strerror}") from None
+    keys = tuple(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
+    if not keys:
+        raise UsageError(f"API key file {path} holds no key")
+    return keys
+
+
+def require_api_key(keys: tuple[str, ...]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Middleware: `Authorization: Bearer KEY` on every route but the public ones."""
+    expected = [f"Bearer {k}".encode() for k in keys]
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if (request.method, request.path) in PUBLIC_ROUTES:
+            return await handler(request)
+        presented = request.headers.get("Authorization", "").encode()
+        # Every key is compared, in constant time, so timing tells nothing about which one is near.
+        if any([hmac.compare_digest(presented, e) for e in expected]):
+            return await handler(request)
+        # Never log what was presented: a near-miss key is still a secret.
+        log.warning("refused %s %s from %s: %s API key", request.method, request.path, request.remote,
+                    "wrong" if presented else "missing")
+        return error(401, "missing or wrong API key (Authorization: Bearer KEY)", request.path.startswith("/v1/"))
+
+    return check
+
+
 async def json_body(request: web.Request, limit: int) -> dict[str, Any]:
     """The body as a JSON object, at most `limit` bytes, or a 400 that says what is wrong."""
     if request.content_length is not None and request.content_length > limit:
-        raise UsageError(f"request body larger than {limit} bytes")
+        raise BodyTooLarge(f"request body larger than {limit} bytes")
     raw = await request.content.read(limit + 1)
     if len(raw) > limit:
-        raise UsageError(f"request body larger than {limit} bytes")
+        raise BodyTooLarge(f"request body larger than {limit} bytes")
     try:
         body = json.loads(raw or b"{}")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -34,6 +34,18 @@ def canonical(model: str) -> str:
     return parse_model_name(model).short
 
 
+def does_not_fit(model: str, plan: Plan, most: int = 4) -> DoesNotFit:
+    """The plan's reason, with why nodes were left out when that is the story."""
+    dropped = [f"{node}: {why}" for node, why in sorted(plan.excluded.items()) if not why.startswith("not needed")]
+    message = f"{model} does not fit: {plan.reason}"
+    if dropped:
+        more = f" and {len(dropped) - most} more" if len(dropped) > most else ""
+        message += f" [left out: {'; '.join(dropped[:most])}{more}]"
+    elif not plan.assignments and "no node can take part" in plan.reason:
+        message += " [no nodes are known: add one with --agent or `llamafleet node add HOST:PORT`]"
+    return DoesNotFit(message)
+
+
 class CoordinatorManager:
     def __init__(self, planner: Planner, inventory: Inventory, store: Store, runtime: Runtime,
                  default_keep_alive_s: float) -> None:
@@ -89,10 +101,10 @@ class CoordinatorManager:
                 if plan.fits:
                     return self._placed(model, resolved, plan)
                 if not reserved:
-                    raise DoesNotFit(f"{model} does not fit: {plan.reason}")
+                    raise does_not_fit(model, plan)
                 _, alone, _ = self.planner.plan(model, ctx or None)
                 if not alone.fits:
-                    raise DoesNotFit(f"{model} does not fit: {alone.reason}")
+                    raise does_not_fit(model, alone)
                 victim = self._least_recently_used_idle(excluding=model)
                 if victim is not None:
                     log.info("unloading %s to make room for %s", victim.model, model)
