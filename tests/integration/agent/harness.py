@@ -68,6 +68,7 @@ class RunningAgent:
     state_dir: Path
     log_path: Path
     credentials: grpc.ChannelCredentials | None = None
+    argv: tuple[str, ...] = ()
     channel: grpc.Channel = field(init=False)
     stub: pb_grpc.AgentServiceStub = field(init=False)
 
@@ -89,6 +90,13 @@ class RunningAgent:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def start_again(self) -> None:
+        """Start the agent again with the same arguments (after a test killed it)."""
+        assert self.proc.poll() is not None, "the agent is still running"
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(list(self.argv), stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: _answers(self), 20, "the restarted agent's gRPC port")
+
 
 @contextmanager
 def running_agent(tmp_path: Path, llama_cpp_dir: Path, *, rpc_host: str = "127.0.0.2",
@@ -106,15 +114,17 @@ def running_agent(tmp_path: Path, llama_cpp_dir: Path, *, rpc_host: str = "127.0
         argv += ["--token-file", str(token_file)]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    agent: RunningAgent | None = None
     try:
         token_path = token_file or state / "token"
         wait_for(lambda: token_path.exists() or proc.poll() is not None, 20, "the agent's token")
         assert proc.poll() is None, f"agent exited: {log_path.read_text()}"
         agent = RunningAgent(proc, listen, token_path.read_text().strip(), f"{rpc_host}:{rpc_port}", state, log_path,
-                             credentials)
+                             credentials, tuple(argv))
         wait_for(lambda: _answers(agent), 20, "the agent's gRPC port")
         yield agent
     finally:
+        proc = agent.proc if agent is not None else proc  # a test may have started it again
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
