@@ -36,8 +36,21 @@ class Fleet:
     def cli_argv(self, *args: str) -> list[str]:
         return [LLAMAFLEET, *args, "--controller", self.url]
 
-    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.cli_argv(*args), capture_output=True, text=True, timeout=timeout)
+    def cli(self, *args: str, timeout: float = 120, env_key: str | None = "") -> subprocess.CompletedProcess[str]:
+        """Run the CLI; `env_key` sets LLAMAFLEET_API_KEY (None: unset, "": the fleet's own, if any)."""
+        env = dict(os.environ)
+        env.pop("LLAMAFLEET_API_KEY", None)
+        key = self.api_key if env_key == "" else env_key
+        if key:
+            env["LLAMAFLEET_API_KEY"] = key
+        return subprocess.run(self.cli_argv(*args), capture_output=True, text=True, timeout=timeout, env=env)
+
+    @property
+    def api_key(self) -> str | None:
+        if "--api-key-file" not in self.controller_args:
+            return None
+        path = Path(self.controller_args[self.controller_args.index("--api-key-file") + 1])
+        return next(line for line in path.read_text().splitlines() if line and not line.startswith("#"))
 
     def nodes(self) -> list[dict[str, Any]]:
         result = self.cli("nodes", "--json")
