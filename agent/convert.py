@@ -49,6 +49,7 @@ def rpc_server_to_proto(snap: RpcServerSnapshot) -> pb.RpcServerStatus:
         last_exit=snap.last_exit,
         last_output=list(snap.last_output),
         next_start_unix_ms=snap.next_start_unix_ms,
+        recent_output=list(snap.recent_output),
     )
 
 

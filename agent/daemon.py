@@ -14,6 +14,7 @@ import signal
 import time
 
 from llamafleet.agent.core import Agent
+from llamafleet.agent.metrics import start_metrics_server
 from llamafleet.agent.node import load_node_identity, load_token
 from llamafleet.agent.service import start_server
 from llamafleet.agent.settings import AgentSettings
@@ -64,6 +65,7 @@ async def serve(settings: AgentSettings, notifier: Notifier | None = None) -> No
     agent = Agent(settings, load_node_identity(state))
     agent.load_build()
     server, port = await start_server(agent, settings, token)
+    metrics = await start_metrics_server(agent.snapshot, settings.metrics_listen) if settings.metrics_listen else None
     log.info("agent %s listening on %s (port %d); rpc-server endpoint %s",
              agent.node.node_id, settings.listen, port, settings.rpc_endpoint)
     supervisor_task = asyncio.create_task(agent.supervisor.run(), name="rpc-server supervisor")
@@ -93,5 +95,7 @@ async def serve(settings: AgentSettings, notifier: Notifier | None = None) -> No
                 # Cancellation is how these tasks are asked to end.
                 await task
         await server.stop(grace=1.0)
+        if metrics is not None:
+            await metrics.cleanup()
     if not supervisor_task.cancelled() and (error := supervisor_task.exception()) is not None:
         raise error

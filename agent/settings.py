@@ -25,6 +25,7 @@ def split_host_port(text: str) -> tuple[str, int]:
 @dataclass(frozen=True)
 class AgentSettings:
     listen: str = setting(DEFAULT_LISTEN, help="gRPC address HOST:PORT")
+    metrics_listen: str = setting("", help="serve Prometheus metrics on HOST:PORT (empty: off)")
     token_file: Path | None = setting(None, parse=parse_path, help="bearer token file (default: STATE/token, created 0600)")
     tls_cert: Path | None = setting(None, parse=parse_path, help="server certificate (PEM) for TLS")
     tls_key: Path | None = setting(None, parse=parse_path, help="server key (PEM) for TLS")
@@ -48,6 +49,8 @@ class AgentSettings:
 
     def __post_init__(self) -> None:
         split_host_port(self.listen)
+        if self.metrics_listen:
+            split_host_port(self.metrics_listen)
         try:
             address = ipaddress.IPv4Address(self.rpc_host)
         except ValueError:

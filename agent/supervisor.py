@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import time
@@ -77,6 +78,7 @@ class RpcServerSnapshot:
     state_since_unix_ms: int = 0
     last_exit: str = ""
     last_output: tuple[str, ...] = ()
+    recent_output: tuple[str, ...] = ()
     next_start_unix_ms: int = 0
 
 
@@ -129,7 +131,7 @@ class RpcServerSupervisor:
     # ---- what others may call -------------------------------------------------------------
 
     def snapshot(self) -> RpcServerSnapshot:
-        return self._snapshot
+        return dataclasses.replace(self._snapshot, recent_output=tuple(self._output))
 
     def at_rest(self) -> bool:
         """Running, given up (failed), or stopped on purpose: nothing more will happen by itself."""

@@ -5,14 +5,20 @@ Every error is JSON `{"error": "..."}` with a fitting status (see `controller/we
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import os
+from pathlib import Path
 
 from aiohttp import web
 
 from llamafleet.common.errors import UsageError
 from llamafleet.controller.coordinator.manager import CoordinatorManager
+from llamafleet.controller.events import EventLog
 from llamafleet.controller.gateway.router import Router
 from llamafleet.controller.inventory import Inventory
+from llamafleet.controller.metrics import ControllerMetrics
 from llamafleet.controller.planner import Planner, plan_to_json
 from llamafleet.controller.web import error, json_body, string_field
 
@@ -21,8 +27,78 @@ MAX_BODY_BYTES = 64 * 1024
 PREFIX = "/llamafleet/v1"
 
 
-def make_routes(inventory: Inventory, planner: Planner, manager: CoordinatorManager, router: Router) -> web.RouteTableDef:
+MAX_LOG_LINES = 2000
+SSE_KEEPALIVE_S = 15.0
+
+
+def _int_query(request: web.Request, name: str, default: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) > high:
+        raise UsageError(f"'{name}' must be a whole number up to {high}")
+    return int(raw)
+
+
+def tail_lines(path: Path, count: int, chunk: int = 64 * 1024) -> list[str]:
+    """The last `count` lines of a file, reading at most a bounded amount from its end."""
+    with path.open("rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        handle.seek(max(size - chunk * 4, 0))
+        data = handle.read()
+    return data.decode(errors="replace").splitlines()[-count:]
+
+
+def make_routes(inventory: Inventory, planner: Planner, manager: CoordinatorManager, router: Router,
+                events: EventLog, metrics: ControllerMetrics) -> web.RouteTableDef:
     routes = web.RouteTableDef()
+
+    @routes.get("/metrics")
+    async def prometheus(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.exposition(), content_type="text/plain", charset="utf-8")
+
+    @routes.get(f"{PREFIX}/events")
+    async def recent_events(request: web.Request) -> web.Response:
+        after = _int_query(request, "after", 0, 2**62)
+        limit = _int_query(request, "limit", 200, 10_000)
+        return web.json_response([e.to_json() for e in events.recent(after, limit)])
+
+    @routes.get(f"{PREFIX}/events/stream")
+    async def event_stream(request: web.Request) -> web.StreamResponse:
+        """Server-sent events: what came after `after`, then every new event as it happens."""
+        after = _int_query(request, "after", 0, 2**62)
+        queue = events.subscribe()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        try:
+            await response.prepare(request)
+            last = after
+            for event in events.recent(after, 500):
+                await response.write(f"id: {event.id}\ndata: {json.dumps(event.to_json())}\n\n".encode())
+                last = event.id
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE_S)
+                except TimeoutError:
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                if event.id > last:
+                    await response.write(f"id: {event.id}\ndata: {json.dumps(event.to_json())}\n\n".encode())
+                    last = event.id
+        except (ConnectionResetError, asyncio.CancelledError):
+            # The browser went away (or the controller is stopping): the stream simply ends.
+            return response
+        finally:
+            events.unsubscribe(queue)
+
+    @routes.get(PREFIX + "/logs/{model}")
+    async def coordinator_log(request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        lines = _int_query(request, "lines", 200, MAX_LOG_LINES)
+        path = manager.log_path(model)
+        if path is None:
+            return error(404, f"no coordinator log for '{model}'")
+        return web.json_response({"model": model, "log": str(path), "lines": tail_lines(path, lines)})
 
     @routes.get(f"{PREFIX}/health")
     async def health(request: web.Request) -> web.Response:

@@ -16,7 +16,7 @@ import click
 
 from llamafleet.common.cli import build_command, run_main, settings_flags, settings_options, setup_logging
 from llamafleet.common.errors import LlamafleetError
-from llamafleet.controller.client import ControllerError, call, stream_json_lines
+from llamafleet.controller.client import ControllerError, call, stream_json_lines, stream_sse
 from llamafleet.common.paths import default_state_dir
 from llamafleet.common.settings import load_settings
 from llamafleet.common.units import format_size, parse_duration
@@ -184,6 +184,38 @@ def ps(controller: str, as_json: bool) -> None:
                    f"{','.join(doc['backends'])}")
         if doc["state"] != "ready" and doc["detail"]:
             click.echo(f"{'':<29}{doc['detail']}")
+
+
+@cli.command()
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new events as they happen.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True, help="How many past events.")
+@CONTROLLER_OPTION
+@JSON_OPTION
+def events(follow: bool, limit: int, controller: str, as_json: bool) -> None:
+    """The fleet's event log: nodes up and down, restarts and their causes, placements, unloads.
+
+    With --json: one JSON list; with --follow --json, one JSON object per line.
+    """
+    past = call(controller, "GET", f"/llamafleet/v1/events?limit={limit}")
+    if as_json and not follow:
+        click.echo(json.dumps(past, indent=2))
+        return
+    for event in past:
+        _print_event(event, as_json)
+    if not follow:
+        return
+    after = past[-1]["id"] if past else 0
+    for event in stream_sse(controller, f"/llamafleet/v1/events/stream?after={after}"):
+        _print_event(event, as_json)
+
+
+def _print_event(event: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(event))
+    else:
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["at_ms"] / 1000))
+        click.echo(f"{at}  {event['kind']:<22} {event['subject']}: {event['message']}")
+    sys.stdout.flush()
 
 
 @cli.command()

@@ -62,3 +62,14 @@ def stream_json_lines(controller: str, path: str, body: dict[str, Any]) -> Itera
                     yield json.loads(line)
     except (urllib.error.URLError, OSError) as exc:
         raise _error(controller, exc) from None
+
+
+def stream_sse(controller: str, path: str) -> Iterator[dict[str, Any]]:
+    """GET a server-sent event stream and yield each event's JSON data as it arrives."""
+    try:
+        with urllib.request.urlopen(_request(controller, "GET", path, None), timeout=None) as reply:
+            for line in reply:
+                if line.startswith(b"data: "):
+                    yield json.loads(line[6:])
+    except (urllib.error.URLError, OSError) as exc:
+        raise _error(controller, exc) from None

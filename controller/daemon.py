@@ -32,9 +32,14 @@ from llamafleet.controller.placement.plan import Headroom
 from llamafleet.controller.planner import Planner
 from llamafleet.controller.settings import ControllerSettings
 from llamafleet.controller.store import Store
-from llamafleet.controller.web import errors_as_json, read_api_keys, require_api_key
+from llamafleet.controller.dashboard import dashboard_routes
+from llamafleet.controller.events import EventLog
+from llamafleet.controller.metrics import ControllerMetrics
+from llamafleet.controller.web import count_requests, errors_as_json, read_api_keys, require_api_key
 
 log = logging.getLogger(__name__)
+# Open streams (a dashboard's event stream, a long answer) get this long to end on shutdown.
+SHUTDOWN_GRACE_S = 3.0
 
 
 def coordinator_build(settings: ControllerSettings) -> Manifest | None:
@@ -108,12 +113,13 @@ async def _reload_previous(store: Store, manager: CoordinatorManager, inventory:
 
 
 def make_app(settings: ControllerSettings, inventory: Inventory, planner: Planner, manager: CoordinatorManager,
-             router: Router, dispatcher: Dispatcher) -> web.Application:
-    middlewares = [errors_as_json]
+             router: Router, dispatcher: Dispatcher, events: EventLog, metrics: ControllerMetrics) -> web.Application:
+    middlewares = [count_requests(metrics), errors_as_json]
     if settings.api_key_file is not None:
-        middlewares.insert(0, require_api_key(read_api_keys(settings.api_key_file)))
+        middlewares.insert(1, require_api_key(read_api_keys(settings.api_key_file)))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_request_bytes)
-    app.add_routes(make_routes(inventory, planner, manager, router))
+    app.add_routes(make_routes(inventory, planner, manager, router, events, metrics))
+    app.add_routes(dashboard_routes())
     app.add_routes(ollama.make_routes(dispatcher, Catalog(), settings.max_request_bytes))
     app.add_routes(openai.make_routes(dispatcher, settings.max_request_bytes))
     return app
@@ -130,7 +136,9 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
         return AgentAddress(address, token, settings.agent_tls_ca, settings.agent_tls_cert, settings.agent_tls_key)
 
     store = Store(settings.state_path / "controller.sqlite3")
-    inventory = Inventory(store, target, settings.heartbeat_interval_s, settings.unreachable_after_s)
+    events = EventLog(store)
+    inventory = Inventory(store, target, settings.heartbeat_interval_s, settings.unreachable_after_s,
+                          events=events.record)
     await inventory.start(settings.agents)
     planner = Planner(models, inventory, coordinator_build(settings),
                       Headroom(settings.headroom_fraction, settings.headroom_min), settings.parallel,
@@ -139,13 +147,16 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     runtime = Runtime(llama_server=lambda: _llama_server(settings, planner),
                       log_root=settings.state_path / "logs" / "coordinators", session=session,
-                      policy=RestartPolicy(start_timeout_s=settings.load_timeout_s))
+                      policy=RestartPolicy(start_timeout_s=settings.load_timeout_s), events=events.record)
     manager = CoordinatorManager(planner, inventory, store, runtime, settings.keep_alive)
+    metrics = ControllerMetrics(inventory, manager)
+    events.listen(metrics.on_event)
     pool = OllamaPool(settings.ollama_nodes, session)
     await pool.start()
     router = Router(planner, pool, routes, settings.ollama_node_memory)
-    dispatcher = Dispatcher(manager, router, pool, session)
-    runner = web.AppRunner(make_app(settings, inventory, planner, manager, router, dispatcher), access_log=None)
+    dispatcher = Dispatcher(manager, router, pool, session, metrics)
+    runner = web.AppRunner(make_app(settings, inventory, planner, manager, router, dispatcher, events, metrics),
+                           access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     host, port = split_host_port(settings.listen)
 

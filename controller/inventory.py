@@ -22,6 +22,7 @@ from llamafleet.agent.settings import split_host_port
 from llamafleet.common.agent_client import AgentAddress, describe_rpc_error
 from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.common.proto_json import message_to_json
+from llamafleet.controller.events import EventSink, no_events
 from llamafleet.controller.placement.nodes import DeviceView, NodeView
 from llamafleet.controller.store import Store
 from llamafleet.proto.v1 import agent_pb2 as pb
@@ -78,8 +79,10 @@ def node_view(address: str, state: str, status: pb.AgentStatus | None, load: int
 
 class Inventory:
     def __init__(self, store: Store, target: Callable[[str], AgentAddress], heartbeat_s: float,
-                 unreachable_after_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+                 unreachable_after_s: float, clock: Callable[[], float] = time.monotonic,
+                 events: EventSink = no_events) -> None:
         self._store = store
+        self._events = events
         self._target = target
         self._heartbeat_s = heartbeat_s
         self._unreachable_after_s = unreachable_after_s
@@ -116,6 +119,7 @@ class Inventory:
             return False
         self._store.add_node(address)
         self._watch(NodeRecord(address))
+        self._events("node.added", address, "added to the fleet")
         return True
 
     async def remove(self, address: str) -> bool:
@@ -123,6 +127,7 @@ class Inventory:
         if record is None:
             return False
         self._store.remove_node(address)
+        self._events("node.removed", address, "removed from the fleet")
         if record.task is not None:
             record.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -192,6 +197,7 @@ class Inventory:
                     message = await asyncio.wait_for(call.read(), timeout=self._unreachable_after_s * 3)
                     if message is grpc.aio.EOF:
                         raise ConnectionError("agent closed the stream")
+                    self._note_restart(record, message.status)
                     record.status = message.status
                     record.last_heartbeat = self._clock()
                     record.last_seen_unix_ms = int(time.time() * 1000)
@@ -207,13 +213,23 @@ class Inventory:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_S)
 
+    def _note_restart(self, record: NodeRecord, status: pb.AgentStatus) -> None:
+        before = record.status.rpc_server if record.status is not None else None
+        after = status.rpc_server
+        if before is not None and after.generation > before.generation and before.generation:
+            cause = after.last_exit or "restarted"
+            self._events("rpc.restarted", record.address, f"rpc-server restarted: {cause}",
+                         generation=after.generation, restarts=after.restarts, last_output=list(after.last_output)[-5:])
+
     async def _log_transitions(self) -> None:
         while True:
             for record in self.records():
                 state = self.state(record)
                 if self._states.get(record.address) != state:
+                    why = f" ({record.error})" if record.error and state == "unreachable" else ""
                     if record.address in self._states:
-                        log.info("node %s: %s → %s%s", record.address, self._states[record.address], state,
-                                 f" ({record.error})" if record.error and state == "unreachable" else "")
+                        log.info("node %s: %s → %s%s", record.address, self._states[record.address], state, why)
+                    if record.address in self._states or state != "unreachable":
+                        self._events(f"node.{state}", record.address, f"node is {state}{why}")
                     self._states[record.address] = state
             await asyncio.sleep(min(self._heartbeat_s / 2, 0.5))

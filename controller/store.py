@@ -19,6 +19,14 @@ CREATE TABLE IF NOT EXISTS placements (
     plan_json   TEXT NOT NULL,
     placed_at_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS events (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms       INTEGER NOT NULL,
+    kind        TEXT NOT NULL,
+    subject     TEXT NOT NULL,
+    message     TEXT NOT NULL,
+    data_json   TEXT NOT NULL
+);
 """
 
 
@@ -61,6 +69,24 @@ class Store:
 
     def remove_placement(self, model: str) -> None:
         self._tx("DELETE FROM placements WHERE model = ?", (model,))
+
+    def add_event(self, at_ms: int, kind: str, subject: str, message: str, data: dict[str, Any]) -> int:
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            cursor = self._db.execute(
+                "INSERT INTO events(at_ms, kind, subject, message, data_json) VALUES (?, ?, ?, ?, ?)",
+                (at_ms, kind, subject, message, json.dumps(data, sort_keys=True, default=str)))
+            return int(cursor.lastrowid or 0)
+
+    def events(self, after_id: int = 0, limit: int = 200) -> list[tuple[int, int, str, str, str, dict[str, Any]]]:
+        """The newest `limit` events with an id above `after_id`, oldest first."""
+        rows = self._db.execute(
+            "SELECT id, at_ms, kind, subject, message, data_json FROM events WHERE id > ? ORDER BY id DESC LIMIT ?",
+            (after_id, limit)).fetchall()
+        return [(i, at, kind, subject, message, json.loads(data)) for i, at, kind, subject, message, data in reversed(rows)]
+
+    def prune_events(self, keep: int) -> int:
+        return self._tx("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?", (keep,))
 
     def placements(self) -> dict[str, dict[str, Any]]:
         rows = self._db.execute("SELECT model, plan_json FROM placements ORDER BY model").fetchall()

@@ -23,6 +23,7 @@ from llamafleet.controller.estimate import EstimateError
 from llamafleet.controller.gateway.pool import PoolUnavailable
 from llamafleet.controller.gateway.upstream import UpstreamRejected, UpstreamUnavailable
 from llamafleet.controller.gguf import GGUFError
+from llamafleet.controller.metrics import ControllerMetrics
 from llamafleet.controller.models import InvalidModelName, ModelNotFound
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,9 @@ def require_api_key(keys: tuple[str, ...]) -> Callable[..., Awaitable[web.Stream
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if (request.method, request.path) in PUBLIC_ROUTES:
+        if (request.method, request.path) in PUBLIC_ROUTES or (
+                request.method in ("GET", "HEAD") and (request.path == "/ui" or request.path.startswith("/ui/"))):
+            # The dashboard's own files hold no data: it asks for the key before it reads any.
             return await handler(request)
         presented = request.headers.get("Authorization", "").encode()
         # Every key is compared, in constant time, so timing tells nothing about which one is near.
@@ -104,6 +107,25 @@ def require_api_key(keys: tuple[str, ...]) -> Callable[..., Awaitable[web.Stream
         return error(401, "missing or wrong API key (Authorization: Bearer KEY)", request.path.startswith("/v1/"))
 
     return check
+
+
+def count_requests(metrics: ControllerMetrics) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Middleware (outermost): every answer counted by API and status."""
+
+    @web.middleware
+    async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        api = ("openai" if path.startswith("/v1/") else "control" if path.startswith("/llamafleet/")
+               else "ui" if path.startswith("/ui") else "metrics" if path == "/metrics" else "ollama")
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            metrics.requests.labels(api, str(exc.status)).inc()
+            raise
+        metrics.requests.labels(api, str(response.status)).inc()
+        return response
+
+    return count
 
 
 async def json_body(request: web.Request, limit: int) -> dict[str, Any]:

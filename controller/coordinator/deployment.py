@@ -36,6 +36,7 @@ from llamafleet.common.process import STOP_GRACE_S
 from llamafleet.common.restart import RestartPolicy
 from llamafleet.controller.coordinator.command import CoordinatorSpec
 from llamafleet.controller.coordinator.process import CoordinatorExited, CoordinatorProcess
+from llamafleet.controller.events import EventSink, no_events
 
 log = logging.getLogger(__name__)
 # How often a ready coordinator's backends and idle deadline are checked when nothing wakes it.
@@ -73,6 +74,7 @@ class Runtime:
     log_root: Path
     session: aiohttp.ClientSession
     policy: RestartPolicy
+    events: EventSink = no_events
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,9 @@ class Deployment:
             log.info("coordinator %s: %s → %s%s", self.model, self.state.value, state.value,
                      f" ({detail})" if detail else "")
             self.state_since = time.time()
+            self._runtime.events(f"coordinator.{state.value}", self.model, detail or state.value,
+                                 backends=self.spec.endpoints if self.spec else [], restarts=self.restarts,
+                                 pid=self.process.proc.pid if self.process else None)
         self.state = state
         self.detail = detail
         changed, self._changed = self._changed, asyncio.Event()

@@ -13,9 +13,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from llamafleet.controller.coordinator.command import Backend, CoordinatorSpec
+from llamafleet.common.errors import LlamafleetError
+from llamafleet.controller.coordinator.process import log_dir_name
 from llamafleet.controller.coordinator.deployment import CoordinatorState, Deployment, DoesNotFit, Runtime
 from llamafleet.controller.inventory import Inventory
 from llamafleet.controller.models import ResolvedModel, parse_model_name
@@ -69,6 +72,22 @@ class CoordinatorManager:
     def find(self, model: str) -> Deployment | None:
         return self._deployments.get(canonical(model))
 
+    def log_path(self, model: str) -> Path | None:
+        """The running coordinator's log, else the newest one kept for the model."""
+        try:
+            key = canonical(model)
+        except LlamafleetError:
+            return None  # not a model name: there is no such log, and no path is built from it
+        deployment = self._deployments.get(key)
+        if deployment is not None and deployment.process is not None:
+            return deployment.process.log_path
+        folder = self.runtime.log_root / log_dir_name(key)
+        logs = sorted((int(p.stem), p) for p in folder.glob("*.log") if p.stem.isdigit()) if folder.is_dir() else []
+        return logs[-1][1] if logs else None
+
+    def all(self) -> list[Deployment]:
+        return [self._deployments[k] for k in sorted(self._deployments)]
+
     def loaded(self) -> Iterator[Deployment]:
         for key in sorted(self._deployments):
             deployment = self._deployments[key]
@@ -101,10 +120,10 @@ class CoordinatorManager:
                 if plan.fits:
                     return self._placed(model, resolved, plan)
                 if not reserved:
-                    raise does_not_fit(model, plan)
+                    raise self._refused(model, plan)
                 _, alone, _ = self.planner.plan(model, ctx or None)
                 if not alone.fits:
-                    raise does_not_fit(model, alone)
+                    raise self._refused(model, alone)
                 victim = self._least_recently_used_idle(excluding=model)
                 if victim is not None:
                     log.info("unloading %s to make room for %s", victim.model, model)
@@ -114,9 +133,16 @@ class CoordinatorManager:
                     await self._fresh_reports(nodes, unloaded_at)
                     continue
                 if time.monotonic() > deadline:
-                    raise DoesNotFit(f"{model} fits only after other models unload, and they stayed busy "
-                                     f"for {SWAP_WAIT_S:.0f}s")
+                    message = f"{model} fits only after other models unload, and they stayed busy for {SWAP_WAIT_S:.0f}s"
+                    self.runtime.events("placement.failed", model, message, reason="busy")
+                    raise DoesNotFit(message)
                 await asyncio.sleep(SWAP_POLL_S)
+
+    def _refused(self, model: str, plan: Plan) -> DoesNotFit:
+        error = does_not_fit(model, plan)
+        reason = "no_nodes" if not plan.assignments and "no node can take part" in plan.reason else "memory"
+        self.runtime.events("placement.failed", model, error.message, reason=reason)
+        return error
 
     def _placed(self, model: str, resolved: ResolvedModel, plan: Plan) -> CoordinatorSpec:
         generations = {v.address: v.generation for v in self.inventory.node_views()}
@@ -125,6 +151,11 @@ class CoordinatorManager:
         self._plans[model] = plan
         protocol = self.planner.coordinator.rpc_protocol_version if self.planner.coordinator else None
         self.store.save_placement(model, plan_to_json(resolved, plan, [], protocol))
+        self.runtime.events("placement", model, f"on {len(backends)} backend(s): --rpc {','.join(endpoints)} "
+                            f"--tensor-split {','.join(map(str, plan.tensor_split))}",
+                            backends=list(endpoints), tensor_split=plan.tensor_split,
+                            layers=[{"node": a.node, "endpoint": a.endpoint, "device": a.device,
+                                     "first_layer": a.first_layer, "layer_count": a.layer_count} for a in plan.assignments])
         e = plan.estimate
         return CoordinatorSpec(model, resolved.path, backends, tuple(plan.tensor_split), e.n_layers,
                                e.ctx_per_slot, e.parallel)
@@ -177,6 +208,10 @@ class CoordinatorManager:
                 "backends": d.spec.endpoints if d.spec else [],
                 "nodes": [b.node for b in d.spec.backends] if d.spec else [],
                 "tensor_split": list(d.spec.tensor_split) if d.spec else [],
+                "assignments": [{"node": a.node, "endpoint": a.endpoint, "device": a.device,
+                                 "first_layer": a.first_layer, "layer_count": a.layer_count,
+                                 "total_bytes": a.total_bytes, "output": bool(a.output_bytes)}
+                                for a in plan.assignments] if plan else [],
                 "ctx": d.spec.ctx_per_slot if d.spec else None,
                 "parallel": d.spec.parallel if d.spec else None,
                 "size_bytes": sum(a.total_bytes for a in plan.assignments) if plan else 0,

@@ -9,6 +9,7 @@ answer, not an error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +22,8 @@ from aiohttp import web
 from llamafleet.controller.coordinator.manager import CoordinatorManager
 from llamafleet.controller.gateway.pool import OllamaPool, PoolUnavailable
 from llamafleet.controller.gateway.router import Route, Router
-from llamafleet.controller.gateway.upstream import UPSTREAM_TIMEOUT, UpstreamUnavailable
+from llamafleet.controller.gateway.upstream import UPSTREAM_TIMEOUT, Final, UpstreamUnavailable
+from llamafleet.controller.metrics import ControllerMetrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,11 +44,24 @@ class RunInfo:
 
 class Dispatcher:
     def __init__(self, manager: CoordinatorManager, router: Router, pool: OllamaPool,
-                 session: aiohttp.ClientSession) -> None:
+                 session: aiohttp.ClientSession, metrics: ControllerMetrics | None = None) -> None:
         self.manager = manager
         self.router = router
         self.pool = pool
         self.session = session
+        self.metrics = metrics
+
+    async def observed(self, model: str, pieces: AsyncIterator[str | Final], info: RunInfo) -> AsyncIterator[str | Final]:
+        """`pieces`, with the time to the first one and the final counts recorded in the metrics."""
+        first: float | None = None
+        async with contextlib.aclosing(pieces):
+            async for piece in pieces:
+                if first is None:
+                    first = time.monotonic() - info.started
+                if isinstance(piece, Final) and self.metrics is not None:
+                    self.metrics.observe_generation(model, first, piece.predicted_tokens, piece.predicted_ms / 1000,
+                                                    info.load_duration_s)
+                yield piece
 
     def route(self, model: str, ctx: int | None = None) -> Route:
         return self.router.route(model, ctx)

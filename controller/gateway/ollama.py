@@ -174,7 +174,7 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
             def open_stream(url: str) -> AsyncIterator[Piece]:
                 return completion_pieces(session, url, raw)
         pieces = dispatcher.fleet_stream(model, options.num_ctx, keep_alive, open_stream, info)
-        return await _respond(request, stream, pieces, piece_doc, info)
+        return await _respond(request, stream, dispatcher.observed(model, pieces, info), piece_doc, info)
 
     @routes.post("/api/chat")
     async def chat(request: web.Request) -> web.StreamResponse:

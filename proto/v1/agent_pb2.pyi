@@ -96,7 +96,7 @@ class RpcDevice(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ...) -> None: ...
 
 class RpcServerStatus(_message.Message):
-    __slots__ = ("state", "pid", "restarts", "generation", "endpoint", "protocol_version", "devices", "cache_dir", "state_since_unix_ms", "last_exit", "last_output", "next_start_unix_ms")
+    __slots__ = ("state", "pid", "restarts", "generation", "endpoint", "protocol_version", "devices", "cache_dir", "state_since_unix_ms", "last_exit", "last_output", "next_start_unix_ms", "recent_output")
     STATE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class RpcServerStatus(_message.Message):
     LAST_EXIT_FIELD_NUMBER: _ClassVar[int]
     LAST_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     NEXT_START_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     state: RpcServerState
     pid: int
     restarts: int
@@ -121,7 +122,8 @@ class RpcServerStatus(_message.Message):
     last_exit: str
     last_output: _containers.RepeatedScalarFieldContainer[str]
     next_start_unix_ms: int
-    def __init__(self, state: _Optional[_Union[RpcServerState, str]] = ..., pid: _Optional[int] = ..., restarts: _Optional[int] = ..., generation: _Optional[int] = ..., endpoint: _Optional[str] = ..., protocol_version: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[RpcDevice, _Mapping]]] = ..., cache_dir: _Optional[str] = ..., state_since_unix_ms: _Optional[int] = ..., last_exit: _Optional[str] = ..., last_output: _Optional[_Iterable[str]] = ..., next_start_unix_ms: _Optional[int] = ...) -> None: ...
+    recent_output: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, state: _Optional[_Union[RpcServerState, str]] = ..., pid: _Optional[int] = ..., restarts: _Optional[int] = ..., generation: _Optional[int] = ..., endpoint: _Optional[str] = ..., protocol_version: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[RpcDevice, _Mapping]]] = ..., cache_dir: _Optional[str] = ..., state_since_unix_ms: _Optional[int] = ..., last_exit: _Optional[str] = ..., last_output: _Optional[_Iterable[str]] = ..., next_start_unix_ms: _Optional[int] = ..., recent_output: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Device(_message.Message):
     __slots__ = ("kind", "index", "name", "uuid", "total_bytes", "free_bytes", "used_bytes", "physical_total_bytes", "physical_free_bytes", "utilization_percent")

@@ -75,19 +75,24 @@ prepare_llama_cpp() {
   export LLAMAFLEET_TEST_LLAMA_CPP LLAMAFLEET_TEST_STATE_DIR="$CACHE/state"
 }
 
-prepare_system_packages() {
-  # systemd-nspawn boots the throwaway systemd the unit tests need. Installed when we can
-  # (root with apt); otherwise those tests skip and say why.
-  if command -v systemd-nspawn >/dev/null 2>&1 || [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+apt_install() {
+  # $1: the command that shows it is there; $2: the package; $3: what needs it.
+  if command -v "$1" >/dev/null 2>&1 || [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     return 0
   fi
-  say "installing systemd-container (for the systemd tests)"
+  say "installing $2 ($3)"
   # --no-install-recommends keeps libnss-mymachines from editing nsswitch.conf.
-  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd-container >/dev/null 2>&1; then
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$2" >/dev/null 2>&1; then
     apt-get update -q >/dev/null 2>&1 || true
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd-container >/dev/null 2>&1 \
-      || say "could not install systemd-container: the systemd tests will be skipped"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$2" >/dev/null 2>&1 \
+      || say "could not install $2: $3 will be skipped"
   fi
+}
+
+prepare_system_packages() {
+  # Installed when we can (root with apt); otherwise the tests that need them skip and say why.
+  apt_install systemd-nspawn systemd-container "the systemd tests"
+  apt_install chromium chromium "the dashboard's browser test"
 }
 
 prepare_all() {

@@ -1,0 +1,84 @@
+"""The fleet's event log: every state change, kept in SQLite (bounded) and streamed live.
+
+Kinds: `node.ready`, `node.unreachable`, `node.maintenance`, `node.added`, `node.removed`,
+`rpc.restarted` (with the agent's cause), `coordinator.<state>` (starting, ready, stopping,
+stopped, failed, with the cause), `placement` (where a model went), `placement.failed` (why not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from llamafleet.controller.store import Store
+
+log = logging.getLogger(__name__)
+DEFAULT_RETENTION = 10_000
+PRUNE_EVERY = 100
+SUBSCRIBER_QUEUE = 1000
+
+
+class EventSink(Protocol):
+    def __call__(self, kind: str, subject: str, message: str, **data: Any) -> None: ...
+
+
+def no_events(kind: str, subject: str, message: str, **data: Any) -> None:
+    """The sink of a component nobody listens to (unit tests, tools)."""
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    at_ms: int
+    kind: str
+    subject: str
+    message: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "at_ms": self.at_ms, "kind": self.kind, "subject": self.subject,
+                "message": self.message, "data": self.data}
+
+
+class EventLog:
+    def __init__(self, store: Store, retention: int = DEFAULT_RETENTION) -> None:
+        self._store = store
+        self._retention = retention
+        self._since_prune = 0
+        self._subscribers: set[asyncio.Queue[Event]] = set()
+        self._listeners: list[Callable[[Event], None]] = []
+
+    def record(self, kind: str, subject: str, message: str, **data: Any) -> None:
+        at_ms = int(time.time() * 1000)
+        event = Event(self._store.add_event(at_ms, kind, subject, message, data), at_ms, kind, subject, message, data)
+        log.debug("event %s %s: %s", kind, subject, message)
+        self._since_prune += 1
+        if self._since_prune >= PRUNE_EVERY:
+            self._store.prune_events(self._retention)
+            self._since_prune = 0
+        for listener in self._listeners:
+            listener(event)
+        for queue in self._subscribers:
+            with contextlib.suppress(asyncio.QueueFull):
+                # A reader that fell this far behind misses events; it can re-read the log.
+                queue.put_nowait(event)
+
+    def recent(self, after_id: int = 0, limit: int = 200) -> list[Event]:
+        return [Event(*row) for row in self._store.events(after_id, limit)]
+
+    def listen(self, listener: Callable[[Event], None]) -> None:
+        """Call `listener` with every event as it is recorded (metrics count from here)."""
+        self._listeners.append(listener)
+
+    def subscribe(self) -> asyncio.Queue[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue(SUBSCRIBER_QUEUE)
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
+        self._subscribers.discard(queue)
