@@ -62,6 +62,7 @@ class Placer(Protocol):
     """What a deployment asks of the fleet: where to go, and whether its backends still hold it."""
 
     async def place(self, model: str, ctx: int, *, restarting: bool) -> CoordinatorSpec: ...
+    def check(self, model: str, ctx: int) -> DoesNotFit | None: ...
     def release(self, model: str) -> None: ...
     def backends_changed(self, spec: CoordinatorSpec) -> str | None: ...
 
@@ -342,7 +343,13 @@ class Deployment:
             if (why := self._placer.backends_changed(spec)) is not None:
                 return _StopReason("backends", why)
             if self._want_ctx > spec.ctx_per_slot and self.active == 0:
-                return _StopReason("ctx", f"reloading with a context of {self._want_ctx}")
+                # Only give up a working coordinator for a context that will fit.
+                refusal = self._placer.check(self.model, self._want_ctx)
+                if refusal is None:
+                    return _StopReason("ctx", f"reloading with a context of {self._want_ctx}")
+                self._failure, self._failure_attempt = refusal, self._attempt
+                self._want_ctx = spec.ctx_per_slot
+                self._set(CoordinatorState.READY)  # wakes the waiters, who get the refusal
             if self.idle and self.expires_at is not None and time.monotonic() >= self.expires_at:
                 self._wanted = False
                 self._want_ctx = 0

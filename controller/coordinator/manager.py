@@ -138,6 +138,12 @@ class CoordinatorManager:
                     raise DoesNotFit(message)
                 await asyncio.sleep(SWAP_POLL_S)
 
+    def check(self, model: str, ctx: int) -> DoesNotFit | None:
+        """Would `model` fit with `ctx` in place of its current placement? None when it would."""
+        reserved, load = self._reserved(excluding=model)
+        _, plan, _ = self.planner.plan(model, ctx or None, reserved, load)
+        return None if plan.fits else self._refused(model, plan)
+
     def _refused(self, model: str, plan: Plan) -> DoesNotFit:
         error = does_not_fit(model, plan)
         reason = "no_nodes" if not plan.assignments and "no node can take part" in plan.reason else "memory"

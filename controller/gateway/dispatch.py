@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import aiohttp
 from aiohttp import web
 
-from llamafleet.controller.coordinator.manager import CoordinatorManager
+from llamafleet.controller.coordinator.manager import CoordinatorManager, canonical
 from llamafleet.controller.gateway.pool import OllamaPool, PoolUnavailable
 from llamafleet.controller.gateway.router import Route, Router
 from llamafleet.controller.gateway.upstream import UPSTREAM_TIMEOUT, Final, UpstreamUnavailable
@@ -54,6 +54,7 @@ class Dispatcher:
     async def observed(self, model: str, pieces: AsyncIterator[str | Final], info: RunInfo) -> AsyncIterator[str | Final]:
         """`pieces`, with the time to the first one and the final counts recorded in the metrics."""
         first: float | None = None
+        model = canonical(model)  # one series per model, however clients spell it
         async with contextlib.aclosing(pieces):
             async for piece in pieces:
                 if first is None:

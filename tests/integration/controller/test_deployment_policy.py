@@ -55,6 +55,9 @@ class OnePlace:
     def release(self, model: str) -> None:
         self.released += 1
 
+    def check(self, model: str, ctx: int) -> None:
+        return None
+
     def backends_changed(self, spec: CoordinatorSpec) -> str | None:
         return None
 
