@@ -159,6 +159,24 @@ function addEvent(event) {
   if (event.kind.startsWith("node.") || event.kind.startsWith("coordinator.") || event.kind.startsWith("rpc.")) refresh();
 }
 
+async function readSeparated(response, separator, onItem) {
+  // Calls onItem for every complete piece of a streamed body, as it arrives.
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf(separator)) >= 0) {
+      const item = buffer.slice(0, end);
+      buffer = buffer.slice(end + separator.length);
+      onItem(item);
+    }
+  }
+}
+
 async function followEvents() {
   // fetch, not EventSource: it can send the API key.
   for (;;) {
@@ -166,21 +184,10 @@ async function followEvents() {
       const response = await api(`/llamafleet/v1/events/stream?after=${state.lastEvent}`);
       $("live").textContent = "live";
       $("live").className = "badge live";
-      const reader = response.body.getReader();
-      const decoder = new TextDecoder();
-      let buffer = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buffer += decoder.decode(value, { stream: true });
-        let end;
-        while ((end = buffer.indexOf("\n\n")) >= 0) {
-          const block = buffer.slice(0, end);
-          buffer = buffer.slice(end + 2);
-          const data = block.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
-          if (data) addEvent(JSON.parse(data));
-        }
-      }
+      await readSeparated(response, "\n\n", (block) => {
+        const data = block.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
+        if (data) addEvent(JSON.parse(data));
+      });
     } catch (error) { showError(error); }
     $("live").textContent = "offline";
     $("live").className = "badge";
@@ -198,26 +205,16 @@ async function runPrompt(event) {
       model: $("prompt-model").value, prompt: $("prompt").value,
       options: { num_predict: Number($("prompt-tokens").value) } }) });
     if (!response.ok) throw new Error((await response.json()).error);
-    const reader = response.body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, { stream: true });
-      let end;
-      while ((end = buffer.indexOf("\n")) >= 0) {
-        const doc = JSON.parse(buffer.slice(0, end));
-        buffer = buffer.slice(end + 1);
-        if (doc.error) throw new Error(doc.error);
-        $("answer").textContent += doc.response || "";
-        if (doc.done) {
-          const rate = doc.eval_count / (doc.eval_duration / 1e9);
-          $("answer-stats").textContent = `${doc.eval_count} tokens · ${rate.toFixed(1)} tokens/s · ` +
-            `load ${(doc.load_duration / 1e9).toFixed(1)} s · ${doc.done_reason}`;
-        }
+    await readSeparated(response, "\n", (line) => {
+      const doc = JSON.parse(line);
+      if (doc.error) throw new Error(doc.error);
+      $("answer").textContent += doc.response || "";
+      if (doc.done) {
+        const rate = doc.eval_count / (doc.eval_duration / 1e9);
+        $("answer-stats").textContent = `${doc.eval_count} tokens · ${rate.toFixed(1)} tokens/s · ` +
+          `load ${(doc.load_duration / 1e9).toFixed(1)} s · ${doc.done_reason}`;
       }
-    }
+    });
   } catch (error) {
     $("answer-stats").replaceChildren(el("span", { class: "error" }, String(error.message || error)));
   } finally {

@@ -57,6 +57,11 @@ class Fleet:
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
 
+    def ps(self) -> list[dict[str, Any]]:
+        result = self.cli("ps", "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
     def node(self, address: str) -> dict[str, Any]:
         return next(n for n in self.nodes() if n["address"] == address)
 

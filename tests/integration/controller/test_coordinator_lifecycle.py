@@ -20,11 +20,6 @@ GREEDY = {"temperature": 0, "seed": 7, "num_predict": 24}
 PROMPT = "Once upon a time, in a small village by the sea,"
 
 
-def ps(fleet: Fleet) -> list[dict]:
-    result = fleet.cli("ps", "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
 
 def raw_tokens(fleet: Fleet, model: str = "gemma") -> str:
     reply = ollama.Client(host=fleet.url).generate(model=model, prompt=PROMPT, raw=True, options=GREEDY)
@@ -37,11 +32,11 @@ def test_three_backend_split_gives_the_same_tokens_as_one_backend(tmp_path: Path
     with running_fleet(tmp_path / "split", llama_cpp, test_model, agents=3,
                        controller_args=("--default-ctx", "16384")) as fleet:
         split = raw_tokens(fleet)
-        assert len(ps(fleet)[0]["backends"]) == 3
+        assert len(fleet.ps()[0]["backends"]) == 3
     with running_fleet(tmp_path / "one", llama_cpp, test_model, agents=1, memory_limit="2GiB",
                        controller_args=("--default-ctx", "16384")) as fleet:
         alone = raw_tokens(fleet)
-        assert len(ps(fleet)[0]["backends"]) == 1
+        assert len(fleet.ps()[0]["backends"]) == 1
     assert split == alone and split.strip()
 
 
@@ -49,7 +44,7 @@ def test_request_after_an_rpc_server_kill_succeeds_on_a_restarted_coordinator(tm
                                                                                test_model: Path) -> None:
     with running_fleet(tmp_path, llama_cpp, test_model, agents=2) as fleet:
         before = raw_tokens(fleet)
-        [loaded] = ps(fleet)
+        [loaded] = fleet.ps()
         victim = fleet.agents[0]
         old = victim.rpc()
         os.kill(old.pid, signal.SIGKILL)
@@ -59,7 +54,7 @@ def test_request_after_an_rpc_server_kill_succeeds_on_a_restarted_coordinator(tm
         recovered_s = time.monotonic() - killed_at
         assert after == before
         assert victim.rpc().generation > old.generation
-        [reloaded] = ps(fleet)
+        [reloaded] = fleet.ps()
         assert reloaded["state"] == "ready" and reloaded["pid"] != loaded["pid"]
         assert reloaded["restarts"] >= 1
         print(f"recovered from an rpc-server SIGKILL in {recovered_s:.1f}s")
@@ -69,10 +64,10 @@ def test_backend_restart_while_idle_restarts_the_coordinator_before_any_request(
                                                                                 test_model: Path) -> None:
     with running_fleet(tmp_path, llama_cpp, test_model, agents=2) as fleet:
         raw_tokens(fleet)
-        [loaded] = ps(fleet)
+        [loaded] = fleet.ps()
         os.kill(fleet.agents[1].rpc().pid, signal.SIGKILL)
         # The agent reports the new generation; the controller restarts on its own.
-        wait_for(lambda: (d := ps(fleet)) and d[0]["state"] == "ready" and d[0]["pid"] != loaded["pid"], 60,
+        wait_for(lambda: (d := fleet.ps()) and d[0]["state"] == "ready" and d[0]["pid"] != loaded["pid"], 60,
                  "a coordinator restarted without any request")
         assert "restarted (generation" in fleet.log_path.read_text()
 
@@ -82,13 +77,13 @@ def test_loading_a_second_model_that_does_not_fit_beside_the_first_unloads_the_i
     with running_fleet(tmp_path, llama_cpp, test_model, agents=2) as fleet:
         (fleet.models_dir / "gemma-copy.gguf").symlink_to(test_model)
         first = raw_tokens(fleet, "gemma")
-        assert [d["model"] for d in ps(fleet)] == ["gemma:latest"]
+        assert [d["model"] for d in fleet.ps()] == ["gemma:latest"]
         second = raw_tokens(fleet, "gemma-copy")
-        assert [d["model"] for d in ps(fleet)] == ["gemma-copy:latest"]
+        assert [d["model"] for d in fleet.ps()] == ["gemma-copy:latest"]
         assert first == second
         assert "unloaded to make room for gemma-copy:latest" in fleet.log_path.read_text()
         raw_tokens(fleet, "gemma")
-        assert [d["model"] for d in ps(fleet)] == ["gemma:latest"]
+        assert [d["model"] for d in fleet.ps()] == ["gemma:latest"]
 
 
 def test_ollama_pool_route_skips_a_dead_node_and_serves_through_a_live_one(tmp_path: Path, llama_cpp: Manifest,
@@ -111,7 +106,7 @@ def test_ollama_pool_route_skips_a_dead_node_and_serves_through_a_live_one(tmp_p
             streamed = "".join(p.message.content for p in client.chat(
                 model="gemma", messages=[{"role": "user", "content": "hi"}], stream=True, options=GREEDY))
             assert streamed
-            assert ps(front) == [] and [d["model"] for d in ps(pool_node)] == ["gemma:latest"]
+            assert front.ps() == [] and [d["model"] for d in pool_node.ps()] == ["gemma:latest"]
             [down] = [n for n in json.loads(front.cli("pool", "--json").stdout) if n["url"] == dead]
             assert not down["healthy"] and down["error"]
         finally:

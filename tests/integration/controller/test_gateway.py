@@ -40,11 +40,6 @@ def client(fleet: Fleet) -> ollama.Client:
     return ollama.Client(host=fleet.url)
 
 
-def ps(fleet: Fleet) -> list[dict]:
-    result = fleet.cli("ps", "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
 
 def test_first_chat_loads_the_model_across_three_backends_and_reports_the_load(fleet: Fleet, client: ollama.Client) -> None:
     first = client.chat(model="gemma", messages=[{"role": "user", "content": "Name a colour."}], stream=False,
@@ -56,7 +51,7 @@ def test_first_chat_loads_the_model_across_three_backends_and_reports_the_load(f
     second = client.chat(model="gemma", messages=[{"role": "user", "content": "Name a colour."}], stream=False,
                          options=GREEDY)
     assert second.load_duration == 0 and second.message.content == first.message.content
-    [loaded] = ps(fleet)
+    [loaded] = fleet.ps()
     assert loaded["model"] == "gemma:latest" and loaded["state"] == "ready"
     assert sorted(loaded["backends"]) == sorted(a.rpc_endpoint for a in fleet.agents)
     assert sum(loaded["tensor_split"]) == 19  # 18 layers + the output layer
@@ -161,7 +156,7 @@ def test_cli_run_streams_an_answer_and_stop_unloads(fleet: Fleet) -> None:
     assert result.stdout.strip() and "tokens/s" in result.stderr
     stopped = fleet.cli("stop", "gemma")
     assert stopped.returncode == 0 and "stopped gemma:latest" in stopped.stdout
-    assert ps(fleet) == []
+    assert fleet.ps() == []
     assert fleet.cli("ps").stdout.strip() == "no models loaded"
     again = fleet.cli("stop", "gemma")
     assert again.returncode == 1 and "not loaded" in again.stderr
@@ -180,21 +175,21 @@ def test_cli_run_of_a_model_that_does_not_fit_exits_3(fleet: Fleet) -> None:
 
 def test_keep_alive_zero_unloads_after_the_request(fleet: Fleet, client: ollama.Client) -> None:
     client.generate(model="gemma", prompt="hi", options={"num_predict": 2}, keep_alive=0)
-    wait_for(lambda: ps(fleet) == [], 15, "the model to unload after keep_alive 0")
+    wait_for(lambda: fleet.ps() == [], 15, "the model to unload after keep_alive 0")
 
 
 def test_idle_model_unloads_after_its_keep_alive(fleet: Fleet, client: ollama.Client) -> None:
     client.generate(model="gemma", prompt="hi", options={"num_predict": 2}, keep_alive="2s")
-    assert [d["model"] for d in ps(fleet)] == ["gemma:latest"]
+    assert [d["model"] for d in fleet.ps()] == ["gemma:latest"]
     started = time.monotonic()
-    wait_for(lambda: ps(fleet) == [], 20, "the idle model to unload")
+    wait_for(lambda: fleet.ps() == [], 20, "the idle model to unload")
     assert time.monotonic() - started >= 1.0  # not before its keep-alive
 
 
 def test_load_only_and_unload_only_requests(fleet: Fleet, client: ollama.Client) -> None:
     loaded = client.generate(model="gemma", prompt="", keep_alive=-1)
     assert loaded.done and loaded.done_reason == "load"
-    [doc] = ps(fleet)
+    [doc] = fleet.ps()
     assert doc["state"] == "ready" and doc["expires_at_unix"] is None
     unloaded = client.generate(model="gemma", prompt="", keep_alive=0)
-    assert unloaded.done_reason == "unload" and ps(fleet) == []
+    assert unloaded.done_reason == "unload" and fleet.ps() == []

@@ -29,11 +29,6 @@ LONG = {"num_predict": 1500, "temperature": 0, "seed": 3}
 PROMPT = "Once upon a time, in a small village by the sea,"
 
 
-def ps(fleet: Fleet) -> list[dict]:
-    result = fleet.cli("ps", "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
 
 def answer(fleet: Fleet) -> ollama.GenerateResponse:
     return ollama.Client(host=fleet.url, timeout=120).generate(model="gemma", prompt=PROMPT, raw=True, options=SHORT)
@@ -90,13 +85,13 @@ def test_coordinator_kill_9_is_restarted_without_a_manual_step(tmp_path: Path, l
                                                                 test_model: Path) -> None:
     with running_fleet(tmp_path, llama_cpp, test_model, agents=2) as fleet:
         answer(fleet)
-        [before] = ps(fleet)
+        [before] = fleet.ps()
         os.kill(before["pid"], signal.SIGKILL)
         killed_at = time.monotonic()
-        wait_for(lambda: (d := ps(fleet)) and d[0]["state"] == "ready" and d[0]["pid"] != before["pid"], 60,
+        wait_for(lambda: (d := fleet.ps()) and d[0]["state"] == "ready" and d[0]["pid"] != before["pid"], 60,
                  "the coordinator restarted")
         print(f"coordinator SIGKILL: ready again after {time.monotonic() - killed_at:.1f}s")
-        [after] = ps(fleet)
+        [after] = fleet.ps()
         assert after["restarts"] == before["restarts"] + 1 and "SIGKILL" in after["last_exit"]
         assert answer(fleet).done
 
@@ -105,24 +100,24 @@ def test_a_stopped_agent_is_unreachable_but_its_rpc_server_keeps_serving(tmp_pat
                                                                          test_model: Path) -> None:
     with running_fleet(tmp_path, llama_cpp, test_model, agents=2) as fleet:
         answer(fleet)
-        [before] = ps(fleet)
+        [before] = fleet.ps()
         agent = fleet.agents[0]
         agent.proc.send_signal(signal.SIGSTOP)
         try:
             wait_for(lambda: fleet.node(agent.address)["state"] == "unreachable", 10, "the stopped agent marked")
             assert answer(fleet).done  # a busy or frozen agent is not a dead backend
-            assert ps(fleet)[0]["pid"] == before["pid"]
+            assert fleet.ps()[0]["pid"] == before["pid"]
         finally:
             agent.proc.send_signal(signal.SIGCONT)
         wait_for(lambda: fleet.node(agent.address)["state"] == "ready", 10, "the agent ready again")
-        assert ps(fleet)[0]["pid"] == before["pid"]
+        assert fleet.ps()[0]["pid"] == before["pid"]
 
 
 def test_a_lost_worker_is_replaced_by_a_spare_and_used_again_when_it_returns(tmp_path: Path, llama_cpp: Manifest,
                                                                             test_model: Path) -> None:
     with running_fleet(tmp_path, llama_cpp, test_model, agents=3) as fleet:
         answer(fleet)
-        [before] = ps(fleet)
+        [before] = fleet.ps()
         assert len(before["backends"]) == 2
         lost = next(a for a in fleet.agents if a.rpc_endpoint in before["backends"])
         spare = next(a for a in fleet.agents if a.rpc_endpoint not in before["backends"])
@@ -131,7 +126,7 @@ def test_a_lost_worker_is_replaced_by_a_spare_and_used_again_when_it_returns(tmp
         killed_at = time.monotonic()
         assert answer(fleet).done
         print(f"worker lost: answered from a re-placed coordinator {time.monotonic() - killed_at:.1f}s after the kill")
-        [after] = ps(fleet)
+        [after] = fleet.ps()
         assert lost.rpc_endpoint not in after["backends"] and spare.rpc_endpoint in after["backends"]
         assert fleet.node(lost.address)["state"] == "unreachable"
         lost.start_again()
@@ -139,7 +134,7 @@ def test_a_lost_worker_is_replaced_by_a_spare_and_used_again_when_it_returns(tmp
         fleet.cli("node", "maintenance", spare.address, "--on")
         fleet.cli("stop", "gemma")
         assert answer(fleet).done
-        assert lost.rpc_endpoint in ps(fleet)[0]["backends"]
+        assert lost.rpc_endpoint in fleet.ps()[0]["backends"]
 
 
 def test_a_lost_worker_without_a_spare_is_a_clear_507_until_it_returns(tmp_path: Path, llama_cpp: Manifest,
@@ -162,12 +157,12 @@ def test_controller_kill_9_leaves_no_orphan_and_reloads_what_was_loaded(tmp_path
                                                                         test_model: Path) -> None:
     with running_fleet(tmp_path, llama_cpp, test_model, agents=2) as fleet:
         answer(fleet)
-        [before] = ps(fleet)
+        [before] = fleet.ps()
         assert [p.pid for p in coordinators()] == [before["pid"]]
         fleet.stop_controller(signal.SIGKILL)
         assert wait_gone(before["pid"], 10), "llama-server outlived its controller"
         fleet.start_controller([a.address for a in fleet.agents])
-        wait_for(lambda: (d := ps(fleet)) and d[0]["state"] == "ready", 60, "the model reloaded")
+        wait_for(lambda: (d := fleet.ps()) and d[0]["state"] == "ready", 60, "the model reloaded")
         assert len(coordinators()) == 1 and coordinators()[0].pid != before["pid"]
         assert answer(fleet).done
         assert len(coordinators()) == 1
