@@ -8,14 +8,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
-from prometheus_client.registry import Collector
-
 from llamafleet.agent.core import AgentSnapshot
 from llamafleet.agent.settings import split_host_port
 from llamafleet.agent.supervisor import RpcState
 from llamafleet.common.errors import LlamafleetError
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+)
+from prometheus_client.registry import Collector
 
 
 class AgentCollector(Collector):

@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 from aiohttp import web
-
 from llamafleet.common.errors import UsageError
 from llamafleet.controller.coordinator.manager import CoordinatorManager
 from llamafleet.controller.events import EventLog
@@ -40,12 +39,11 @@ def _int_query(request: web.Request, name: str, default: int, high: int) -> int:
     return int(raw)
 
 
-def tail_lines(path: Path, count: int, chunk: int = 64 * 1024) -> list[str]:
-    """The last `count` lines of a file, reading at most a bounded amount from its end."""
+def tail_lines(path: Path, count: int, max_bytes: int = 256 * 1024) -> list[str]:
+    """The last `count` lines of a file, reading no more than its last `max_bytes`."""
     with path.open("rb") as handle:
         handle.seek(0, os.SEEK_END)
-        size = handle.tell()
-        handle.seek(max(size - chunk * 4, 0))
+        handle.seek(max(handle.tell() - max_bytes, 0))
         data = handle.read()
     return data.decode(errors="replace").splitlines()[-count:]
 
@@ -139,8 +137,7 @@ def make_routes(inventory: Inventory, planner: Planner, manager: CoordinatorMana
         if ctx is not None and (not isinstance(ctx, int) or isinstance(ctx, bool)):
             raise UsageError("'ctx' must be an integer")
         resolved, result, warnings = planner.plan(model, ctx)
-        protocol = planner.coordinator.rpc_protocol_version if planner.coordinator else None
-        return web.json_response(plan_to_json(resolved, result, warnings, protocol)
+        return web.json_response(plan_to_json(resolved, result, warnings, planner.coordinator_protocol)
                                  | {"route": router.route(model, ctx).to_json()})
 
     @routes.get(f"{PREFIX}/pool")

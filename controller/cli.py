@@ -13,13 +13,24 @@ from pathlib import Path
 from typing import Any
 
 import click
-
-from llamafleet.common.cli import build_command, run_main, settings_flags, settings_options, setup_logging
+from llamafleet.common.cli import (
+    build_command,
+    run_main,
+    settings_flags,
+    settings_options,
+    setup_logging,
+)
 from llamafleet.common.errors import LlamafleetError
-from llamafleet.controller.client import ControllerError, call, stream_json_lines, stream_sse
 from llamafleet.common.paths import default_state_dir
 from llamafleet.common.settings import load_settings
 from llamafleet.common.units import format_size, parse_duration
+from llamafleet.controller.client import (
+    ControllerError,
+    call,
+    stream_json_lines,
+    stream_sse,
+)
+from llamafleet.controller.models import parse_model_name
 from llamafleet.controller.settings import DEFAULT_LISTEN, ControllerSettings
 
 DEFAULT_CONTROLLER = f"http://{DEFAULT_LISTEN}"
@@ -321,8 +332,8 @@ def _load_with_progress(controller: str, model: str, extra: dict[str, Any]) -> N
             docs = call(controller, "GET", "/llamafleet/v1/ps", timeout=5)
         except ControllerError:
             continue  # the load request itself will report a dead controller
-        doc = next((d for d in docs if d["state"] != "ready" and model in (d["model"], d["model"].split(":")[0])), None)
-        if doc is None:
+        doc = _entry_of(docs, model)
+        if doc is None or doc["state"] == "ready":
             continue
         line = f"loading {doc['model']}: {doc['detail'] or doc['state']} ({time.monotonic() - started:.0f}s)"
         if tty:
@@ -336,10 +347,18 @@ def _load_with_progress(controller: str, model: str, extra: dict[str, Any]) -> N
         raise outcome["error"]
     load_s = outcome["reply"].get("load_duration", 0) / 1e9
     if load_s > 0.05:
-        placed = next((d for d in call(controller, "GET", "/llamafleet/v1/ps") if d["state"] == "ready"
-                       and model in (d["model"], d["model"].split(":")[0])), None)
+        placed = _entry_of(call(controller, "GET", "/llamafleet/v1/ps"), model)
         where = f" on {len(placed['backends'])} backend(s): {', '.join(placed['backends'])}" if placed else ""
         click.echo(f"loaded {model} in {load_s:.1f}s{where}", err=True)
+
+
+def _entry_of(docs: list[dict[str, Any]], model: str) -> dict[str, Any] | None:
+    """The `ps` entry of `model`, however the user spelled its name."""
+    try:
+        key = parse_model_name(model).short
+    except LlamafleetError:
+        return None  # not a valid name: the load request reports that
+    return next((d for d in docs if d["model"] == key), None)
 
 
 def _answer(controller: str, model: str, messages: list[dict[str, str]], extra: dict[str, Any]) -> str:

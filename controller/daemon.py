@@ -5,37 +5,44 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-
 from llamafleet.agent.settings import split_host_port
 from llamafleet.common.agent_client import AgentAddress, read_token_file
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.llamacpp.build import current_manifest
 from llamafleet.common.llamacpp.install import Manifest, adopt_install
-from llamafleet.common.systemd import Notifier
 from llamafleet.common.restart import RestartPolicy
+from llamafleet.common.systemd import Notifier
 from llamafleet.controller.api import make_routes
 from llamafleet.controller.coordinator.deployment import Runtime
 from llamafleet.controller.coordinator.manager import CoordinatorManager
+from llamafleet.controller.dashboard import dashboard_routes
+from llamafleet.controller.events import EventLog
 from llamafleet.controller.gateway import ollama, openai
 from llamafleet.controller.gateway.catalog import Catalog
 from llamafleet.controller.gateway.dispatch import Dispatcher
 from llamafleet.controller.gateway.pool import OllamaPool
 from llamafleet.controller.gateway.router import Router, parse_routes
 from llamafleet.controller.inventory import Inventory
-from llamafleet.controller.models import ModelStore, default_ollama_stores, parse_model_entries
+from llamafleet.controller.metrics import ControllerMetrics
+from llamafleet.controller.models import (
+    ModelStore,
+    default_ollama_stores,
+    parse_model_entries,
+)
 from llamafleet.controller.placement.plan import Headroom
 from llamafleet.controller.planner import Planner
 from llamafleet.controller.settings import ControllerSettings
 from llamafleet.controller.store import Store
-from llamafleet.controller.dashboard import dashboard_routes
-from llamafleet.controller.events import EventLog
-from llamafleet.controller.metrics import ControllerMetrics
-from llamafleet.controller.web import count_requests, errors_as_json, read_api_keys, require_api_key
+from llamafleet.controller.web import (
+    count_requests,
+    errors_as_json,
+    read_api_keys,
+    require_api_key,
+)
 
 log = logging.getLogger(__name__)
 # Open streams (a dashboard's event stream, a long answer) get this long to end on shutdown.
@@ -112,11 +119,12 @@ async def _reload_previous(store: Store, manager: CoordinatorManager, inventory:
         log.info("reloaded %s, loaded when the previous controller stopped", model)
 
 
-def make_app(settings: ControllerSettings, inventory: Inventory, planner: Planner, manager: CoordinatorManager,
-             router: Router, dispatcher: Dispatcher, events: EventLog, metrics: ControllerMetrics) -> web.Application:
+def make_app(settings: ControllerSettings, api_keys: tuple[str, ...] | None, inventory: Inventory, planner: Planner,
+             manager: CoordinatorManager, router: Router, dispatcher: Dispatcher, events: EventLog,
+             metrics: ControllerMetrics) -> web.Application:
     middlewares = [count_requests(metrics), errors_as_json]
-    if settings.api_key_file is not None:
-        middlewares.insert(1, require_api_key(read_api_keys(settings.api_key_file)))
+    if api_keys is not None:
+        middlewares.insert(1, require_api_key(api_keys))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_request_bytes)
     app.add_routes(make_routes(inventory, planner, manager, router, events, metrics))
     app.add_routes(dashboard_routes())
@@ -131,6 +139,8 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
     token = read_token_file(settings.token_path)
     models = model_store(settings)
     routes = parse_routes(settings.routes)
+    # Every configuration error before anything starts: a bad file then costs nothing to undo.
+    api_keys = read_api_keys(settings.api_key_file) if settings.api_key_file is not None else None
 
     def target(address: str) -> AgentAddress:
         return AgentAddress(address, token, settings.agent_tls_ca, settings.agent_tls_cert, settings.agent_tls_key)
@@ -155,13 +165,15 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
     await pool.start()
     router = Router(planner, pool, routes, settings.ollama_node_memory)
     dispatcher = Dispatcher(manager, router, pool, session, metrics)
-    runner = web.AppRunner(make_app(settings, inventory, planner, manager, router, dispatcher, events, metrics),
-                           access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
+    app = make_app(settings, api_keys, inventory, planner, manager, router, dispatcher, events, metrics)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     host, port = split_host_port(settings.listen)
 
     async def close_all() -> None:
+        # Coordinators first: the HTTP side may still be streaming from them.
         await manager.close()
+        await runner.cleanup()
         await pool.close()
         await session.close()
         await inventory.close()
@@ -170,7 +182,6 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
     try:
         await web.TCPSite(runner, host, port).start()
     except OSError as exc:
-        await runner.cleanup()
         await close_all()
         raise LlamafleetError(f"cannot listen on {settings.listen}: {exc.strerror}") from None
     reloading = asyncio.create_task(_reload_previous(store, manager, inventory, settings.unreachable_after_s * 2),
@@ -189,7 +200,4 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
     finally:
         pinger.cancel()
         reloading.cancel()
-        # Coordinators first: the HTTP side may still be streaming from them.
-        await manager.close()
-        await runner.cleanup()
         await close_all()

@@ -10,14 +10,13 @@ from __future__ import annotations
 from collections import Counter as Tally
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
-
 from llamafleet.controller.coordinator.deployment import CoordinatorState
 from llamafleet.controller.coordinator.manager import CoordinatorManager
 from llamafleet.controller.events import Event
 from llamafleet.controller.inventory import Inventory
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 NODE_STATES = ("ready", "unreachable", "maintenance")
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

@@ -29,6 +29,11 @@ class Planner:
         self.default_ctx = default_ctx
         self._headers: dict[tuple[Path, int, int], GGUFHeader] = {}
 
+    @property
+    def coordinator_protocol(self) -> str | None:
+        """The RPC protocol of the llama.cpp the coordinator runs (None until there is a build)."""
+        return self.coordinator.rpc_protocol_version if self.coordinator else None
+
     def header(self, path: Path) -> GGUFHeader:
         stat = path.stat()
         key = (path, stat.st_mtime_ns, stat.st_size)
@@ -41,7 +46,7 @@ class Planner:
         """Place `model` over the ready nodes, minus `reserved` bytes per (node, device) already promised."""
         resolved, header, estimate = self._estimate(model, ctx)
         warnings = []
-        protocol = self.coordinator.rpc_protocol_version if self.coordinator else None
+        protocol = self.coordinator_protocol
         if protocol is None:
             warnings.append("the controller has no llama.cpp build (run `llamafleet build` or pass --llama-cpp): "
                             "RPC protocol versions were not compared")

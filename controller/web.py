@@ -10,12 +10,11 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
-
 from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.controller.coordinator.deployment import DoesNotFit
 from llamafleet.controller.coordinator.process import CoordinatorExited
@@ -28,11 +27,14 @@ from llamafleet.controller.models import InvalidModelName, ModelNotFound
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# Domain errors → HTTP status, in one place. Subclasses first.
+T = TypeVar("T")
+
+
 class BodyTooLarge(UsageError):
     """The request body is over the configured limit (413)."""
 
 
+# Domain errors → HTTP status, in one place. Subclasses first.
 _STATUS: list[tuple[type[LlamafleetError], int]] = [
     (BodyTooLarge, 413), (InvalidModelName, 400), (UsageError, 400), (ModelNotFound, 404), (DoesNotFit, 507),
     (GGUFError, 422), (EstimateError, 422), (CoordinatorExited, 503), (UpstreamUnavailable, 502),
@@ -126,6 +128,36 @@ def count_requests(metrics: ControllerMetrics) -> Callable[..., Awaitable[web.St
         return response
 
     return count
+
+
+def late_error(message: str, openai: bool) -> bytes:
+    """An error after the first piece of a stream: in-band, the way each API's clients read it."""
+    if openai:
+        return b"data: " + json.dumps({"error": {"message": message, "type": "server_error"}}).encode() + b"\n\n"
+    return json.dumps({"error": message}).encode() + b"\n"
+
+
+async def stream_items(request: web.Request, items: AsyncIterator[T], content_type: str,
+                       encode: Callable[[T], bytes], trailer: bytes = b"") -> web.StreamResponse:
+    """Stream `items`. The response starts with the first item, so an error before it still gets
+    its own status; an error after it ends the stream with an in-band error, never a silent cut."""
+    response: web.StreamResponse | None = None
+    try:
+        async for item in items:
+            if response is None:
+                response = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
+                await response.prepare(request)
+            await response.write(encode(item))
+    except LlamafleetError as exc:
+        if response is None:
+            raise
+        await response.write(late_error(exc.message, request.path.startswith("/v1/")))
+    else:
+        if response is None:
+            raise LlamafleetError("the coordinator sent nothing")
+        await response.write(trailer)
+    await response.write_eof()
+    return response
 
 
 async def json_body(request: web.Request, limit: int) -> dict[str, Any]:

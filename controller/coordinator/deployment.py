@@ -29,13 +29,15 @@ from pathlib import Path
 from typing import Protocol
 
 import aiohttp
-
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.llamacpp.probe import free_loopback_port
 from llamafleet.common.process import STOP_GRACE_S
 from llamafleet.common.restart import RestartPolicy
 from llamafleet.controller.coordinator.command import CoordinatorSpec
-from llamafleet.controller.coordinator.process import CoordinatorExited, CoordinatorProcess
+from llamafleet.controller.coordinator.process import (
+    CoordinatorExited,
+    CoordinatorProcess,
+)
 from llamafleet.controller.events import EventSink, no_events
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ class DoesNotFit(LlamafleetError):
 class Placer(Protocol):
     """What a deployment asks of the fleet: where to go, and whether its backends still hold it."""
 
-    async def place(self, model: str, ctx: int, *, restarting: bool) -> CoordinatorSpec: ...
+    async def place(self, model: str, ctx: int) -> CoordinatorSpec: ...
     def check(self, model: str, ctx: int) -> DoesNotFit | None: ...
     def release(self, model: str) -> None: ...
     def backends_changed(self, spec: CoordinatorSpec) -> str | None: ...
@@ -85,7 +87,6 @@ class Lease:
     url: str
     incarnation: int
     load_duration_s: float  # how long this request waited for a load (0 when it was ready)
-    spec: CoordinatorSpec
 
 
 @dataclass(frozen=True)
@@ -142,10 +143,10 @@ class Deployment:
                     raise self._failure
         finally:
             self.waiting -= 1
-        assert self.process is not None and self.spec is not None
+        assert self.process is not None
         self.active += 1
         self.expires_at = None
-        return Lease(self.process.url, self.incarnation, time.monotonic() - started if loaded else 0.0, self.spec)
+        return Lease(self.process.url, self.incarnation, time.monotonic() - started if loaded else 0.0)
 
     def release(self, keep_alive_s: float | None = None) -> None:
         """A request is done; the model stays `keep_alive_s` (negative: forever; 0: unload now)."""
@@ -156,12 +157,6 @@ class Deployment:
             self.expires_at = None if keep < 0 else self.last_used + keep
             if keep == 0:
                 self._wake.set()
-
-    def set_keep_alive(self, keep_alive_s: float) -> None:
-        """Ollama's load-only request (`keep_alive` with an empty prompt) resets the deadline."""
-        if self.active == 0:
-            self.expires_at = None if keep_alive_s < 0 else time.monotonic() + keep_alive_s
-            self._wake.set()
 
     def report_broken(self, incarnation: int) -> None:
         """A request found this incarnation unusable (connection refused, reset): restart it."""
@@ -229,23 +224,22 @@ class Deployment:
         self._set(state, exc.message)
 
     async def _lifecycle(self) -> None:
-        policy = self._runtime.policy
         failures = 0
+        # After an unplanned end a refusal to place is worth retrying (a backend is coming
+        # back); on a first load it is the answer, given at once.
         restarting = False
         try:
             while self._wanted:
                 self._set(CoordinatorState.STARTING, "placing")
                 try:
-                    spec = await self._placer.place(self.model, self._want_ctx, restarting=restarting)
+                    spec = await self._placer.place(self.model, self._want_ctx)
                 except DoesNotFit as exc:
                     if not restarting:
                         self._fail(exc, CoordinatorState.STOPPED)
                         return
                     failures += 1
-                    if failures >= policy.max_failures:
-                        self._fail(exc, CoordinatorState.FAILED)
+                    if not await self._back_off_or_fail(failures, exc):
                         return
-                    await self._backoff(failures, exc.message)
                     continue
                 except LlamafleetError as exc:
                     # The model file went away or no llama.cpp build: nothing a retry fixes.
@@ -258,22 +252,19 @@ class Deployment:
                                                              self._runtime.log_root)
                     self.process = process
                     self._set(CoordinatorState.STARTING, f"loading over {len(spec.backends)} backend(s)")
-                    await process.wait_ready(self._runtime.session, policy.start_timeout_s)
-                except CoordinatorExited as exc:
-                    self._record_exit(exc)
+                    await process.wait_ready(self._runtime.session, self._runtime.policy.start_timeout_s)
+                except LlamafleetError as exc:
                     self.process = None
                     self._placer.release(self.model)
-                    failures += 1
-                    if failures >= policy.max_failures:
-                        self._fail(exc, CoordinatorState.FAILED)
+                    if not isinstance(exc, CoordinatorExited):
+                        self._fail(exc, CoordinatorState.STOPPED)  # no llama.cpp build: a retry fixes nothing
                         return
+                    self._record_exit(exc)
+                    failures += 1
                     restarting = True
-                    await self._backoff(failures, exc.message)
+                    if not await self._back_off_or_fail(failures, exc):
+                        return
                     continue
-                except LlamafleetError as exc:
-                    self._placer.release(self.model)
-                    self._fail(exc, CoordinatorState.STOPPED)
-                    return
                 self.load_duration_s = time.monotonic() - loading_since
                 self.incarnation += 1
                 if restarting:
@@ -281,7 +272,7 @@ class Deployment:
                 ready_at = time.monotonic()
                 self._set(CoordinatorState.READY)
                 reason = await self._watch(process, spec)
-                if time.monotonic() - ready_at >= policy.healthy_reset_s:
+                if time.monotonic() - ready_at >= self._runtime.policy.healthy_reset_s:
                     failures = 0
                 self._set(CoordinatorState.STOPPING, reason.message)
                 if process.alive:
@@ -290,20 +281,16 @@ class Deployment:
                     self._record_exit(process.exit_error())
                 self.process = None
                 self._placer.release(self.model)
-                if reason.kind == "unload":
+                if reason.kind in ("unload", "ctx"):
                     restarting = False
-                    continue  # a request that came while stopping wants it back
-                if reason.kind == "ctx":
-                    restarting = False
-                    continue
+                    continue  # planned: a request that came meanwhile may want it back
                 log.warning("coordinator %s: restarting: %s", self.model, reason.message)
                 failures += 1
-                if failures >= policy.max_failures:
-                    self._fail(LlamafleetError(f"coordinator for {self.model} failed {failures} times in a row; "
-                                               f"last: {reason.message}"), CoordinatorState.FAILED)
-                    return
                 restarting = True
-                await self._backoff(failures, reason.message)
+                error = LlamafleetError(f"coordinator for {self.model} failed {failures} times in a row; "
+                                        f"last: {reason.message}")
+                if not await self._back_off_or_fail(failures, error, reason.message):
+                    return
             self._set(CoordinatorState.STOPPED, self.detail if self.state is CoordinatorState.STOPPING else "")
         finally:
             if self.process is not None:
@@ -313,6 +300,14 @@ class Deployment:
                 self._placer.release(self.model)
             if self.state not in (CoordinatorState.STOPPED, CoordinatorState.FAILED):
                 self._set(CoordinatorState.STOPPED)
+
+    async def _back_off_or_fail(self, failures: int, error: LlamafleetError, cause: str | None = None) -> bool:
+        """Wait before the next try; False (and `failed`, with `error`) once the policy gives up."""
+        if failures >= self._runtime.policy.max_failures:
+            self._fail(error, CoordinatorState.FAILED)
+            return False
+        await self._backoff(failures, cause or error.message)
+        return True
 
     def _record_exit(self, exc: CoordinatorExited) -> None:
         self.last_exit = exc.message

@@ -16,13 +16,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llamafleet.controller.coordinator.command import Backend, CoordinatorSpec
 from llamafleet.common.errors import LlamafleetError
-from llamafleet.controller.coordinator.process import log_dir_name
-from llamafleet.controller.coordinator.deployment import CoordinatorState, Deployment, DoesNotFit, Runtime
+from llamafleet.controller.coordinator.command import Backend, CoordinatorSpec
+from llamafleet.controller.coordinator.deployment import (
+    CoordinatorState,
+    Deployment,
+    DoesNotFit,
+    Runtime,
+)
+from llamafleet.controller.coordinator.process import log_dir_name, numbered_logs
 from llamafleet.controller.inventory import Inventory
 from llamafleet.controller.models import ResolvedModel, parse_model_name
-from llamafleet.controller.placement.plan import Plan
+from llamafleet.controller.placement.plan import DeviceAssignment, Plan
 from llamafleet.controller.planner import Planner, plan_to_json
 from llamafleet.controller.store import Store
 
@@ -30,6 +35,12 @@ log = logging.getLogger(__name__)
 # How long a load waits for busy models to finish so that it can take their memory.
 SWAP_WAIT_S = 300.0
 SWAP_POLL_S = 0.25
+
+
+def assignment_doc(a: DeviceAssignment) -> dict[str, Any]:
+    """Where one device's share of a model sits, as `ps --json`, events and the dashboard show it."""
+    return {"node": a.node, "endpoint": a.endpoint, "device": a.device, "first_layer": a.first_layer,
+            "layer_count": a.layer_count, "total_bytes": a.total_bytes, "output": bool(a.output_bytes)}
 
 
 def canonical(model: str) -> str:
@@ -44,7 +55,7 @@ def does_not_fit(model: str, plan: Plan, most: int = 4) -> DoesNotFit:
     if dropped:
         more = f" and {len(dropped) - most} more" if len(dropped) > most else ""
         message += f" [left out: {'; '.join(dropped[:most])}{more}]"
-    elif not plan.assignments and "no node can take part" in plan.reason:
+    elif plan.candidates == 0:
         message += " [no nodes are known: add one with --agent or `llamafleet node add HOST:PORT`]"
     return DoesNotFit(message)
 
@@ -81,8 +92,7 @@ class CoordinatorManager:
         deployment = self._deployments.get(key)
         if deployment is not None and deployment.process is not None:
             return deployment.process.log_path
-        folder = self.runtime.log_root / log_dir_name(key)
-        logs = sorted((int(p.stem), p) for p in folder.glob("*.log") if p.stem.isdigit()) if folder.is_dir() else []
+        logs = numbered_logs(self.runtime.log_root / log_dir_name(key))
         return logs[-1][1] if logs else None
 
     def all(self) -> list[Deployment]:
@@ -111,7 +121,7 @@ class CoordinatorManager:
                 load[node] = load.get(node, 0) + 1
         return reserved, load
 
-    async def place(self, model: str, ctx: int, *, restarting: bool) -> CoordinatorSpec:
+    async def place(self, model: str, ctx: int) -> CoordinatorSpec:
         async with self._placing:
             deadline = time.monotonic() + SWAP_WAIT_S
             while True:
@@ -127,7 +137,7 @@ class CoordinatorManager:
                 victim = self._least_recently_used_idle(excluding=model)
                 if victim is not None:
                     log.info("unloading %s to make room for %s", victim.model, model)
-                    nodes = {a.node for a in self._plans.get(victim.model, alone).assignments}
+                    nodes = {a.node for a in self._plans[victim.model].assignments}
                     unloaded_at = time.monotonic()
                     await victim.unload(f"unloaded to make room for {model}")
                     await self._fresh_reports(nodes, unloaded_at)
@@ -146,7 +156,7 @@ class CoordinatorManager:
 
     def _refused(self, model: str, plan: Plan) -> DoesNotFit:
         error = does_not_fit(model, plan)
-        reason = "no_nodes" if not plan.assignments and "no node can take part" in plan.reason else "memory"
+        reason = "no_nodes" if plan.candidates == 0 else "memory"
         self.runtime.events("placement.failed", model, error.message, reason=reason)
         return error
 
@@ -155,13 +165,11 @@ class CoordinatorManager:
         endpoints = {a.endpoint: a.node for a in plan.assignments}
         backends = tuple(Backend(node, endpoint, generations.get(node, 0)) for endpoint, node in endpoints.items())
         self._plans[model] = plan
-        protocol = self.planner.coordinator.rpc_protocol_version if self.planner.coordinator else None
-        self.store.save_placement(model, plan_to_json(resolved, plan, [], protocol))
+        self.store.save_placement(model, plan_to_json(resolved, plan, [], self.planner.coordinator_protocol))
         self.runtime.events("placement", model, f"on {len(backends)} backend(s): --rpc {','.join(endpoints)} "
                             f"--tensor-split {','.join(map(str, plan.tensor_split))}",
                             backends=list(endpoints), tensor_split=plan.tensor_split,
-                            layers=[{"node": a.node, "endpoint": a.endpoint, "device": a.device,
-                                     "first_layer": a.first_layer, "layer_count": a.layer_count} for a in plan.assignments])
+                            layers=[assignment_doc(a) for a in plan.assignments])
         e = plan.estimate
         return CoordinatorSpec(model, resolved.path, backends, tuple(plan.tensor_split), e.n_layers,
                                e.ctx_per_slot, e.parallel)
@@ -214,18 +222,17 @@ class CoordinatorManager:
                 "backends": d.spec.endpoints if d.spec else [],
                 "nodes": [b.node for b in d.spec.backends] if d.spec else [],
                 "tensor_split": list(d.spec.tensor_split) if d.spec else [],
-                "assignments": [{"node": a.node, "endpoint": a.endpoint, "device": a.device,
-                                 "first_layer": a.first_layer, "layer_count": a.layer_count,
-                                 "total_bytes": a.total_bytes, "output": bool(a.output_bytes)}
-                                for a in plan.assignments] if plan else [],
+                "assignments": [assignment_doc(a) for a in plan.assignments] if plan else [],
                 "ctx": d.spec.ctx_per_slot if d.spec else None,
                 "parallel": d.spec.parallel if d.spec else None,
                 "size_bytes": sum(a.total_bytes for a in plan.assignments) if plan else 0,
                 "gpu_bytes": sum(a.total_bytes for a in plan.assignments if a.device != "CPU") if plan else 0,
                 "pid": d.process.proc.pid if d.process else None,
                 "url": d.process.url if d.process else None,  # loopback only: for debugging and benchmarks
+                "state_since_unix_ms": int(d.state_since * 1000),
                 "restarts": d.restarts,
                 "last_exit": d.last_exit,
+                "last_output": list(d.last_output),
                 "load_duration_s": round(d.load_duration_s, 3),
                 "in_flight": d.active,
                 "expires_at_unix": expires,

@@ -15,10 +15,18 @@ from collections import deque
 from pathlib import Path
 
 import aiohttp
-
 from llamafleet.common.errors import LlamafleetError
-from llamafleet.common.process import STOP_GRACE_S, describe_exit, spawn_group_async, stop_group_async
-from llamafleet.controller.coordinator.command import CoordinatorSpec, coordinator_argv, coordinator_env
+from llamafleet.common.process import (
+    STOP_GRACE_S,
+    describe_exit,
+    spawn_group_async,
+    stop_group_async,
+)
+from llamafleet.controller.coordinator.command import (
+    CoordinatorSpec,
+    coordinator_argv,
+    coordinator_env,
+)
 
 log = logging.getLogger(__name__)
 HEALTH_POLL_S = 0.1
@@ -35,11 +43,18 @@ def log_dir_name(model: str) -> str:
     return model.replace("/", "_").replace(":", "@")
 
 
+def numbered_logs(folder: Path) -> list[tuple[int, Path]]:
+    """The `<n>.log` files of one model's log folder, oldest first."""
+    if not folder.is_dir():
+        return []
+    return sorted((int(p.stem), p) for p in folder.glob("*.log") if p.stem.isdigit())
+
+
 def next_log_path(root: Path, model: str) -> Path:
     """`root/<model>/<n>.log`, one file per start; the oldest beyond LOGS_KEPT_PER_MODEL go."""
     folder = root / log_dir_name(model)
     folder.mkdir(parents=True, exist_ok=True)
-    numbered = sorted((int(p.stem), p) for p in folder.glob("*.log") if p.stem.isdigit())
+    numbered = numbered_logs(folder)
     for _, old in numbered[: max(len(numbered) - LOGS_KEPT_PER_MODEL + 1, 0)]:
         old.unlink(missing_ok=True)
     return folder / f"{(numbered[-1][0] + 1) if numbered else 1}.log"

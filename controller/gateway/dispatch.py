@@ -18,12 +18,16 @@ from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
-
 from llamafleet.controller.coordinator.manager import CoordinatorManager, canonical
 from llamafleet.controller.gateway.pool import OllamaPool, PoolUnavailable
 from llamafleet.controller.gateway.router import Route, Router
-from llamafleet.controller.gateway.upstream import UPSTREAM_TIMEOUT, Final, UpstreamUnavailable
+from llamafleet.controller.gateway.upstream import (
+    UPSTREAM_TIMEOUT,
+    Final,
+    UpstreamUnavailable,
+)
 from llamafleet.controller.metrics import ControllerMetrics
+from llamafleet.controller.web import late_error
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,7 +39,6 @@ class RunInfo:
 
     started: float = field(default_factory=time.monotonic)
     load_duration_s: float = 0.0
-    retried: bool = False
 
     @property
     def total_ns(self) -> int:
@@ -72,10 +75,10 @@ class Dispatcher:
         """Yield what `open_stream(coordinator_url)` yields, with a lease held and one retry."""
         deployment = self.manager.deployment(model)
         ctx = ctx or self.manager.planner.default_ctx
-        lease = await deployment.acquire(ctx)
-        held = True
-        info.load_duration_s += lease.load_duration_s
-        try:
+        broken = 0  # the incarnation a first try found dead: the retry waits for a newer one
+        for last_try in (False, True):
+            lease = await deployment.acquire(ctx, after_incarnation=broken)
+            info.load_duration_s += lease.load_duration_s
             produced = False
             try:
                 async for item in open_stream(lease.url):
@@ -83,20 +86,12 @@ class Dispatcher:
                     yield item
                 return
             except UpstreamUnavailable as exc:
-                if produced:
+                if produced or last_try:
                     raise
                 log.warning("%s: %s; retrying once after the coordinator recovers", model, exc.message)
                 deployment.report_broken(lease.incarnation)
-            held = False
-            deployment.release(keep_alive_s)
-            lease = await deployment.acquire(ctx, after_incarnation=lease.incarnation)
-            held = True
-            info.load_duration_s += lease.load_duration_s
-            info.retried = True
-            async for item in open_stream(lease.url):
-                yield item
-        finally:
-            if held:
+                broken = lease.incarnation
+            finally:
                 deployment.release(keep_alive_s)
 
     async def load_only(self, model: str, ctx: int | None, keep_alive_s: float | None, info: RunInfo) -> str:
@@ -133,9 +128,10 @@ class Dispatcher:
                         async for chunk in upstream.content.iter_any():
                             await response.write(chunk)
                     except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-                        # Cut mid-answer: say so in the stream, the way Ollama reports a late error.
+                        # Cut mid-answer: say so in the stream, the way this API's clients read it.
                         self.pool.mark_down(node, str(exc))
-                        await response.write(b'{"error":"the Ollama node dropped the connection"}\n')
+                        await response.write(late_error(f"the Ollama node {node.url} dropped the connection",
+                                                        path.startswith("/v1/")))
                     await response.write_eof()
                     return response
                 finally:

@@ -15,14 +15,18 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
-
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.controller.gateway.catalog import Catalog, rfc3339
 from llamafleet.controller.gateway.dispatch import Dispatcher, RunInfo
-from llamafleet.controller.gateway.options import BadRequest, keep_alive_seconds, ollama_options, response_format
+from llamafleet.controller.gateway.options import (
+    BadRequest,
+    keep_alive_seconds,
+    ollama_options,
+    response_format,
+)
 from llamafleet.controller.gateway.upstream import Final, chat_pieces, completion_pieces
 from llamafleet.controller.models import ModelNotFound, parse_model_name
-from llamafleet.controller.web import error, json_body, string_field
+from llamafleet.controller.web import error, json_body, stream_items, string_field
 
 VERSION = "0.1.0"
 CHAT_FIELDS = frozenset({"model", "messages", "stream", "format", "options", "keep_alive", "tools", "think"})
@@ -108,22 +112,11 @@ async def _respond(request: web.Request, stream: bool, pieces: AsyncIterator[Pie
                 else:
                     text.append(piece)
             return web.json_response(piece_doc("".join(text)) | _final_fields(final, info))
-        response: web.StreamResponse | None = None
-        try:
-            async for piece in pieces:
-                if response is None:
-                    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-                    await response.prepare(request)
-                doc = piece_doc("") | _final_fields(piece, info) if isinstance(piece, Final) else piece_doc(piece)
-                await response.write(json.dumps(doc).encode() + b"\n")
-        except LlamafleetError as exc:
-            if response is None:
-                raise  # nothing sent yet: the error gets its own status
-            await response.write(json.dumps({"error": exc.message}).encode() + b"\n")
-        if response is None:
-            raise LlamafleetError("the coordinator sent nothing")
-        await response.write_eof()
-        return response
+
+        def line(piece: Piece) -> bytes:
+            doc = piece_doc("") | _final_fields(piece, info) if isinstance(piece, Final) else piece_doc(piece)
+            return json.dumps(doc).encode() + b"\n"
+        return await stream_items(request, pieces, "application/x-ndjson", line)
 
 
 def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -> web.RouteTableDef:

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
-
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.controller.gateway.dispatch import Dispatcher, RunInfo
 from llamafleet.controller.gateway.options import (
@@ -23,7 +22,7 @@ from llamafleet.controller.gateway.options import (
 )
 from llamafleet.controller.gateway.upstream import one_answer, sse_events
 from llamafleet.controller.models import parse_model_name
-from llamafleet.controller.web import json_body, string_field
+from llamafleet.controller.web import json_body, stream_items, string_field
 
 
 def _sse(doc: dict[str, Any]) -> bytes:
@@ -54,23 +53,8 @@ def make_routes(dispatcher: Dispatcher, max_body_bytes: int) -> web.RouteTableDe
                 async for answer in events:
                     return web.json_response(answer | {"model": model})
                 raise LlamafleetError("the coordinator sent no answer")
-            response: web.StreamResponse | None = None
-            try:
-                async for event in events:
-                    if response is None:
-                        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                                               "Cache-Control": "no-cache"})
-                        await response.prepare(request)
-                    await response.write(_sse(event | {"model": model}))
-            except LlamafleetError as exc:
-                if response is None:
-                    raise
-                await response.write(_sse({"error": {"message": exc.message, "type": "server_error"}}))
-            if response is None:
-                raise LlamafleetError("the coordinator sent nothing")
-            await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
-            return response
+            return await stream_items(request, events, "text/event-stream",
+                                      lambda event: _sse(event | {"model": model}), trailer=b"data: [DONE]\n\n")
 
     @routes.post("/v1/chat/completions")
     async def chat_completions(request: web.Request) -> web.StreamResponse:

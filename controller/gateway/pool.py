@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.controller.models import InvalidModelName, parse_model_name
 

@@ -14,7 +14,7 @@ from typing import Literal
 
 from llamafleet.common.errors import UsageError
 from llamafleet.common.units import format_size
-from llamafleet.controller.gateway.pool import OllamaPool, PoolNode, canonical_or_none
+from llamafleet.controller.gateway.pool import OllamaPool, PoolNode
 from llamafleet.controller.models import ModelNotFound, parse_model_name
 from llamafleet.controller.planner import Planner
 
@@ -75,6 +75,3 @@ class Router:
         fits = (f"{format_size(need)} fits one Ollama node's {format_size(self.pool_node_memory)}"
                 if self.pool_node_memory else "a pool node lists it (no --ollama-node-memory to compare with)")
         return Route("pool", f"served by the Ollama pool: {fits}", holders)
-
-    def known(self, model: str) -> bool:
-        return canonical_or_none(model) in self.pool.models()

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-
 from llamafleet.common.errors import LlamafleetError
 
 # Connecting to a loopback llama-server is instant; a model's prompt processing is not, so

@@ -70,6 +70,7 @@ class Plan:
     assignments: list[DeviceAssignment] = field(default_factory=list)
     excluded: dict[str, str] = field(default_factory=dict)
     reason: str = ""  # why it does not fit, and what would make it fit
+    candidates: int = 0  # nodes that passed every filter (0: none can take part at all)
 
     @property
     def backends(self) -> list[str]:
@@ -185,9 +186,9 @@ def make_plan(
             excluded = dict(kept.dropped)
             for node in ranked[k:]:
                 excluded[node.address] = "not needed: fewer backends hold the model"
-            return Plan(model, estimate, True, assignments, excluded)
+            return Plan(model, estimate, True, assignments, excluded, candidates=len(ranked))
     return Plan(model, estimate, False, [], dict(kept.dropped),
-                _why_not(estimate, ranked, headroom, usable, estimate_for_ctx))
+                _why_not(estimate, ranked, headroom, usable, estimate_for_ctx), candidates=len(ranked))
 
 
 def _fewest_that_could_hold(estimate: MemoryEstimate, ranked: list[NodeView], headroom: Headroom) -> int:

@@ -48,7 +48,7 @@ class OnePlace:
         self.placed = 0
         self.released = 0
 
-    async def place(self, model: str, ctx: int, *, restarting: bool) -> CoordinatorSpec:
+    async def place(self, model: str, ctx: int) -> CoordinatorSpec:
         self.placed += 1
         return SPEC
 

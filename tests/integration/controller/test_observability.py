@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llamafleet.common.llamacpp.install import Manifest
 from llamafleet.common.llamacpp.probe import free_loopback_port
+from llamafleet.proto.v1 import agent_pb2 as pb
 from tests.integration.agent.harness import running_agent, wait_for
 from tests.integration.controller.harness import Fleet, running_fleet
 
@@ -98,7 +99,7 @@ def test_agent_metrics_on_their_own_port(tmp_path: Path, llama_cpp: Manifest) ->
     listen = f"127.0.0.1:{free_loopback_port()}"
     with running_agent(tmp_path, llama_cpp.install_dir,
                        extra_args=("--metrics-listen", listen, "--memory-limit", "300MiB")) as agent:
-        wait_for(lambda: agent.rpc().state == 2 or agent.rpc().pid > 0, 20, "the rpc-server")
+        wait_for(lambda: agent.rpc().state == pb.RPC_SERVER_STATE_RUNNING, 20, "the rpc-server running")
         m = scrape(f"http://{listen}/metrics")
         assert value(m, "llamafleet_agent_rpc_server_up") == 1
         assert value(m, "llamafleet_agent_rpc_server_generation") == agent.rpc().generation
