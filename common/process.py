@@ -2,7 +2,10 @@
 
 Every supervised binary (rpc-server, llama-server, build tools) starts through `spawn_group`:
 - in a new process group, so a stop reaches its helpers too;
-- with PR_SET_PDEATHSIG=SIGKILL, so a SIGKILLed parent leaves no orphan behind;
+- with PR_SET_PDEATHSIG=SIGKILL, so a SIGKILLed parent leaves no orphan behind (set by
+  `setpriv --pdeathsig`, exec'd in the child: no Python runs between fork and exec, so CPython
+  can vfork and gRPC's fork handlers, which abort about one child in a hundred while a gRPC
+  server runs in the parent — grpc/grpc#43055, seen here —, never run);
 - line-buffered stdout (`stdbuf -oL`) where the program's banner is parsed live: llama.cpp
   prints with stdio, which is block-buffered into a pipe.
 Stopping is `stop_group`: SIGTERM to the group, a grace period, then SIGKILL to the group.
@@ -17,7 +20,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 # How long a child gets between SIGTERM and SIGKILL. llama.cpp servers exit in well under a
 # second on SIGTERM; five seconds covers a loaded machine without stalling a restart.
@@ -34,6 +37,14 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+def _dying_with_parent(argv: Sequence[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """`argv` that gets SIGKILL when we die: behind setpriv, or (without it) via a preexec_fn."""
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, "--pdeathsig", "KILL", "--", *argv], None
+    return list(argv), _die_with_parent
+
+
 def line_buffered(argv: Sequence[str]) -> list[str]:
     """Prefix `stdbuf -oL -eL` when it exists, so stdio output arrives line by line."""
     stdbuf = shutil.which("stdbuf")
@@ -42,14 +53,15 @@ def line_buffered(argv: Sequence[str]) -> list[str]:
 
 def spawn_group(argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start `argv` in its own process group, stdin closed, stdout and stderr into one pipe."""
+    command, preexec = _dying_with_parent(argv)
     return subprocess.Popen(
-        list(argv),
+        command,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=dict(env) if env is not None else None,
         process_group=0,
-        preexec_fn=_die_with_parent,
+        preexec_fn=preexec,
         close_fds=True,
     )
 
@@ -128,14 +140,15 @@ async def spawn_group_async(argv: Sequence[str], *, env: Mapping[str, str] | Non
     Call it from the event loop's thread: PR_SET_PDEATHSIG fires when the *thread* that
     forked the child ends, and the loop's thread lives as long as the program.
     """
+    command, preexec = _dying_with_parent(argv)
     return await asyncio.create_subprocess_exec(
-        *argv,
+        *command,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env=dict(env) if env is not None else None,
         process_group=0,
-        preexec_fn=_die_with_parent,
+        preexec_fn=preexec,
         close_fds=True,
     )
 
