@@ -94,6 +94,10 @@ def render_status(doc: dict[str, Any]) -> str:
         lines.append(f"last exit   {rpc['last_exit']}")
     for line in rpc["last_output"][-5:]:
         lines.append(f"            | {line}")
+    for other in (doc.get("rpc_servers") or [])[1:]:
+        if other["state"] != "stopped":
+            lines.append(f"rpc-server  #{other.get('index', 0)} {other['state']} {other['endpoint']} pid {other['pid']} "
+                         f"generation {other['generation']}")
     for device in doc["devices"]:
         lines.append(f"device      {device['name']}: {format_size(device['free_bytes'])} free of "
                      f"{format_size(device['total_bytes'])}")

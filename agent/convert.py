@@ -36,6 +36,7 @@ def build_to_proto(manifest: Manifest | None) -> pb.LlamaCppBuild:
 
 def rpc_server_to_proto(snap: RpcServerSnapshot) -> pb.RpcServerStatus:
     return pb.RpcServerStatus(
+        index=snap.index,
         state=_STATES[snap.state],
         pid=snap.pid,
         restarts=snap.restarts,
@@ -72,6 +73,7 @@ def status_to_proto(snap: AgentSnapshot) -> pb.AgentStatus:
         ),
         build=build_to_proto(snap.build),
         rpc_server=rpc_server_to_proto(snap.rpc_server),
+        rpc_servers=[rpc_server_to_proto(r) for r in snap.rpc_servers],
         devices=[device_to_proto(d) for d in snap.devices],
         host=pb.HostMemory(total_bytes=snap.host.total_bytes, available_bytes=snap.host.available_bytes),
         observed_at_unix_ms=snap.observed_at_unix_ms,

@@ -1,4 +1,4 @@
-"""The agent's domain: one supervisor, the device providers, the build, and change notifications.
+"""The agent's domain: the rpc-server supervisors, the device providers, the build, and change notifications.
 
 The gRPC service and the systemd integration sit on top of `Agent`; neither holds state.
 """
@@ -6,6 +6,7 @@ The gRPC service and the systemd integration sit on top of `Agent`; neither hold
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -17,7 +18,7 @@ from llamafleet.agent.node import NodeIdentity
 from llamafleet.agent.settings import AgentSettings
 from llamafleet.agent.supervisor import RpcLaunch, RpcServerSnapshot, RpcServerSupervisor, RpcState
 from llamafleet.common.changes import ChangeFeed
-from llamafleet.common.errors import LlamafleetError
+from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.common.llamacpp.build import BuildEvent, BuildOptions, BuildOutcome, current_manifest, run_build
 from llamafleet.common.llamacpp.install import InstallError, Manifest, adopt_install
 from llamafleet.common.process import line_buffered
@@ -37,11 +38,15 @@ class AgentSnapshot:
 
     node: NodeIdentity
     build: Manifest | None
-    rpc_server: RpcServerSnapshot
+    rpc_servers: tuple[RpcServerSnapshot, ...]  # by index; the first is the node's `rpc_server`
     devices: list[DeviceInfo]
     host: HostMemoryInfo
     memory_limit_bytes: int
     observed_at_unix_ms: int
+
+    @property
+    def rpc_server(self) -> RpcServerSnapshot:
+        return self.rpc_servers[0]
 
 
 class Agent:
@@ -59,15 +64,32 @@ class Agent:
         self._build: Manifest | None = None
         self._build_error = ""
         self._build_lock = asyncio.Lock()
-        self.supervisor = RpcServerSupervisor(
-            self._launch,
-            RestartPolicy(
-                initial_s=settings.restart_backoff_initial_s, max_s=settings.restart_backoff_max_s,
-                max_failures=settings.restart_max_failures, healthy_reset_s=settings.healthy_reset_s,
-            ),
-            on_change=self.changes.bump,
-            autostart=settings.rpc_autostart,
+        policy = RestartPolicy(
+            initial_s=settings.restart_backoff_initial_s, max_s=settings.restart_backoff_max_s,
+            max_failures=settings.restart_max_failures, healthy_reset_s=settings.healthy_reset_s,
         )
+        # One supervisor per rpc-server slot: an rpc-server serves one coordinator at a time, so
+        # a second model on this worker needs a second process. The first starts with the agent;
+        # the others when the controller asks (and it stops them when their model unloads).
+        self.supervisors = tuple(
+            RpcServerSupervisor(
+                functools.partial(self._launch, index), policy, on_change=self.changes.bump,
+                autostart=settings.rpc_autostart and index == 0, index=index,
+                endpoint=settings.rpc_endpoint_of(index),
+            )
+            for index in range(settings.max_rpc_servers)
+        )
+
+    @property
+    def supervisor(self) -> RpcServerSupervisor:
+        """The first rpc-server's: the one that starts with the agent."""
+        return self.supervisors[0]
+
+    def supervisor_at(self, index: int) -> RpcServerSupervisor:
+        if not 0 <= index < len(self.supervisors):
+            raise UsageError(f"no rpc-server #{index}: this agent runs at most {len(self.supervisors)} "
+                             "(--max-rpc-servers)")
+        return self.supervisors[index]
 
     # ---- the llama.cpp install ---------------------------------------------------------------
 
@@ -88,11 +110,12 @@ class Agent:
         if self._build_error:
             log.warning("%s", self._build_error)
 
-    def _launch(self) -> RpcLaunch:
+    def _launch(self, index: int) -> RpcLaunch:
         if self._build is None:
             raise InstallError(self._build_error or "no llama.cpp install")
         s = self.settings
-        argv = [self._build.rpc_server, "-H", s.rpc_host, "-p", str(s.rpc_port)]
+        port = s.rpc_port + index
+        argv = [self._build.rpc_server, "-H", s.rpc_host, "-p", str(port)]
         if s.rpc_threads:
             argv += ["-t", str(s.rpc_threads)]
         if s.devices:
@@ -101,10 +124,11 @@ class Agent:
         cache_dir = ""
         if s.rpc_cache:
             argv.append("-c")
-            # rpc-server keeps its cache in $LLAMA_CACHE/rpc.
+            # rpc-server keeps its cache in $LLAMA_CACHE/rpc; all of this node's share it (the
+            # same tensor is the same file, whichever process serves the model).
             env["LLAMA_CACHE"] = str(s.cache_path)
             cache_dir = str(s.cache_path / "rpc")
-        return RpcLaunch(line_buffered(argv), env, s.rpc_port, s.rpc_endpoint, cache_dir)
+        return RpcLaunch(line_buffered(argv), env, port, s.rpc_endpoint_of(index), cache_dir)
 
     async def run_build(self, options: BuildOptions, progress: Callable[[BuildEvent], None]) -> BuildOutcome:
         if self._build_lock.locked():
@@ -127,7 +151,7 @@ class Agent:
         return AgentSnapshot(
             node=self.node,
             build=self._build,
-            rpc_server=self.supervisor.snapshot(),
+            rpc_servers=tuple(supervisor.snapshot() for supervisor in self.supervisors),
             devices=devices,
             host=self._host.memory(),
             memory_limit_bytes=limit,
@@ -143,5 +167,8 @@ class Agent:
             line += f" at {rpc.endpoint} (pid {rpc.pid}, generation {rpc.generation})"
         elif rpc.last_exit:
             line += f": {rpc.last_exit}"
+        others = sum(1 for r in snap.rpc_servers[1:] if r.state == RpcState.RUNNING)
+        if others:
+            line += f" (+{others} more rpc-server{'s' if others > 1 else ''} running)"
         free = ", ".join(f"{d.name} {format_size(d.free_bytes)}" for d in snap.devices)
         return f"{line}; free {free}"

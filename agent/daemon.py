@@ -46,11 +46,12 @@ async def _keep_systemd_informed(agent: Agent, notifier: Notifier) -> None:
         if line != last_status:
             notifier.status(line)
             last_status = line
-        if interval and time.monotonic() - agent.supervisor.last_tick < SUPERVISOR_STALE_S:
+        # The stalest loop decides: any wedged supervisor is a wedged agent.
+        stale_s = time.monotonic() - min(s.last_tick for s in agent.supervisors)
+        if interval and stale_s < SUPERVISOR_STALE_S:
             notifier.watchdog()
         elif interval:
-            log.error("supervisor loop has not turned for %.1f s: withholding the watchdog ping",
-                      time.monotonic() - agent.supervisor.last_tick)
+            log.error("a supervisor loop has not turned for %.1f s: withholding the watchdog ping", stale_s)
 
 
 async def serve(settings: AgentSettings, notifier: Notifier | None = None) -> None:
@@ -68,10 +69,12 @@ async def serve(settings: AgentSettings, notifier: Notifier | None = None) -> No
     metrics = await start_metrics_server(agent.snapshot, settings.metrics_listen) if settings.metrics_listen else None
     log.info("agent %s listening on %s (port %d); rpc-server endpoint %s",
              agent.node.node_id, settings.listen, port, settings.rpc_endpoint)
-    supervisor_task = asyncio.create_task(agent.supervisor.run(), name="rpc-server supervisor")
+    supervisor_tasks = [asyncio.create_task(s.run(), name=f"rpc-server #{i} supervisor")
+                        for i, s in enumerate(agent.supervisors)]
     stop = asyncio.Event()
-    # The supervisor only ends when cancelled; if it dies of a bug, the agent must not linger.
-    supervisor_task.add_done_callback(lambda task: task.cancelled() or stop.set())
+    # A supervisor only ends when cancelled; if one dies of a bug, the agent must not linger.
+    for task in supervisor_tasks:
+        task.add_done_callback(lambda task: task.cancelled() or stop.set())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -89,13 +92,15 @@ async def serve(settings: AgentSettings, notifier: Notifier | None = None) -> No
         log.info("stopping: rpc-server first, then the gRPC server")
         notifier.stopping()
     finally:
-        for task in (informer, supervisor_task):
+        for task in (informer, *supervisor_tasks):
             task.cancel()
+        for task in (informer, *supervisor_tasks):
             with contextlib.suppress(asyncio.CancelledError):
-                # Cancellation is how these tasks are asked to end.
+                # Cancellation is how these tasks are asked to end (the rpc-servers stop together).
                 await task
         await server.stop(grace=1.0)
         if metrics is not None:
             await metrics.cleanup()
-    if not supervisor_task.cancelled() and (error := supervisor_task.exception()) is not None:
-        raise error
+    for task in supervisor_tasks:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            raise error

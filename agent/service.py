@@ -92,21 +92,22 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             reason = pb.WATCH_REASON_CHANGE if changed else pb.WATCH_REASON_HEARTBEAT
             yield pb.WatchStatusResponse(status=status_to_proto(self.agent.snapshot()), reason=reason)
 
-    async def _act(self, action: str) -> pb.RpcServerStatus:
-        ticket = self.agent.supervisor.request(action)
-        return rpc_server_to_proto(await self.agent.supervisor.wait_settled(ticket, SETTLE_TIMEOUT_S))
+    async def _act(self, action: str, index: int) -> pb.RpcServerStatus:
+        supervisor = self.agent.supervisor_at(index)
+        ticket = supervisor.request(action)
+        return rpc_server_to_proto(await supervisor.wait_settled(ticket, SETTLE_TIMEOUT_S))
 
     @maps_errors
     async def StartRpcServer(self, request: pb.StartRpcServerRequest, context: grpc.aio.ServicerContext) -> pb.StartRpcServerResponse:
-        return pb.StartRpcServerResponse(rpc_server=await self._act("start"))
+        return pb.StartRpcServerResponse(rpc_server=await self._act("start", request.index))
 
     @maps_errors
     async def StopRpcServer(self, request: pb.StopRpcServerRequest, context: grpc.aio.ServicerContext) -> pb.StopRpcServerResponse:
-        return pb.StopRpcServerResponse(rpc_server=await self._act("stop"))
+        return pb.StopRpcServerResponse(rpc_server=await self._act("stop", request.index))
 
     @maps_errors
     async def RestartRpcServer(self, request: pb.RestartRpcServerRequest, context: grpc.aio.ServicerContext) -> pb.RestartRpcServerResponse:
-        return pb.RestartRpcServerResponse(rpc_server=await self._act("restart"))
+        return pb.RestartRpcServerResponse(rpc_server=await self._act("restart", request.index))
 
     async def Build(self, request: pb.BuildRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BuildResponse]:
         cuda = {pb.CUDA_MODE_ON: True, pb.CUDA_MODE_OFF: False}.get(request.cuda)

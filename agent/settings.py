@@ -13,6 +13,8 @@ from llamafleet.common.units import parse_size
 
 log = logging.getLogger(__name__)
 DEFAULT_LISTEN = "127.0.0.1:50051"
+# Each rpc-server is a process (and, on a GPU, a CUDA context): a bound a controller cannot exceed.
+MAX_RPC_SERVERS = 16
 
 
 def split_host_port(text: str) -> tuple[str, int]:
@@ -31,7 +33,8 @@ class AgentSettings:
     tls_key: Path | None = setting(None, parse=parse_path, help="server key (PEM) for TLS")
     tls_client_ca: Path | None = setting(None, parse=parse_path, help="CA that client certificates must chain to (mTLS)")
     rpc_host: str = setting("127.0.0.1", help="IPv4 address the rpc-server binds")
-    rpc_port: int = setting(50052, help="rpc-server port")
+    rpc_port: int = setting(50052, help="rpc-server port (the first one; rpc-server #i listens on rpc_port + i)")
+    max_rpc_servers: int = setting(4, help="most rpc-servers the controller may ask for (one per model held here)")
     rpc_threads: int = setting(0, help="rpc-server CPU threads (0: its default)")
     devices: tuple[str, ...] = setting((), help="rpc-server devices, e.g. CUDA0,CUDA1 (default: all)")
     rpc_cache: bool = setting(True, help="rpc-server local tensor cache (-c)")
@@ -62,6 +65,10 @@ class AgentSettings:
             )
         if not 0 < self.rpc_port < 65536:
             raise ValueError(f"rpc_port must be 1..65535, not {self.rpc_port}")
+        if not 1 <= self.max_rpc_servers <= MAX_RPC_SERVERS:
+            raise ValueError(f"max_rpc_servers must be 1..{MAX_RPC_SERVERS}, not {self.max_rpc_servers}")
+        if self.rpc_port + self.max_rpc_servers - 1 > 65535:
+            raise ValueError(f"rpc_port {self.rpc_port} + max_rpc_servers {self.max_rpc_servers} runs past port 65535")
         if self.rpc_threads < 0 or self.restart_max_failures < 1:
             raise ValueError("rpc_threads must be >= 0 and restart_max_failures >= 1")
         if self.heartbeat_interval_s <= 0 or self.restart_backoff_initial_s <= 0:
@@ -85,4 +92,7 @@ class AgentSettings:
 
     @property
     def rpc_endpoint(self) -> str:
-        return f"{self.rpc_host}:{self.rpc_port}"
+        return self.rpc_endpoint_of(0)
+
+    def rpc_endpoint_of(self, index: int) -> str:
+        return f"{self.rpc_host}:{self.rpc_port + index}"

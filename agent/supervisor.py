@@ -68,6 +68,7 @@ class RpcLaunch:
 @dataclass(frozen=True)
 class RpcServerSnapshot:
     state: RpcState
+    index: int = 0  # which of the agent's rpc-servers
     pid: int = 0
     restarts: int = 0
     generation: int = 0
@@ -111,6 +112,8 @@ class RpcServerSupervisor:
         policy: RestartPolicy,
         on_change: Callable[[], None] = lambda: None,
         autostart: bool = True,
+        index: int = 0,
+        endpoint: str = "",
     ) -> None:
         self._launch_factory = launch_factory
         self._policy = policy
@@ -120,7 +123,9 @@ class RpcServerSupervisor:
         self._requested = 0
         self._handled = 0
         self._changes = ChangeFeed()
-        self._snapshot = RpcServerSnapshot(RpcState.STOPPED, state_since_unix_ms=_now_ms())
+        # A stopped slot still says where it would listen: the controller places by endpoint.
+        self._snapshot = RpcServerSnapshot(RpcState.STOPPED, index=index, endpoint=endpoint,
+                                           state_since_unix_ms=_now_ms())
         self._output: deque[str] = deque(maxlen=OUTPUT_LINES_KEPT)
         self._failures = 0
         self._child: _Child | None = None
@@ -163,7 +168,7 @@ class RpcServerSupervisor:
         values = {**old.__dict__, **changes, "state": state}
         if state != old.state:
             values["state_since_unix_ms"] = _now_ms()
-            log.info("rpc-server %s → %s", old.state.value, state.value)
+            log.info("rpc-server #%d %s → %s", old.index, old.state.value, state.value)
         self._snapshot = RpcServerSnapshot(**values)  # type: ignore[arg-type]
         self._changes.bump()
         self._on_change()

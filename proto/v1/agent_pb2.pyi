@@ -96,7 +96,7 @@ class RpcDevice(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ...) -> None: ...
 
 class RpcServerStatus(_message.Message):
-    __slots__ = ("state", "pid", "restarts", "generation", "endpoint", "protocol_version", "devices", "cache_dir", "state_since_unix_ms", "last_exit", "last_output", "next_start_unix_ms", "recent_output")
+    __slots__ = ("state", "pid", "restarts", "generation", "endpoint", "protocol_version", "devices", "cache_dir", "state_since_unix_ms", "last_exit", "last_output", "next_start_unix_ms", "recent_output", "index")
     STATE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class RpcServerStatus(_message.Message):
     LAST_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     NEXT_START_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     RECENT_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     state: RpcServerState
     pid: int
     restarts: int
@@ -123,7 +124,8 @@ class RpcServerStatus(_message.Message):
     last_output: _containers.RepeatedScalarFieldContainer[str]
     next_start_unix_ms: int
     recent_output: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, state: _Optional[_Union[RpcServerState, str]] = ..., pid: _Optional[int] = ..., restarts: _Optional[int] = ..., generation: _Optional[int] = ..., endpoint: _Optional[str] = ..., protocol_version: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[RpcDevice, _Mapping]]] = ..., cache_dir: _Optional[str] = ..., state_since_unix_ms: _Optional[int] = ..., last_exit: _Optional[str] = ..., last_output: _Optional[_Iterable[str]] = ..., next_start_unix_ms: _Optional[int] = ..., recent_output: _Optional[_Iterable[str]] = ...) -> None: ...
+    index: int
+    def __init__(self, state: _Optional[_Union[RpcServerState, str]] = ..., pid: _Optional[int] = ..., restarts: _Optional[int] = ..., generation: _Optional[int] = ..., endpoint: _Optional[str] = ..., protocol_version: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[RpcDevice, _Mapping]]] = ..., cache_dir: _Optional[str] = ..., state_since_unix_ms: _Optional[int] = ..., last_exit: _Optional[str] = ..., last_output: _Optional[_Iterable[str]] = ..., next_start_unix_ms: _Optional[int] = ..., recent_output: _Optional[_Iterable[str]] = ..., index: _Optional[int] = ...) -> None: ...
 
 class Device(_message.Message):
     __slots__ = ("kind", "index", "name", "uuid", "total_bytes", "free_bytes", "used_bytes", "physical_total_bytes", "physical_free_bytes", "utilization_percent")
@@ -158,7 +160,7 @@ class HostMemory(_message.Message):
     def __init__(self, total_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("node", "build", "rpc_server", "devices", "host", "observed_at_unix_ms", "memory_limit_bytes")
+    __slots__ = ("node", "build", "rpc_server", "devices", "host", "observed_at_unix_ms", "memory_limit_bytes", "rpc_servers")
     NODE_FIELD_NUMBER: _ClassVar[int]
     BUILD_FIELD_NUMBER: _ClassVar[int]
     RPC_SERVER_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +168,7 @@ class AgentStatus(_message.Message):
     HOST_FIELD_NUMBER: _ClassVar[int]
     OBSERVED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RPC_SERVERS_FIELD_NUMBER: _ClassVar[int]
     node: NodeIdentity
     build: LlamaCppBuild
     rpc_server: RpcServerStatus
@@ -173,7 +176,8 @@ class AgentStatus(_message.Message):
     host: HostMemory
     observed_at_unix_ms: int
     memory_limit_bytes: int
-    def __init__(self, node: _Optional[_Union[NodeIdentity, _Mapping]] = ..., build: _Optional[_Union[LlamaCppBuild, _Mapping]] = ..., rpc_server: _Optional[_Union[RpcServerStatus, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., host: _Optional[_Union[HostMemory, _Mapping]] = ..., observed_at_unix_ms: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ...) -> None: ...
+    rpc_servers: _containers.RepeatedCompositeFieldContainer[RpcServerStatus]
+    def __init__(self, node: _Optional[_Union[NodeIdentity, _Mapping]] = ..., build: _Optional[_Union[LlamaCppBuild, _Mapping]] = ..., rpc_server: _Optional[_Union[RpcServerStatus, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., host: _Optional[_Union[HostMemory, _Mapping]] = ..., observed_at_unix_ms: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., rpc_servers: _Optional[_Iterable[_Union[RpcServerStatus, _Mapping]]] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()
@@ -200,8 +204,10 @@ class WatchStatusResponse(_message.Message):
     def __init__(self, status: _Optional[_Union[AgentStatus, _Mapping]] = ..., reason: _Optional[_Union[WatchReason, str]] = ...) -> None: ...
 
 class StartRpcServerRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("index",)
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    def __init__(self, index: _Optional[int] = ...) -> None: ...
 
 class StartRpcServerResponse(_message.Message):
     __slots__ = ("rpc_server",)
@@ -210,8 +216,10 @@ class StartRpcServerResponse(_message.Message):
     def __init__(self, rpc_server: _Optional[_Union[RpcServerStatus, _Mapping]] = ...) -> None: ...
 
 class StopRpcServerRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("index",)
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    def __init__(self, index: _Optional[int] = ...) -> None: ...
 
 class StopRpcServerResponse(_message.Message):
     __slots__ = ("rpc_server",)
@@ -220,8 +228,10 @@ class StopRpcServerResponse(_message.Message):
     def __init__(self, rpc_server: _Optional[_Union[RpcServerStatus, _Mapping]] = ...) -> None: ...
 
 class RestartRpcServerRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("index",)
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    def __init__(self, index: _Optional[int] = ...) -> None: ...
 
 class RestartRpcServerResponse(_message.Message):
     __slots__ = ("rpc_server",)

@@ -87,6 +87,35 @@ def test_stop_start_restart_rpcs(tmp_path: Path, llama_cpp: Manifest) -> None:
         assert not pid_alive(started.pid)
 
 
+def test_a_second_rpc_server_runs_beside_the_first_on_the_next_port(tmp_path: Path, llama_cpp: Manifest) -> None:
+    with running_agent(tmp_path, llama_cpp.install_dir, extra_args=("--max-rpc-servers", "2")) as agent:
+        first = wait_for(lambda: (r := agent.rpc()).state == RUNNING and r, 30, "rpc-server running")
+        status = agent.status()
+        assert [r.index for r in status.rpc_servers] == [0, 1]
+        assert status.rpc_servers[1].state == pb.RPC_SERVER_STATE_STOPPED
+        host, port = first.endpoint.rsplit(":", 1)
+        assert status.rpc_servers[1].endpoint == f"{host}:{int(port) + 1}"
+        second = agent.stub.StartRpcServer(pb.StartRpcServerRequest(index=1), metadata=agent.metadata,
+                                           timeout=30).rpc_server
+        assert second.state == RUNNING and second.index == 1 and second.endpoint == f"{host}:{int(port) + 1}"
+        assert second.pid != first.pid and pid_alive(second.pid) and pid_alive(first.pid)
+        assert second.devices and second.protocol_version == first.protocol_version
+        # The first is untouched; the list and the legacy field agree.
+        status = agent.status()
+        assert status.rpc_server.pid == first.pid and status.rpc_servers[0].pid == first.pid
+        with pytest.raises(grpc.RpcError) as caught:
+            agent.stub.StartRpcServer(pb.StartRpcServerRequest(index=2), metadata=agent.metadata, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "--max-rpc-servers" in caught.value.details()
+        stopped = agent.stub.StopRpcServer(pb.StopRpcServerRequest(index=1), metadata=agent.metadata,
+                                           timeout=30).rpc_server
+        assert stopped.state == pb.RPC_SERVER_STATE_STOPPED and wait_gone(second.pid, 2) and pid_alive(first.pid)
+        # The agent's JSON status lists both for scripts.
+        doc = json.loads(subprocess.run([AGENT, "status", "--address", agent.address, "--token-file",
+                                         str(agent.state_dir / "token"), "--json"],
+                                        capture_output=True, text=True, timeout=30).stdout)
+        assert [r["index"] for r in doc["rpc_servers"]] == [0, 1] and doc["rpc_server"]["index"] == 0
+
+
 @pytest.mark.parametrize("token", [None, "wrong-token"])
 def test_calls_without_the_right_token_are_refused_before_any_effect(tmp_path: Path, llama_cpp: Manifest, token: str | None) -> None:
     with running_agent(tmp_path, llama_cpp.install_dir) as agent:
