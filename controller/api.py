@@ -104,7 +104,14 @@ def make_routes(inventory: Inventory, planner: Planner, manager: CoordinatorMana
 
     @routes.get(f"{PREFIX}/nodes")
     async def nodes(request: web.Request) -> web.Response:
-        return web.json_response(inventory.describe())
+        docs = inventory.describe()
+        serving = manager.serving()
+        for doc in docs:
+            # Which model each rpc-server serves: one coordinator per rpc-server, always.
+            for rpc in [doc["rpc_server"] or {}, *(doc["rpc_servers"] or [])]:
+                if rpc:
+                    rpc["model"] = serving.get(rpc.get("endpoint", ""))
+        return web.json_response(docs)
 
     @routes.post(f"{PREFIX}/nodes")
     async def add_node(request: web.Request) -> web.Response:

@@ -81,9 +81,15 @@ def nodes(controller: str, as_json: bool) -> None:
         if rpc:
             line += (f" rpc-server {rpc['state']} {rpc['endpoint']} (protocol {rpc['protocol_version'] or '?'}),"
                      f" llama.cpp {(build.get('commit') or build.get('source_id') or '?')[:19]}")
+        if rpc.get("model"):
+            line += f", serving {rpc['model']}"
         if doc.get("error") and doc["state"] != "ready":
             line += f"  [{doc['error']}]"
         click.echo(line)
+        for other in (doc.get("rpc_servers") or [])[1:]:
+            if other["state"] != "stopped" or other.get("model"):
+                serving = f", serving {other['model']}" if other.get("model") else ""
+                click.echo(f"{'':<24}rpc-server #{other['index']} {other['state']} {other['endpoint']}{serving}")
         for device in doc.get("devices") or []:
             click.echo(f"{'':<24}{device['name']}: {format_size(device['free_bytes'])} free of "
                        f"{format_size(device['total_bytes'])}")
@@ -145,7 +151,8 @@ def plan(model: str, ctx: int | None, controller: str, as_json: bool) -> None:
 def render_plan(doc: dict[str, Any]) -> str:
     e = doc["estimate"]
     lines = [f"model {doc['model']} ({e['architecture']}, {e['n_layers']} layers) from {doc['path']}",
-             f"context {e['ctx']} × {e['parallel']} slot(s), KV cache {e['cache_type']}"]
+             f"context {e['ctx']} × {e['parallel']} slot(s), KV cache {e['cache_type']} "
+             f"({format_size(e.get('kv_bytes_per_slot', 0))} per slot)"]
     for part, size in e["parts"].items():
         lines.append(f"  {part.replace('_', ' '):<24} {format_size(size):>10}")
     lines.append(f"  {'on the workers':<24} {format_size(e['device_total_bytes']):>10}")
@@ -192,7 +199,8 @@ def ps(controller: str, as_json: bool) -> None:
         if doc["expires_at_unix"] is not None:
             until = f"{max(doc['expires_at_unix'] - time.time(), 0):.0f}s idle" if doc["in_flight"] == 0 else "in use"
         click.echo(f"{doc['model']:<28} {doc['state']:<9} {format_size(doc['size_bytes']):>10} {until:<12} "
-                   f"{','.join(doc['backends'])}")
+                   f"{','.join(doc['backends'])}"
+                   + (f"  ({doc['parallel']} slots, {doc.get('queued', 0)} queued)" if doc.get("parallel") else ""))
         if doc["state"] != "ready" and doc["detail"]:
             click.echo(f"{'':<29}{doc['detail']}")
 

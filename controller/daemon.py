@@ -152,7 +152,7 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
     await inventory.start(settings.agents)
     planner = Planner(models, inventory, coordinator_build(settings),
                       Headroom(settings.headroom_fraction, settings.headroom_min), settings.parallel,
-                      settings.default_ctx)
+                      settings.default_ctx, settings.max_parallel)
     # One HTTP client for everything the controller calls: coordinators and pool nodes.
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     runtime = Runtime(llama_server=lambda: _llama_server(settings, planner),

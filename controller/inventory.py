@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from llamafleet.common.agent_client import AgentAddress, describe_rpc_error
 from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.common.proto_json import message_to_json
 from llamafleet.controller.events import EventSink, no_events
-from llamafleet.controller.placement.nodes import DeviceView, NodeView
+from llamafleet.controller.placement.nodes import DeviceView, NodeView, RpcServerView
 from llamafleet.controller.store import Store
 from llamafleet.proto.v1 import agent_pb2 as pb
 from llamafleet.proto.v1 import agent_pb2_grpc as pb_grpc
@@ -72,9 +72,24 @@ def node_view(address: str, state: str, status: pb.AgentStatus | None, load: int
             # A backend NVML does not see (Metal, Vulkan…): the banner's numbers, capped.
             devices.append(DeviceView(device.name, min(device.total_bytes, cap or device.total_bytes),
                                       min(device.free_bytes, cap or device.free_bytes)))
-    state_name = pb.RpcServerState.Name(rpc.state).removeprefix("RPC_SERVER_STATE_").lower()
-    return NodeView(address, state, state_name, rpc.endpoint,
-                    rpc.protocol_version or status.build.rpc_protocol_version, tuple(devices), load, rpc.generation)
+    servers = tuple(RpcServerView(r.index, rpc_state_name(r.state), r.endpoint, r.generation)
+                    for r in rpc_servers(status))
+    return NodeView(address, state, rpc_state_name(rpc.state), rpc.endpoint,
+                    rpc.protocol_version or status.build.rpc_protocol_version, tuple(devices), load, rpc.generation,
+                    servers)
+
+
+def rpc_state_name(state: int) -> str:
+    return pb.RpcServerState.Name(state).removeprefix("RPC_SERVER_STATE_").lower()
+
+
+def rpc_servers(status: pb.AgentStatus) -> list[pb.RpcServerStatus]:
+    """Every rpc-server the agent reports (an agent from before `rpc_servers` has only the one)."""
+    return list(status.rpc_servers) or [status.rpc_server]
+
+
+def rpc_server_at(status: pb.AgentStatus, endpoint: str) -> pb.RpcServerStatus | None:
+    return next((r for r in rpc_servers(status) if r.endpoint == endpoint), None)
 
 
 class Inventory:
@@ -164,7 +179,7 @@ class Inventory:
             doc: dict[str, Any] = {"address": record.address, "state": self.state(record),
                                    "error": record.error, "last_seen_unix_ms": record.last_seen_unix_ms}
             status = message_to_json(record.status) if record.status is not None else {}
-            for key in ("node", "build", "rpc_server", "devices", "host", "memory_limit_bytes"):
+            for key in ("node", "build", "rpc_server", "rpc_servers", "devices", "host", "memory_limit_bytes"):
                 doc[key] = status.get(key)
             out.append(doc)
         return out
@@ -214,12 +229,45 @@ class Inventory:
             delay = min(delay * 2, RECONNECT_MAX_S)
 
     def _note_restart(self, record: NodeRecord, status: pb.AgentStatus) -> None:
-        before = record.status.rpc_server if record.status is not None else None
-        after = status.rpc_server
-        if before is not None and after.generation > before.generation and before.generation:
-            cause = after.last_exit or "restarted"
-            self._events("rpc.restarted", record.address, f"rpc-server restarted: {cause}",
-                         generation=after.generation, restarts=after.restarts, last_output=list(after.last_output)[-5:])
+        if record.status is None:
+            return
+        before = {r.index: r for r in rpc_servers(record.status)}
+        for after in rpc_servers(status):
+            old = before.get(after.index)
+            # An unplanned restart only: a slot started on request goes from stopped to running.
+            if old is not None and after.generation > old.generation and old.generation and after.restarts > old.restarts:
+                cause = after.last_exit or "restarted"
+                self._events("rpc.restarted", record.address, f"rpc-server {after.endpoint} restarted: {cause}",
+                             generation=after.generation, restarts=after.restarts, index=after.index,
+                             last_output=list(after.last_output)[-5:])
+
+    # ---- asking an agent ----------------------------------------------------------------------
+
+    async def set_rpc_server(self, address: str, index: int, running: bool, timeout_s: float = 45.0) -> pb.RpcServerStatus:
+        """Start or stop one of a node's rpc-servers; answers once the agent says it settled."""
+        target = self._target(address)
+        async with self._channel(target) as channel:
+            stub = pb_grpc.AgentServiceStub(channel)
+            try:
+                if running:
+                    reply = await stub.StartRpcServer(pb.StartRpcServerRequest(index=index), metadata=target.metadata,
+                                                      timeout=timeout_s)
+                else:
+                    reply = await stub.StopRpcServer(pb.StopRpcServerRequest(index=index), metadata=target.metadata,
+                                                     timeout=timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                raise describe_rpc_error(address, exc) from None
+        return reply.rpc_server
+
+    @contextlib.asynccontextmanager
+    async def _channel(self, target: AgentAddress) -> AsyncIterator[grpc.aio.Channel]:
+        credentials = target.credentials()
+        channel = (grpc.aio.secure_channel(target.address, credentials, options=_CHANNEL_OPTIONS) if credentials
+                   else grpc.aio.insecure_channel(target.address, options=_CHANNEL_OPTIONS))
+        try:
+            yield channel
+        finally:
+            await channel.close()
 
     async def _log_transitions(self) -> None:
         while True:

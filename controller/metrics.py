@@ -41,14 +41,18 @@ class _States(Collector):
                                       "Requests holding or waiting for each model.", labels=["model"])
         restarts = GaugeMetricFamily("llamafleet_coordinator_restarts", "Unplanned coordinator restarts.",
                                      labels=["model"])
+        queued = GaugeMetricFamily("llamafleet_queue_depth",
+                                   "Requests waiting for a free slot of each model's coordinator.", labels=["model"])
         for d in self.manager.all():
             for state in CoordinatorState:
                 states.add_metric([d.model, state.value], 1.0 if d.state is state else 0.0)
             in_flight.add_metric([d.model], d.active + d.waiting)
             restarts.add_metric([d.model], d.restarts)
+            queued.add_metric([d.model], self.manager.queue_depth(d.model))
         yield states
         yield in_flight
         yield restarts
+        yield queued
 
 
 class ControllerMetrics:

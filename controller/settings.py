@@ -8,11 +8,22 @@ from pathlib import Path
 
 from llamafleet.agent.settings import split_host_port
 from llamafleet.common.paths import default_state_dir
-from llamafleet.common.settings import parse_path, setting
+from llamafleet.common.settings import parse_int, parse_path, setting
 from llamafleet.common.units import parse_duration, parse_size
 
 
 DEFAULT_LISTEN = "127.0.0.1:11434"
+PARALLEL_AUTO = 0
+
+
+def parse_parallel(value: object) -> int:
+    """`auto` (as many slots as memory allows) or a count; auto is stored as 0."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return PARALLEL_AUTO
+    count = parse_int(value)
+    if count < 1:
+        raise ValueError(f"'{value}' is neither 'auto' nor a count of at least 1")
+    return count
 
 
 @dataclass(frozen=True)
@@ -33,7 +44,10 @@ class ControllerSettings:
     headroom_fraction: float = setting(0.05, help="fraction of each device kept free by placement")
     headroom_min: int = setting(0, parse=parse_size, help="at least this much kept free per device")
     default_ctx: int = setting(4096, help="context per request when a plan names none")
-    parallel: int = setting(1, help="parallel request slots per coordinator")
+    parallel: int = setting(PARALLEL_AUTO, parse=parse_parallel,
+                            help="request slots per coordinator: a count, or auto (as many as the placed "
+                                 "memory holds, up to max_parallel) [default: auto]")
+    max_parallel: int = setting(8, help="most request slots --parallel auto gives a coordinator")
     keep_alive: float = setting(300.0, parse=parse_duration,
                                 help="how long an idle model stays loaded (\"5m\", seconds; negative: forever)")
     load_timeout_s: float = setting(600.0, help="a coordinator must be healthy within this after its start")
@@ -55,8 +69,8 @@ class ControllerSettings:
             raise ValueError("heartbeat_interval_s must be > 0 and missed_heartbeats >= 1")
         if not 0 <= self.headroom_fraction < 1:
             raise ValueError("headroom_fraction must be in [0, 1)")
-        if self.default_ctx < 1 or self.parallel < 1:
-            raise ValueError("default_ctx and parallel must be >= 1")
+        if self.default_ctx < 1 or self.parallel < 0 or self.max_parallel < 1:
+            raise ValueError("default_ctx and max_parallel must be >= 1")
         if self.load_timeout_s <= 0 or self.max_request_bytes < 1024:
             raise ValueError("load_timeout_s must be > 0 and max_request_bytes at least 1KiB")
         for url in self.ollama_nodes:

@@ -25,22 +25,30 @@ from llamafleet.controller.coordinator.deployment import (
     Runtime,
 )
 from llamafleet.controller.coordinator.process import log_dir_name, numbered_logs
-from llamafleet.controller.inventory import Inventory
+from llamafleet.controller.gateway.fairness import FairQueue
+from llamafleet.controller.inventory import Inventory, rpc_server_at, rpc_state_name
 from llamafleet.controller.models import ResolvedModel, parse_model_name
 from llamafleet.controller.placement.plan import DeviceAssignment, Plan
 from llamafleet.controller.planner import Planner, plan_to_json
 from llamafleet.controller.store import Store
+from llamafleet.proto.v1 import agent_pb2 as pb
 
 log = logging.getLogger(__name__)
 # How long a load waits for busy models to finish so that it can take their memory.
 SWAP_WAIT_S = 300.0
 SWAP_POLL_S = 0.25
+# An extra rpc-server (a node's second, third… one) that no model used for this long is stopped:
+# on a GPU each holds a CUDA context. Not at once, so a reload reuses it.
+RPC_SERVER_IDLE_STOP_S = 15.0
+# How long a started rpc-server may take to show up in the agent's reports.
+RPC_SERVER_REPORT_S = 10.0
 
 
 def assignment_doc(a: DeviceAssignment) -> dict[str, Any]:
     """Where one device's share of a model sits, as `ps --json`, events and the dashboard show it."""
     return {"node": a.node, "endpoint": a.endpoint, "device": a.device, "first_layer": a.first_layer,
-            "layer_count": a.layer_count, "total_bytes": a.total_bytes, "output": bool(a.output_bytes)}
+            "layer_count": a.layer_count, "total_bytes": a.total_bytes, "output": bool(a.output_bytes),
+            "rpc_index": a.rpc_index}
 
 
 def canonical(model: str) -> str:
@@ -71,6 +79,8 @@ class CoordinatorManager:
         self._deployments: dict[str, Deployment] = {}
         self._plans: dict[str, Plan] = {}  # the plan each running coordinator was placed by
         self._placing = asyncio.Lock()
+        self._idle_stops: set[asyncio.Task[None]] = set()
+        self._queues: dict[str, FairQueue] = {}
 
     def deployment(self, model: str) -> Deployment:
         key = canonical(model)
@@ -79,6 +89,17 @@ class CoordinatorManager:
             self.planner.models.resolve(model)
             self._deployments[key] = Deployment(key, self, self.runtime, self.default_keep_alive_s)
         return self._deployments[key]
+
+    def queue(self, deployment: Deployment) -> FairQueue:
+        """The turns at this model's slots (as many as its coordinator has)."""
+        queue = self._queues.setdefault(deployment.model, FairQueue())
+        if deployment.spec is not None and deployment.spec.parallel != queue.capacity:
+            queue.resize(deployment.spec.parallel)
+        return queue
+
+    def queue_depth(self, model: str) -> int:
+        queue = self._queues.get(model)
+        return queue.depth if queue is not None else 0
 
     def find(self, model: str) -> Deployment | None:
         return self._deployments.get(canonical(model))
@@ -106,29 +127,39 @@ class CoordinatorManager:
 
     async def close(self) -> None:
         await asyncio.gather(*(d.close() for d in self._deployments.values()))
+        for task in self._idle_stops:
+            task.cancel()
+
+    def serving(self) -> dict[str, str]:
+        """rpc-server endpoint → the model whose coordinator holds it."""
+        return {a.endpoint: model for model, plan in self._plans.items() for a in plan.assignments}
 
     # ---- Placer -------------------------------------------------------------------------------
 
-    def _reserved(self, excluding: str) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+    def _reserved(self, excluding: str) -> tuple[dict[tuple[str, str], int], dict[str, int], dict[str, str]]:
+        """What the other loaded models hold: bytes per (node, device), models per node, rpc-servers."""
         reserved: dict[tuple[str, str], int] = {}
         load: dict[str, int] = {}
+        busy: dict[str, str] = {}
         for model, plan in self._plans.items():
             if model == excluding:
                 continue
             for a in plan.assignments:
                 reserved[(a.node, a.device)] = reserved.get((a.node, a.device), 0) + a.total_bytes
+                busy[a.endpoint] = model
             for node in {a.node for a in plan.assignments}:
                 load[node] = load.get(node, 0) + 1
-        return reserved, load
+        return reserved, load, busy
 
     async def place(self, model: str, ctx: int) -> CoordinatorSpec:
         async with self._placing:
             deadline = time.monotonic() + SWAP_WAIT_S
             while True:
-                reserved, load = self._reserved(excluding=model)
-                resolved, plan, _ = self.planner.plan(model, ctx or None, reserved, load)
+                reserved, load, busy = self._reserved(excluding=model)
+                resolved, plan, _ = self.planner.plan(model, ctx or None, reserved, load, busy)
                 if plan.fits:
-                    return self._placed(model, resolved, plan)
+                    generations = await self._start_rpc_servers(model, plan)
+                    return self._placed(model, resolved, plan, generations)
                 if not reserved:
                     raise self._refused(model, plan)
                 _, alone, _ = self.planner.plan(model, ctx or None)
@@ -150,8 +181,8 @@ class CoordinatorManager:
 
     def check(self, model: str, ctx: int) -> DoesNotFit | None:
         """Would `model` fit with `ctx` in place of its current placement? None when it would."""
-        reserved, load = self._reserved(excluding=model)
-        _, plan, _ = self.planner.plan(model, ctx or None, reserved, load)
+        reserved, load, busy = self._reserved(excluding=model)
+        _, plan, _ = self.planner.plan(model, ctx or None, reserved, load, busy)
         return None if plan.fits else self._refused(model, plan)
 
     def _refused(self, model: str, plan: Plan) -> DoesNotFit:
@@ -160,10 +191,45 @@ class CoordinatorManager:
         self.runtime.events("placement.failed", model, error.message, reason=reason)
         return error
 
-    def _placed(self, model: str, resolved: ResolvedModel, plan: Plan) -> CoordinatorSpec:
-        generations = {v.address: v.generation for v in self.inventory.node_views()}
+    async def _start_rpc_servers(self, model: str, plan: Plan) -> dict[str, int]:
+        """Start the plan's rpc-servers that are not running yet; every backend's generation."""
+        generations: dict[str, int] = {}
+        for a in plan.assignments:
+            if a.endpoint in generations:
+                continue
+            record = self.inventory.record(a.node)
+            current = rpc_server_at(record.status, a.endpoint) if record is not None and record.status else None
+            if current is not None and current.state == pb.RPC_SERVER_STATE_RUNNING:
+                generations[a.endpoint] = current.generation
+                continue
+            log.info("starting rpc-server #%d (%s) on %s for %s", a.rpc_index, a.endpoint, a.node, model)
+            try:
+                started = await self.inventory.set_rpc_server(a.node, a.rpc_index, running=True)
+            except LlamafleetError as exc:
+                raise DoesNotFit(f"{model}: could not start rpc-server {a.endpoint} on {a.node}: {exc.message}") from None
+            if started.state != pb.RPC_SERVER_STATE_RUNNING:
+                why = started.last_exit or rpc_state_name(started.state)
+                raise DoesNotFit(f"{model}: rpc-server {a.endpoint} on {a.node} did not start: {why}")
+            self.runtime.events("rpc.started", a.node, f"rpc-server {a.endpoint} started for {model}",
+                                index=a.rpc_index, generation=started.generation)
+            await self._reported(a.node, a.endpoint, started.generation)
+            generations[a.endpoint] = started.generation
+        return generations
+
+    async def _reported(self, node: str, endpoint: str, generation: int) -> None:
+        """Wait until the node's reports show `endpoint` at `generation`: until then its watch
+        would look like a restart to `backends_changed`."""
+        deadline = time.monotonic() + RPC_SERVER_REPORT_S
+        while time.monotonic() < deadline:
+            record = self.inventory.record(node)
+            current = rpc_server_at(record.status, endpoint) if record is not None and record.status else None
+            if current is not None and current.generation >= generation:
+                return
+            await asyncio.sleep(0.05)
+
+    def _placed(self, model: str, resolved: ResolvedModel, plan: Plan, generations: dict[str, int]) -> CoordinatorSpec:
         endpoints = {a.endpoint: a.node for a in plan.assignments}
-        backends = tuple(Backend(node, endpoint, generations.get(node, 0)) for endpoint, node in endpoints.items())
+        backends = tuple(Backend(node, endpoint, generations.get(endpoint, 0)) for endpoint, node in endpoints.items())
         self._plans[model] = plan
         self.store.save_placement(model, plan_to_json(resolved, plan, [], self.planner.coordinator_protocol))
         self.runtime.events("placement", model, f"on {len(backends)} backend(s): --rpc {','.join(endpoints)} "
@@ -175,8 +241,37 @@ class CoordinatorManager:
                                e.ctx_per_slot, e.parallel)
 
     def release(self, model: str) -> None:
-        if self._plans.pop(model, None) is not None:
-            self.store.remove_placement(model)
+        plan = self._plans.pop(model, None)
+        if plan is None:
+            return
+        self.store.remove_placement(model)
+        extra = {(a.node, a.rpc_index, a.endpoint) for a in plan.assignments if a.rpc_index > 0}
+        if extra:
+            task = asyncio.create_task(self._stop_when_idle(extra), name=f"stop idle rpc-servers of {model}")
+            self._idle_stops.add(task)
+            task.add_done_callback(self._idle_stop_done)
+
+    async def _stop_when_idle(self, slots: set[tuple[str, int, str]]) -> None:
+        await asyncio.sleep(RPC_SERVER_IDLE_STOP_S)
+        async with self._placing:  # a placement meanwhile may have taken the slot again
+            in_use = self.serving()
+            for node, index, endpoint in sorted(slots):
+                if endpoint in in_use or self.inventory.record(node) is None:
+                    continue
+                try:
+                    await self.inventory.set_rpc_server(node, index, running=False)
+                except LlamafleetError as exc:
+                    # Left running: it costs memory, not correctness; the next release tries again.
+                    log.warning("could not stop the idle rpc-server %s on %s: %s", endpoint, node, exc.message)
+                    continue
+                self.runtime.events("rpc.stopped", node, f"rpc-server {endpoint} stopped: no model used it for "
+                                    f"{RPC_SERVER_IDLE_STOP_S:.0f}s", index=index)
+
+    def _idle_stop_done(self, task: asyncio.Task[None]) -> None:
+        self._idle_stops.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("stopping idle rpc-servers failed: %r", exc, exc_info=exc)
+            self.runtime.events("rpc.stop_failed", "controller", f"stopping idle rpc-servers failed: {exc!r}")
 
     def backends_changed(self, spec: CoordinatorSpec) -> str | None:
         for backend in spec.backends:
@@ -185,7 +280,9 @@ class CoordinatorManager:
                 return f"node {backend.node} was removed"
             if record.status is None:
                 continue  # not heard from since a controller restart: the process will tell
-            rpc = record.status.rpc_server
+            rpc = rpc_server_at(record.status, backend.endpoint)
+            if rpc is None:
+                return f"the rpc-server {backend.endpoint} is no longer reported by {backend.node}"
             if rpc.generation != backend.generation:
                 return (f"the rpc-server on {backend.node} restarted (generation {backend.generation} → "
                         f"{rpc.generation}{': ' + rpc.last_exit if rpc.last_exit else ''})")
@@ -235,6 +332,7 @@ class CoordinatorManager:
                 "last_output": list(d.last_output),
                 "load_duration_s": round(d.load_duration_s, 3),
                 "in_flight": d.active,
+                "queued": self.queue_depth(d.model),
                 "expires_at_unix": expires,
                 "log": str(d.process.log_path) if d.process else None,
             })

@@ -39,6 +39,7 @@ class RunInfo:
 
     started: float = field(default_factory=time.monotonic)
     load_duration_s: float = 0.0
+    client: str = ""  # who asked, for fair turns at the slots (see gateway/fairness.py)
 
     @property
     def total_ns(self) -> int:
@@ -81,9 +82,12 @@ class Dispatcher:
             info.load_duration_s += lease.load_duration_s
             produced = False
             try:
-                async for item in open_stream(lease.url):
-                    produced = True
-                    yield item
+                # More requests than slots wait here, in fair turns, rather than in llama-server's
+                # first-come queue.
+                async with self.manager.queue(deployment).turn(info.client):
+                    async for item in open_stream(lease.url):
+                        produced = True
+                        yield item
                 return
             except UpstreamUnavailable as exc:
                 if produced or last_try:

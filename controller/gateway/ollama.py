@@ -18,6 +18,7 @@ from aiohttp import web
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.controller.gateway.catalog import Catalog, rfc3339
 from llamafleet.controller.gateway.dispatch import Dispatcher, RunInfo
+from llamafleet.controller.gateway.fairness import client_of
 from llamafleet.controller.gateway.options import (
     BadRequest,
     keep_alive_seconds,
@@ -143,7 +144,7 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
         route = dispatcher.route(model, options.num_ctx)
         if route.target == "pool":
             return await dispatcher.proxy_to_pool(request, route, request.path, body)
-        info = RunInfo()
+        info = RunInfo(client=client_of(request))
         if not messages and not prompt:
             reason = await dispatcher.load_only(model, options.num_ctx, keep_alive, info)
             return web.json_response(piece_doc("") | {"done": True, "done_reason": reason,

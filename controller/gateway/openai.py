@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.controller.gateway.dispatch import Dispatcher, RunInfo
+from llamafleet.controller.gateway.fairness import client_of
 from llamafleet.controller.gateway.options import (
     OPENAI_CHAT_FIELDS,
     OPENAI_COMPLETION_FIELDS,
@@ -41,7 +42,7 @@ def make_routes(dispatcher: Dispatcher, max_body_bytes: int) -> web.RouteTableDe
         if route.target == "pool":
             return await dispatcher.proxy_to_pool(request, route, request.path, body)
         stream = bool(body.get("stream"))
-        info = RunInfo()
+        info = RunInfo(client=client_of(request))
 
         def open_stream(url: str) -> AsyncIterator[dict[str, Any]]:
             if stream:

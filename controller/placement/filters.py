@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from llamafleet.common.units import format_size
-from llamafleet.controller.placement.nodes import NodeView
+from llamafleet.controller.placement.nodes import NodeView, RpcServerView
+
+# A new rpc-server process on a GPU creates its own CUDA context (and cuBLAS workspace) before
+# it holds a byte of ours; NVML will show it only after the start, so placement books it first.
+NEW_RPC_SERVER_GPU_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,45 @@ def protocol_major(coordinator_version: str) -> Filter:
         return None
 
     return lambda nodes: _split(nodes, why)
+
+
+def free_rpc_server(busy: Mapping[str, str]) -> Filter:
+    """Give each node an rpc-server no loaded model holds (`busy`: endpoint → model).
+
+    An rpc-server serves one coordinator at a time: a second one pointed at it waits until the
+    first disconnects, so two models on a worker need two rpc-servers. A survivor carries its
+    choice in `endpoint`/`rpc_index`: a running free one first, else a stopped slot the agent can
+    start (with the new process's GPU context booked); a node whose every slot is held is dropped.
+    """
+
+    def choose(node: NodeView) -> NodeView | str:
+        slots = node.rpc_servers or (RpcServerView(0, node.rpc_state, node.endpoint, node.generation),)
+        for slot in slots:
+            if slot.state == "running" and slot.endpoint not in busy:
+                return replace(node, endpoint=slot.endpoint, generation=slot.generation, rpc_index=slot.index,
+                               rpc_running=True)
+        for slot in slots:
+            # The first slot is the agent's own (stopped there means stopped on purpose).
+            if slot.index > 0 and slot.state == "stopped" and slot.endpoint not in busy:
+                devices = tuple(d if d.name == "CPU" else replace(d, free_bytes=max(d.free_bytes - NEW_RPC_SERVER_GPU_BYTES, 0))
+                                for d in node.devices)
+                return replace(node, endpoint=slot.endpoint, generation=0, rpc_index=slot.index, rpc_running=False,
+                               devices=devices)
+        held = "; ".join(f"{s.endpoint} serves {busy[s.endpoint]}" if s.endpoint in busy else f"{s.endpoint} is {s.state}"
+                         for s in slots)
+        return f"no free rpc-server ({held}; an rpc-server serves one model at a time, the agent runs at most {len(slots)})"
+
+    def keep(nodes: Sequence[NodeView]) -> FilterResult:
+        survivors, dropped = [], {}
+        for node in nodes:
+            choice = choose(node)
+            if isinstance(choice, str):
+                dropped[node.address] = choice
+            else:
+                survivors.append(choice)
+        return FilterResult(survivors, dropped)
+
+    return keep
 
 
 def has_usable_memory(usable: Callable[[NodeView], int]) -> Filter:

@@ -14,6 +14,16 @@ class DeviceView:
 
 
 @dataclass(frozen=True)
+class RpcServerView:
+    """One of a node's rpc-servers: each serves one coordinator (one model) at a time."""
+
+    index: int
+    state: str  # running, starting, backoff, failed, stopped, stopping
+    endpoint: str
+    generation: int = 0
+
+
+@dataclass(frozen=True)
 class NodeView:
     address: str  # the agent's gRPC address: the node's name in the inventory
     state: str  # ready, unreachable, maintenance
@@ -23,6 +33,11 @@ class NodeView:
     devices: tuple[DeviceView, ...] = field(default_factory=tuple)
     load: int = 0  # models already placed here
     generation: int = 0  # the rpc-server's incarnation: a new one holds no tensors of the old
+    # Every rpc-server slot of the node; `endpoint`/`generation` above are those of the one a
+    # plan uses (the first until placement picks a free one).
+    rpc_servers: tuple[RpcServerView, ...] = field(default_factory=tuple)
+    rpc_index: int = 0  # which slot `endpoint` is
+    rpc_running: bool = True  # False: the slot must be started before a coordinator uses it
 
     def reserving(self, reserved: Mapping[tuple[str, str], int]) -> NodeView:
         """This node with memory already promised to loaded models taken off each device.

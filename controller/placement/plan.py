@@ -13,12 +13,14 @@ device), which makes llama.cpp's own rounding put every layer where the plan say
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from llamafleet.common.units import format_size
 from llamafleet.controller.estimate import MemoryEstimate
 from llamafleet.controller.placement.filters import (
+    FilterResult,
+    free_rpc_server,
     has_usable_memory,
     protocol_major,
     ready_nodes,
@@ -56,6 +58,7 @@ class DeviceAssignment:
     output_bytes: int
     compute_bytes: int
     usable_bytes: int
+    rpc_index: int = 0  # which of the node's rpc-servers `endpoint` is
 
     @property
     def total_bytes(self) -> int:
@@ -125,7 +128,7 @@ def _assign(estimate: MemoryEstimate, devices: list[tuple[NodeView, DeviceView, 
             weight_bytes=weights, kv_bytes=kv,
             output_bytes=estimate.output_bytes if is_last else 0,
             compute_bytes=estimate.compute_bytes_per_device + (estimate.compute_bytes_output_device if is_last else 0),
-            usable_bytes=usable,
+            usable_bytes=usable, rpc_index=node.rpc_index,
         ))
         layer += count
     return out
@@ -172,15 +175,22 @@ def make_plan(
     coordinator_protocol: str | None,
     headroom: Headroom = Headroom(),
     estimate_for_ctx: Callable[[int], MemoryEstimate] | None = None,
+    busy: Mapping[str, str] | None = None,
+    max_nodes: int | None = None,
 ) -> Plan:
+    """`busy`: rpc-server endpoints other loaded models hold (endpoint → model): never shared.
+    `max_nodes`: use no more nodes than this (more request slots must not cost a network hop)."""
     filters = [ready_nodes, running_rpc_server]
     if coordinator_protocol is not None:  # unknown when the controller has no build yet
         filters.append(protocol_major(coordinator_protocol))
-    usable = {n.address: _usable(n, headroom) for n in nodes}  # used by every step below
-    filters.append(has_usable_memory(lambda n: usable[n.address]))
-    kept = run_filters(nodes, filters)
+    filters.append(free_rpc_server(busy or {}))
+    chosen = run_filters(nodes, filters)
+    usable = {n.address: _usable(n, headroom) for n in chosen.survivors}  # used by every step below
+    kept = run_filters(chosen.survivors, [has_usable_memory(lambda n: usable[n.address])])
+    kept = FilterResult(kept.survivors, chosen.dropped | kept.dropped)
     ranked = sorted(kept.survivors, key=lambda n: (-usable[n.address], n.load, n.address))
-    for k in range(_fewest_that_could_hold(estimate, ranked, headroom), len(ranked) + 1):
+    most = len(ranked) if max_nodes is None else min(max_nodes, len(ranked))
+    for k in range(_fewest_that_could_hold(estimate, ranked, headroom), most + 1):
         assignments = _assign(estimate, _devices_in_order(ranked[:k], headroom, usable))
         if assignments is not None:
             excluded = dict(kept.dropped)

@@ -55,7 +55,14 @@ function renderNodes() {
       el("h3", {}, el("span", {}, node.address), badge(node.state)),
       el("div", { class: "legend" },
         `rpc-server ${rpc.state || "?"} ${rpc.endpoint || ""} · restarts ${rpc.restarts ?? 0}` +
+        (rpc.model ? ` · serving ${rpc.model}` : "") +
         (node.error && node.state !== "ready" ? ` · ${node.error}` : "")));
+    // One model per rpc-server: the node's other rpc-servers, and whom they serve.
+    for (const other of (node.rpc_servers || []).slice(1)) {
+      if (other.state === "stopped" && !other.model) continue;
+      card.append(el("div", { class: "legend", "data-rpc-endpoint": other.endpoint },
+        `rpc-server #${other.index} ${other.state} ${other.endpoint}` + (other.model ? ` · serving ${other.model}` : "")));
+    }
     for (const device of node.devices || []) {
       const used = state.models.flatMap((m) => (m.assignments || [])
         .filter((a) => a.node === node.address && a.device === device.name)
@@ -98,7 +105,8 @@ function renderModels() {
     return el("div", { class: "card", "data-model": m.model, "data-state": m.state },
       el("h3", {}, el("span", {}, m.model), badge(m.state)),
       el("div", { class: "legend" }, `${size(m.size_bytes)} over ${m.backends.length} backend(s) · split ` +
-        `${m.tensor_split.join(",")} · context ${m.ctx} · restarts ${m.restarts}` +
+        `${m.tensor_split.join(",")} · context ${m.ctx} · ${m.parallel ?? 1} slot(s) · ` +
+        `${m.in_flight} in flight, ${m.queued ?? 0} queued · restarts ${m.restarts}` +
         (m.detail ? ` · ${m.detail}` : "")), strip, stop);
   });
   $("models").replaceChildren(...(rows.length ? rows : [el("p", {}, "no models loaded: run a prompt to load one")]));
