@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -61,6 +63,8 @@ def serve(ctx: click.Context, config_file: Path | None, log_level: str, **_: Any
     settings = load_settings(ControllerSettings, flags=settings_flags(ControllerSettings, ctx.params),
                              config_file=config_file)
     setup_logging(log_level)
+    # `kill -USR1` prints where every thread is: the first thing to ask of a controller that hangs.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     asyncio.run(run_daemon(settings))
 
 

@@ -153,12 +153,15 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
     planner = Planner(models, inventory, coordinator_build(settings),
                       Headroom(settings.headroom_fraction, settings.headroom_min), settings.parallel,
                       settings.default_ctx, settings.max_parallel)
-    # One HTTP client for everything the controller calls: coordinators and pool nodes.
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    # One HTTP client for everything the controller calls: coordinators and pool nodes. A new
+    # connection per request: a kept-alive one that llama-server is closing fails the request
+    # that reuses it ("Can not write request body"), and with turns at the slots a freed
+    # connection is reused at once; a loopback or LAN connect costs well under a millisecond.
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
     runtime = Runtime(llama_server=lambda: _llama_server(settings, planner),
                       log_root=settings.state_path / "logs" / "coordinators", session=session,
                       policy=RestartPolicy(start_timeout_s=settings.load_timeout_s), events=events.record)
-    manager = CoordinatorManager(planner, inventory, store, runtime, settings.keep_alive)
+    manager = CoordinatorManager(planner, inventory, store, runtime, settings.keep_alive, settings.prompt_cache_mib)
     metrics = ControllerMetrics(inventory, manager)
     events.listen(metrics.on_event)
     pool = OllamaPool(settings.ollama_nodes, session)

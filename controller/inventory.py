@@ -234,8 +234,9 @@ class Inventory:
         before = {r.index: r for r in rpc_servers(record.status)}
         for after in rpc_servers(status):
             old = before.get(after.index)
-            # An unplanned restart only: a slot started on request goes from stopped to running.
-            if old is not None and after.generation > old.generation and old.generation and after.restarts > old.restarts:
+            # An unplanned restart only (the agent counts those): a slot the controller started
+            # or stopped on purpose changes its generation but is no crash.
+            if old is not None and after.restarts > old.restarts:
                 cause = after.last_exit or "restarted"
                 self._events("rpc.restarted", record.address, f"rpc-server {after.endpoint} restarted: {cause}",
                              generation=after.generation, restarts=after.restarts, index=after.index,

@@ -148,6 +148,22 @@ class Deployment:
         self.expires_at = None
         return Lease(self.process.url, self.incarnation, time.monotonic() - started if loaded else 0.0)
 
+    async def refresh(self, lease: Lease, ctx: int) -> Lease:
+        """`lease` if its coordinator is still the live one, else the one that replaced it.
+
+        A request that waited for a turn at the slots may find its coordinator restarted
+        meanwhile; it keeps its hold on the model throughout (the caller's `release` balances).
+        """
+        if lease.incarnation == self.incarnation and self._usable(ctx, 0):
+            return lease
+        self.active -= 1
+        try:
+            fresh = await self.acquire(ctx, after_incarnation=0)
+        except BaseException:
+            self.active += 1  # still held, as the caller believes: its release() undoes it
+            raise
+        return Lease(fresh.url, fresh.incarnation, lease.load_duration_s + fresh.load_duration_s)
+
     def release(self, keep_alive_s: float | None = None) -> None:
         """A request is done; the model stays `keep_alive_s` (negative: forever; 0: unload now)."""
         self.active -= 1

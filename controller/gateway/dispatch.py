@@ -79,12 +79,13 @@ class Dispatcher:
         broken = 0  # the incarnation a first try found dead: the retry waits for a newer one
         for last_try in (False, True):
             lease = await deployment.acquire(ctx, after_incarnation=broken)
-            info.load_duration_s += lease.load_duration_s
             produced = False
             try:
                 # More requests than slots wait here, in fair turns, rather than in llama-server's
-                # first-come queue.
+                # first-come queue; the coordinator may have been replaced while this one waited.
                 async with self.manager.queue(deployment).turn(info.client):
+                    lease = await deployment.refresh(lease, ctx)
+                    info.load_duration_s += lease.load_duration_s
                     async for item in open_stream(lease.url):
                         produced = True
                         yield item

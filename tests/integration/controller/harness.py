@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -85,7 +86,16 @@ class Fleet:
     def stop_controller(self, sig: signal.Signals = signal.SIGTERM) -> None:
         if self.controller is not None and self.controller.poll() is None:
             self.controller.send_signal(sig)
-            self.controller.wait(timeout=15)
+            try:
+                self.controller.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                # Where it hangs (the controller dumps its threads on SIGUSR1), then no orphan.
+                self.controller.send_signal(signal.SIGUSR1)
+                time.sleep(1)
+                self.controller.kill()
+                self.controller.wait()
+                tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-60:])
+                raise AssertionError(f"the controller did not stop within 15 s of {sig.name}:\n{tail}") from None
 
 
 @contextmanager
