@@ -48,6 +48,9 @@ class ControllerSettings:
                             help="request slots per coordinator: a count, or auto (as many as the placed "
                                  "memory holds, up to max_parallel) [default: auto]")
     max_parallel: int = setting(8, help="most request slots --parallel auto gives a coordinator")
+    prompt_cache_mib: int = setting(0, help="llama-server's host-RAM prompt cache per coordinator, MiB "
+                                            "(llama.cpp's --cache-ram; -1 no limit) [default: 0, off: over RPC "
+                                            "it copies idle slots' KV back across the network]")
     keep_alive: float = setting(300.0, parse=parse_duration,
                                 help="how long an idle model stays loaded (\"5m\", seconds; negative: forever)")
     load_timeout_s: float = setting(600.0, help="a coordinator must be healthy within this after its start")
@@ -69,6 +72,8 @@ class ControllerSettings:
             raise ValueError("heartbeat_interval_s must be > 0 and missed_heartbeats >= 1")
         if not 0 <= self.headroom_fraction < 1:
             raise ValueError("headroom_fraction must be in [0, 1)")
+        if self.prompt_cache_mib < -1:
+            raise ValueError("prompt_cache_mib must be -1 (no limit), 0 (off) or a size in MiB")
         if self.default_ctx < 1 or self.parallel < 0 or self.max_parallel < 1:
             raise ValueError("default_ctx and max_parallel must be >= 1")
         if self.load_timeout_s <= 0 or self.max_request_bytes < 1024:

@@ -33,6 +33,10 @@ class CoordinatorSpec:
     n_layers: int
     ctx_per_slot: int
     parallel: int
+    # llama-server's host-RAM prompt cache, MiB (0: off, -1: no limit). Off by default: when a
+    # request starts it saves every idle slot's KV there, which over RPC reads that KV back
+    # from the rpc-servers across the network.
+    prompt_cache_mib: int = 0
 
     @property
     def endpoints(self) -> list[str]:
@@ -63,6 +67,10 @@ def coordinator_argv(llama_server: Path, spec: CoordinatorSpec, port: int) -> li
     ]
 
 
-def coordinator_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+def coordinator_env(spec: CoordinatorSpec, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     env = os.environ if environ is None else environ
-    return {k: v for k, v in env.items() if not _LLAMA_ARG_ENV.match(k)}
+    clean = {k: v for k, v in env.items() if not _LLAMA_ARG_ENV.match(k)}
+    # As a variable, not a flag: a llama.cpp from before --cache-ram ignores it instead of
+    # refusing to start.
+    clean["LLAMA_ARG_CACHE_RAM"] = str(spec.prompt_cache_mib)
+    return clean

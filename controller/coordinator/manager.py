@@ -70,12 +70,13 @@ def does_not_fit(model: str, plan: Plan, most: int = 4) -> DoesNotFit:
 
 class CoordinatorManager:
     def __init__(self, planner: Planner, inventory: Inventory, store: Store, runtime: Runtime,
-                 default_keep_alive_s: float) -> None:
+                 default_keep_alive_s: float, prompt_cache_mib: int = 0) -> None:
         self.planner = planner
         self.inventory = inventory
         self.store = store
         self.runtime = runtime
         self.default_keep_alive_s = default_keep_alive_s
+        self.prompt_cache_mib = prompt_cache_mib
         self._deployments: dict[str, Deployment] = {}
         self._plans: dict[str, Plan] = {}  # the plan each running coordinator was placed by
         self._placing = asyncio.Lock()
@@ -238,7 +239,7 @@ class CoordinatorManager:
                             layers=[assignment_doc(a) for a in plan.assignments])
         e = plan.estimate
         return CoordinatorSpec(model, resolved.path, backends, tuple(plan.tensor_split), e.n_layers,
-                               e.ctx_per_slot, e.parallel)
+                               e.ctx_per_slot, e.parallel, self.prompt_cache_mib)
 
     def release(self, model: str) -> None:
         plan = self._plans.pop(model, None)

@@ -77,7 +77,7 @@ class CoordinatorProcess:
         log_path = next_log_path(log_root, spec.model)
         argv = coordinator_argv(llama_server, spec, port)
         try:
-            proc = await spawn_group_async(argv, env=coordinator_env())
+            proc = await spawn_group_async(argv, env=coordinator_env(spec))
         except OSError as exc:
             raise CoordinatorExited(f"cannot start {llama_server}: {exc.strerror}") from None
         log.info("coordinator for %s: pid %d on 127.0.0.1:%d over %s (log %s)",

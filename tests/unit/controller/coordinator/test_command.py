@@ -31,6 +31,7 @@ def test_argv_spells_the_plan_and_keeps_llama_server_on_loopback() -> None:
 
 
 def test_inherited_llama_arg_variables_cannot_change_the_flags() -> None:
-    env = coordinator_env({"PATH": "/usr/bin", "LLAMA_ARG_HOST": "0.0.0.0", "LLAMA_ARG_N_PARALLEL": "8",
-                           "LLAMA_CACHE": "/c"})
-    assert env == {"PATH": "/usr/bin", "LLAMA_CACHE": "/c"}
+    env = coordinator_env(SPEC, {"PATH": "/usr/bin", "LLAMA_ARG_HOST": "0.0.0.0", "LLAMA_ARG_N_PARALLEL": "8",
+                                 "LLAMA_ARG_CACHE_RAM": "8192", "LLAMA_CACHE": "/c"})
+    # Only ours: the prompt cache is off unless the operator asked (over RPC it copies KV back).
+    assert env == {"PATH": "/usr/bin", "LLAMA_CACHE": "/c", "LLAMA_ARG_CACHE_RAM": "0"}
