@@ -79,10 +79,13 @@ def test_dashboard_asks_for_the_api_key_and_works_with_it(  # type: ignore[no-un
                        controller_args=("--api-key-file", str(keys))) as fleet:
         page = browser.new_page()
         page.goto(f"{fleet.url}/ui/")
+        # The model list is the API's (/api/tags): it needs the key. The nodes are a control route,
+        # which this fleet, with no admin key, leaves to its own host: the browser here.
         page.locator("#key-form").wait_for(state="visible", timeout=15_000)
-        assert page.locator("[data-node]").count() == 0
+        assert page.locator("#prompt-model option").count() == 0
         page.fill("#key", "dashboard-key-123")
         page.click("#key-form button")
+        page.locator('#prompt-model option[value="gemma:latest"]').wait_for(state="attached", timeout=15_000)
         page.locator(f'[data-node="{fleet.agents[0].address}"][data-state="ready"]').wait_for(timeout=15_000)
         page.locator("#live", has_text="live").wait_for(timeout=15_000)
 

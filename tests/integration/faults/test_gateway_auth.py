@@ -88,7 +88,7 @@ def test_an_api_key_is_no_control_credential_but_loopback_is_while_no_admin_key_
     """This fleet has API keys and no admin key: the controller's own host may use the control routes."""
     assert status(fleet, "GET", "/llamafleet/v1/nodes") == 200
     assert status(fleet, "GET", "/llamafleet/v1/nodes", KEY) == 200  # neither opens nor closes them
-    assert status(fleet, "POST", "/llamafleet/v1/stop", None, {"model": "gemma"}) == 404  # not loaded
+    assert status(fleet, "POST", "/llamafleet/v1/stop", None, {"model": "not-loaded"}) == 404
 
 
 def test_keys_never_appear_in_logs_or_json(fleet: Fleet) -> None:
