@@ -46,7 +46,11 @@ JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print one JS
 @click.group()
 @click.version_option(package_name="llamafleet")
 def cli() -> None:
-    """The llamafleet controller: places models on workers and serves the Ollama API."""
+    """The llamafleet controller: places models on workers and serves the Ollama API.
+
+    Commands send $LLAMAFLEET_ADMIN_KEY to the control routes and $LLAMAFLEET_API_KEY (or, without
+    one, the admin key) to the Ollama API.
+    """
 
 
 cli.add_command(build_command(lambda: default_state_dir("controller")))
@@ -359,7 +363,10 @@ def _load_with_progress(controller: str, model: str, extra: dict[str, Any]) -> N
         raise outcome["error"]
     load_s = outcome["reply"].get("load_duration", 0) / 1e9
     if load_s > 0.05:
-        placed = _entry_of(call(controller, "GET", "/llamafleet/v1/ps"), model)
+        try:
+            placed = _entry_of(call(controller, "GET", "/llamafleet/v1/ps"), model)
+        except ControllerError:
+            placed = None  # `ps` is a control route: a user with only an API key is not told where
         where = f" on {len(placed['backends'])} backend(s): {', '.join(placed['backends'])}" if placed else ""
         click.echo(f"loaded {model} in {load_s:.1f}s{where}", err=True)
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from llamafleet.common.errors import LlamafleetError
+from llamafleet.controller.access import is_inference_path
 
 
 class ControllerError(LlamafleetError):
@@ -22,10 +23,22 @@ class DoesNotFitError(ControllerError):
     exit_code = 3
 
 
+def key_for(path: str) -> str | None:
+    """The key to send on `path`: $LLAMAFLEET_ADMIN_KEY on control routes; on the Ollama/OpenAI
+    routes $LLAMAFLEET_API_KEY, else the admin key (it opens those too).
+
+    An API key is never sent to a control route: the controller refuses it there (403), while
+    with no key at all a controller without admin keys answers its own host (loopback).
+    """
+    api, admin = os.environ.get("LLAMAFLEET_API_KEY") or None, os.environ.get("LLAMAFLEET_ADMIN_KEY") or None
+    return (api or admin) if is_inference_path(path) else admin
+
+
 def _request(controller: str, method: str, path: str, body: dict[str, Any] | None) -> urllib.request.Request:
     data = json.dumps(body).encode() if body is not None else None
+    # JSON on every call: the controller refuses a state-changing control request without it.
     headers = {"Content-Type": "application/json"}
-    if key := os.environ.get("LLAMAFLEET_API_KEY"):
+    if key := key_for(path):
         headers["Authorization"] = f"Bearer {key}"
     return urllib.request.Request(controller.rstrip("/") + path, data=data, method=method, headers=headers)
 

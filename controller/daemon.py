@@ -38,10 +38,11 @@ from llamafleet.controller.planner import Planner
 from llamafleet.controller.settings import ControllerSettings
 from llamafleet.controller.store import Store
 from llamafleet.controller.web import (
+    Credentials,
     count_requests,
     errors_as_json,
+    guard,
     read_api_keys,
-    require_api_key,
 )
 
 log = logging.getLogger(__name__)
@@ -119,12 +120,17 @@ async def _reload_previous(store: Store, manager: CoordinatorManager, inventory:
         log.info("reloaded %s, loaded when the previous controller stopped", model)
 
 
-def make_app(settings: ControllerSettings, api_keys: tuple[str, ...] | None, inventory: Inventory, planner: Planner,
+def read_credentials(settings: ControllerSettings) -> Credentials:
+    api = read_api_keys(settings.api_key_file) if settings.api_key_file is not None else None
+    admin = read_api_keys(settings.admin_key_file, "admin key") if settings.admin_key_file is not None else None
+    return Credentials(api, admin, split_host_port(settings.listen)[0])
+
+
+def make_app(settings: ControllerSettings, credentials: Credentials, inventory: Inventory, planner: Planner,
              manager: CoordinatorManager, router: Router, dispatcher: Dispatcher, events: EventLog,
              metrics: ControllerMetrics) -> web.Application:
-    middlewares = [count_requests(metrics), errors_as_json]
-    if api_keys is not None:
-        middlewares.insert(1, require_api_key(api_keys))
+    # The guard is always there: with no key configured at all, control routes still need loopback.
+    middlewares = [count_requests(metrics), guard(credentials, events.record), errors_as_json]
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_request_bytes)
     app.add_routes(make_routes(inventory, planner, manager, router, events, metrics))
     app.add_routes(dashboard_routes())
@@ -140,7 +146,7 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
     models = model_store(settings)
     routes = parse_routes(settings.routes)
     # Every configuration error before anything starts: a bad file then costs nothing to undo.
-    api_keys = read_api_keys(settings.api_key_file) if settings.api_key_file is not None else None
+    credentials = read_credentials(settings)
 
     def target(address: str) -> AgentAddress:
         return AgentAddress(address, token, settings.agent_tls_ca, settings.agent_tls_cert, settings.agent_tls_key)
@@ -168,7 +174,7 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
     await pool.start()
     router = Router(planner, pool, routes, settings.ollama_node_memory)
     dispatcher = Dispatcher(manager, router, pool, session, metrics)
-    app = make_app(settings, api_keys, inventory, planner, manager, router, dispatcher, events, metrics)
+    app = make_app(settings, credentials, inventory, planner, manager, router, dispatcher, events, metrics)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     host, port = split_host_port(settings.listen)

@@ -1,7 +1,8 @@
 """The dashboard (`/ui`): static files, no build step and no CDN (the controller may be offline).
 
 It reads the same API the CLI does (`/llamafleet/v1/...`, `/api/...`), follows the event stream,
-and sends the API key the operator typed when the gateway asks for one.
+and sends the key the operator typed when the controller asks for one (the admin key: most
+of what it reads is a control route).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Kinds: `node.ready`, `node.unreachable`, `node.maintenance`, `node.added`, `node.removed`,
 `rpc.restarted` (with the agent's cause), `coordinator.<state>` (starting, ready, stopping,
-stopped, failed, with the cause), `placement` (where a model went), `placement.failed` (why not).
+stopped, failed, with the cause), `placement` (where a model went), `placement.failed` (why not),
+`auth.refused` (a request the HTTP guard turned away: route, peer, reason; never the key).
 """
 
 from __future__ import annotations

@@ -63,6 +63,9 @@ class ControllerSettings:
                                       flag="--route", repeat=True)
     api_key_file: Path | None = setting(None, parse=parse_path,
                                         help="API keys (one per line) the gateway requires as Bearer tokens")
+    admin_key_file: Path | None = setting(None, parse=parse_path,
+                                          help="admin keys (one per line) for the control routes; without one "
+                                               "only loopback clients may use them")
 
     def __post_init__(self) -> None:
         split_host_port(self.listen)

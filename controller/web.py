@@ -10,15 +10,27 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
 from llamafleet.common.errors import LlamafleetError, UsageError
+from llamafleet.controller.access import (
+    SAFE_METHODS,
+    Access,
+    is_loopback_host,
+    is_loopback_peer,
+    is_same_origin,
+    route_access,
+)
 from llamafleet.controller.coordinator.deployment import DoesNotFit
 from llamafleet.controller.coordinator.process import CoordinatorExited
 from llamafleet.controller.estimate import EstimateError
+from llamafleet.controller.events import EventSink
 from llamafleet.controller.gateway.pool import PoolUnavailable
 from llamafleet.controller.gateway.upstream import UpstreamRejected, UpstreamUnavailable
 from llamafleet.controller.gguf import GGUFError
@@ -72,41 +84,151 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return error(exc.status, exc.reason or "error", openai)
 
 
-# Reachable without a key: liveness checks and Ollama's version probe, which clients send first.
-PUBLIC_ROUTES = frozenset({("GET", "/"), ("HEAD", "/"), ("GET", "/api/version"), ("HEAD", "/api/version"),
-                           ("GET", "/llamafleet/v1/health")})
-
-
-def read_api_keys(path: Path) -> tuple[str, ...]:
+def read_api_keys(path: Path, what: str = "API key") -> tuple[str, ...]:
     """One key per line; blank lines and `#` comments skipped. An empty file is refused."""
     try:
         lines = path.read_text().splitlines()
     except OSError as exc:
-        raise UsageError(f"cannot read API key file {path}: {exc.strerror}") from None
+        raise UsageError(f"cannot read {what} file {path}: {exc.strerror}") from None
     keys = tuple(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
     if not keys:
-        raise UsageError(f"API key file {path} holds no key")
+        raise UsageError(f"{what} file {path} holds no key")
     return keys
 
 
-def require_api_key(keys: tuple[str, ...]) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """Middleware: `Authorization: Bearer KEY` on every route but the public ones."""
-    expected = [f"Bearer {k}".encode() for k in keys]
+@dataclass(frozen=True)
+class Credentials:
+    """What the gateway accepts. None: that kind of key is not configured."""
+
+    api_keys: tuple[str, ...] | None
+    admin_keys: tuple[str, ...] | None
+    listen_host: str  # a Host naming it is as good as a loopback name (see access.is_loopback_host)
+
+    def identify(self, authorization: str) -> str | None:
+        """The kind of key an `Authorization` header value presents: "admin", "api", or None."""
+        presented = authorization.encode()
+        # Every key is compared, in constant time, so timing tells nothing about which one is near.
+        admin = [hmac.compare_digest(presented, f"Bearer {k}".encode()) for k in self.admin_keys or ()]
+        api = [hmac.compare_digest(presented, f"Bearer {k}".encode()) for k in self.api_keys or ()]
+        return "admin" if any(admin) else "api" if any(api) else None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    status: int
+    reason: str  # short and fixed: the event's `reason`, what a dashboard or alert matches on
+    message: str  # what the client is told
+
+
+def route_template(request: web.Request) -> str:
+    """The matched route's template, so a check judges the route that will run, not path text."""
+    resource = request.match_info.route.resource
+    # No route matched (a 404 or 405 to come): the raw path, percent-encoded, so no newline
+    # or control character from the request reaches a log line.
+    return resource.canonical if resource is not None else request.raw_path.split("?", 1)[0][:200]
+
+
+def peer_address(request: web.Request) -> str | None:
+    """The address the connection came from, from the socket (never X-Forwarded-For)."""
+    peername = request.transport.get_extra_info("peername") if request.transport is not None else None
+    return str(peername[0]) if isinstance(peername, tuple) and peername else None
+
+
+def judge(request: web.Request, credentials: Credentials) -> Refusal | None:
+    """None when `request` may reach its handler, else why not. No side effect."""
+    template = route_template(request)
+    access = route_access(request.method, template)
+    if access is Access.PUBLIC:
+        return None
+    authorization = request.headers.get("Authorization", "")
+    kind = credentials.identify(authorization) if authorization else None
+    if access is Access.INFERENCE:
+        if credentials.api_keys is None or kind is not None:
+            # Without API keys the Ollama/OpenAI routes are open, as Ollama's are: whatever a
+            # client sends (the OpenAI SDK always sends some key) is not judged.
+            return None
+        return Refusal(401, "wrong api key" if authorization else "missing api key",
+                       "missing or wrong API key (Authorization: Bearer KEY)")
+    host = request.headers.get("Host")
+    origin = request.headers.get("Origin")
+    if origin is not None and not is_same_origin(origin, host):
+        return Refusal(403, "cross-origin", "cross-origin requests to control routes are refused")
+    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+        # A browser that names no Origin (a link, an <img>) still says where the page came from.
+        return Refusal(403, "cross-origin", "cross-origin requests to control routes are refused")
+    if credentials.admin_keys is not None:
+        if kind == "api":
+            return Refusal(403, "api key on a control route",
+                           "an API key opens the Ollama/OpenAI routes only: control routes need an admin key "
+                           "($LLAMAFLEET_ADMIN_KEY)")
+        if kind is None:
+            return Refusal(401, "wrong admin key" if authorization else "missing admin key",
+                           "missing or wrong admin key: control routes need Authorization: Bearer ADMIN_KEY "
+                           "(the CLI sends $LLAMAFLEET_ADMIN_KEY)")
+    else:
+        # No admin key configured: the socket's peer is the credential, and a key sent along
+        # (the dashboard sends its API key everywhere) neither opens nor closes a control route.
+        if not is_loopback_peer(peer_address(request)):
+            return Refusal(401, "not loopback",
+                           "control routes need an admin key, and none is configured (--admin-key-file): "
+                           "only clients on the controller's own host may use them")
+        if not is_loopback_host(host, credentials.listen_host):
+            return Refusal(403, "host not loopback",
+                           "without an admin key, control requests must be addressed to localhost or a "
+                           "loopback address (Host), not another name")
+    if request.method not in SAFE_METHODS and request.content_type != "application/json":
+        # A web page can send a text/plain or form POST anywhere without asking first; JSON it cannot.
+        return Refusal(415, "not json", "control requests that change something must be Content-Type: "
+                                        "application/json")
+    return None
+
+
+class RefusalLog:
+    """Logs each refusal and records it as an `auth.refused` event, at a bounded rate per peer.
+
+    Every refusal would otherwise be a log line and a SQLite write that anyone who reaches the
+    port can cause, and a flood would push the fleet's real events out of the kept 10,000.
+    """
+
+    BURST = 30
+    REFILL_S = 2.0  # after the burst, one more per 2 s: thirty a minute per peer
+    MAX_PEERS = 4096
+
+    def __init__(self, events: EventSink, clock: Callable[[], float] = time.monotonic) -> None:
+        self._events = events
+        self._clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float, int]] = OrderedDict()  # tokens, at, suppressed
+
+    def __call__(self, request: web.Request, refusal: Refusal) -> None:
+        peer = peer_address(request) or "unknown"
+        now = self._clock()
+        tokens, at, suppressed = self._buckets.pop(peer, (float(self.BURST), now, 0))
+        tokens = min(float(self.BURST), tokens + (now - at) / self.REFILL_S)
+        if tokens < 1:
+            self._buckets[peer] = (tokens, now, suppressed + 1)
+        else:
+            route = f"{request.method} {route_template(request)}"
+            # Never the key presented: a near-miss key is still a secret.
+            log.warning("refused %s from %s: %s%s", route, peer, refusal.reason,
+                        f" ({suppressed} more refused, not logged)" if suppressed else "")
+            self._events("auth.refused", route, f"{refusal.reason} from {peer}", route=route, peer=peer,
+                         reason=refusal.reason, status=refusal.status, suppressed=suppressed)
+            self._buckets[peer] = (tokens - 1, now, 0)
+        while len(self._buckets) > self.MAX_PEERS:
+            self._buckets.popitem(last=False)
+
+
+def guard(credentials: Credentials, events: EventSink) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Middleware: every request is judged (see controller/access.py) before its handler runs."""
+    refused = RefusalLog(events)
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if (request.method, request.path) in PUBLIC_ROUTES or (
-                request.method in ("GET", "HEAD") and (request.path == "/ui" or request.path.startswith("/ui/"))):
-            # The dashboard's own files hold no data: it asks for the key before it reads any.
+        refusal = judge(request, credentials)
+        if refusal is None:
             return await handler(request)
-        presented = request.headers.get("Authorization", "").encode()
-        # Every key is compared, in constant time, so timing tells nothing about which one is near.
-        if any([hmac.compare_digest(presented, e) for e in expected]):
-            return await handler(request)
-        # Never log what was presented: a near-miss key is still a secret.
-        log.warning("refused %s %s from %s: %s API key", request.method, request.path, request.remote,
-                    "wrong" if presented else "missing")
-        return error(401, "missing or wrong API key (Authorization: Bearer KEY)", request.path.startswith("/v1/"))
+        refused(request, refusal)
+        return error(refusal.status, refusal.message, request.path.startswith("/v1/"))
 
     return check
 

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamafleet.common.errors import LlamafleetError
+from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.common.llamacpp.install import (
     LLAMA_SERVER_NAME,
     backend_names,
@@ -153,6 +153,17 @@ def detect_cuda_architectures() -> str:
         return "native"
     caps = sorted({line.strip().replace(".", "") for line in result.stdout.splitlines() if line.strip()})
     return ";".join(caps) if result.returncode == 0 and caps else "native"
+
+
+# CMake's CUDA_ARCHITECTURES values: native, all, all-major, or "90;86-real;89a-virtual".
+_CUDA_ARCHITECTURES = re.compile(r"native|all|all-major|\d+[a-z]?(-real|-virtual)?(;\d+[a-z]?(-real|-virtual)?)*")
+
+
+def check_cuda_architectures(value: str) -> str:
+    """`value` if CMake reads it as CUDA architectures (it arrives from the Build RPC too)."""
+    if not _CUDA_ARCHITECTURES.fullmatch(value):
+        raise UsageError(f"CUDA architectures {value!r} must be native, all, all-major or a list like 86;89")
+    return value
 
 
 def cmake_flags(cuda: bool, cuda_architectures: str | None) -> list[str]:
@@ -290,6 +301,8 @@ def _existing(layout: BuildLayout, key: str) -> Manifest | None:
 def run_build(options: BuildOptions, progress: ProgressFn = lambda event: None) -> BuildOutcome:
     """Build (or find already built) the install for `options`; make it `current`."""
     spec = parse_source(options.source)
+    if options.cuda_architectures is not None:
+        check_cuda_architectures(options.cuda_architectures)
     layout = BuildLayout.under(options.state_dir.resolve())
     with _build_lock(layout):
         progress(BuildEvent("resolve", f"preparing source {spec.describe()}"))

@@ -22,6 +22,11 @@ from llamafleet.common.errors import LlamafleetError, UsageError
 TARBALL_SUFFIXES = (".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tar", ".zip")
 _GIT_SCHEMES = ("http://", "https://", "git://", "ssh://", "file://", "git+ssh://")
 _SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:")
+# What git-check-ref-format(1) refuses (with --allow-onelevel), checked here so that parsing
+# needs no git: control characters, space, ~ ^ : ? * [ \\, "..", "@{", "//".
+_REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
+# The transports a GitSource may name (see _GIT_SCHEMES); git refuses any other (ext::, fd::).
+_GIT_ALLOW_PROTOCOL = "file:git:http:https:ssh"
 _HASH_CHUNK = 1 << 20
 
 
@@ -87,6 +92,31 @@ def _split_git_ref(text: str) -> tuple[str, str | None]:
     return text, None
 
 
+def check_git_ref(ref: str) -> str:
+    """`ref` if git would take it as a branch, tag or commit name, else a one-line UsageError.
+
+    The ref reaches `git fetch` from the command line and from the agent's Build RPC: one that
+    starts with '-' would be read as an option (`--upload-pack=CMD` runs CMD), so it is refused
+    here, before any git runs, on top of the `--end-of-options` every git call carries.
+    """
+    if ref.startswith("-"):
+        raise UsageError(f"git ref {ref!r} starts with '-': a ref is a branch, tag or commit name")
+    parts = ref.split("/")
+    if (_REF_FORBIDDEN.search(ref) or ref == "@" or ref.endswith((".", "/")) or ref.startswith("/")
+            or any(part.startswith(".") or part.endswith(".lock") for part in parts)):
+        raise UsageError(f"git ref {ref!r} is not a valid branch, tag or commit name (git check-ref-format)")
+    return ref
+
+
+def check_git_url(url: str) -> str:
+    """`url` unless git could read it as an option or it holds control characters (one line)."""
+    if url.startswith("-"):
+        raise UsageError(f"git URL {url!r} starts with '-'")
+    if re.search(r"[\x00-\x1f\x7f]", url):
+        raise UsageError(f"git URL {url!r} contains control characters")
+    return url
+
+
 def _is_tarball_name(name: str) -> bool:
     return name.lower().endswith(TARBALL_SUFFIXES)
 
@@ -98,7 +128,7 @@ def parse_source(text: str) -> SourceSpec:
         raise UsageError("empty source: give a git URL[@REF], a directory, or a TARBALL[:SUBDIR]")
     if _is_git_url(text):
         url, ref = _split_git_ref(text)
-        return GitSource(url, ref)
+        return GitSource(check_git_url(url), None if ref is None else check_git_ref(ref))
     path = Path(text).expanduser()
     if path.is_dir():
         return DirSource(path.resolve())
@@ -131,7 +161,8 @@ def parse_source(text: str) -> SourceSpec:
 
 
 def _run_git(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, GIT_TERMINAL_PROMPT="0")
+    """Run git. Callers put `--end-of-options` before any user-given URL, ref or path."""
+    env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_ALLOW_PROTOCOL=_GIT_ALLOW_PROTOCOL)
     return subprocess.run(
         ["git", *args], cwd=cwd, capture_output=True, text=True, env=env, check=False
     )
@@ -189,28 +220,33 @@ def require_llama_cpp_tree(directory: Path, what: str) -> None:
 def _prepare_git(spec: GitSource, sources_dir: Path) -> PreparedSource:
     if shutil.which("git") is None:
         raise SourceError("git is not installed: it is needed to fetch a git source")
+    # A spec may be built without parse_source (the Build RPC's callers, tests): check it again.
+    check_git_url(spec.url)
+    ref = check_git_ref(spec.ref) if spec.ref else "HEAD"
     sources_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=sources_dir, prefix=".fetch-") as tmp:
         work = Path(tmp) / "src"
         work.mkdir()
-        for args in (["init", "-q"], ["remote", "add", "origin", spec.url]):
+        # `--end-of-options` (git ≥ 2.24; rev-parse ≥ 2.30): what follows is data, never an option.
+        for args in (["init", "-q"], ["remote", "add", "--end-of-options", "origin", spec.url]):
             _check_git(_run_git(args, cwd=work), f"git {args[0]}")
-        ref = spec.ref or "HEAD"
-        fetched = _run_git(["fetch", "-q", "--depth", "1", "origin", ref], cwd=work)
+        fetched = _run_git(["fetch", "-q", "--depth", "1", "--end-of-options", "origin", ref], cwd=work)
         if fetched.returncode != 0:
             # Some servers refuse a shallow fetch of a bare commit id: fetch everything instead.
-            full = _run_git(["fetch", "-q", "origin", "+refs/heads/*:refs/remotes/origin/*",
+            full = _run_git(["fetch", "-q", "--end-of-options", "origin", "+refs/heads/*:refs/remotes/origin/*",
                              "+refs/tags/*:refs/tags/*"], cwd=work)
             if full.returncode != 0:
                 raise SourceError(
                     f"cannot fetch {spec.url}: {_last_line(full.stderr or fetched.stderr)}"
                 )
-            resolved = _run_git(["rev-parse", "--verify", "-q", f"{ref}^{{commit}}"], cwd=work)
+            resolved = _run_git(["rev-parse", "--verify", "-q", "--end-of-options", f"{ref}^{{commit}}"], cwd=work)
             if resolved.returncode != 0:
                 raise SourceError(f"git ref '{ref}' does not exist in {spec.url}")
             target = resolved.stdout.strip()
         else:
             target = "FETCH_HEAD"
+        # `target` is FETCH_HEAD or a full hash from rev-parse, never the user's text (and
+        # checkout would take `--end-of-options` for a path).
         _check_git(_run_git(["checkout", "-q", "--detach", target], cwd=work), "git checkout")
         commit = _run_git(["rev-parse", "HEAD"], cwd=work).stdout.strip()
         final = sources_dir / f"git-{commit[:16]}"

@@ -9,9 +9,12 @@ async function api(path, options = {}) {
   const headers = { "Content-Type": "application/json", ...(options.headers || {}) };
   if (key()) headers.Authorization = `Bearer ${key()}`;
   const response = await fetch(path, { ...options, headers });
-  if (response.status === 401) {
+  if (response.status === 401 || response.status === 403) {
+    // The nodes, models, logs and events are control routes: they need the admin key, which
+    // also opens the prompt form (an API key alone opens only that).
     $("key-form").hidden = false;
-    throw new Error("the controller asks for an API key");
+    const body = await response.json().catch(() => ({}));
+    throw new Error(body.error || "the controller asks for the admin key");
   }
   return response;
 }
@@ -186,7 +189,7 @@ async function readSeparated(response, separator, onItem) {
 }
 
 async function followEvents() {
-  // fetch, not EventSource: it can send the API key.
+  // fetch, not EventSource: it can send the admin key.
   for (;;) {
     try {
       const response = await api(`/llamafleet/v1/events/stream?after=${state.lastEvent}`);

@@ -38,20 +38,31 @@ class Fleet:
         return [LLAMAFLEET, *args, "--controller", self.url]
 
     def cli(self, *args: str, timeout: float = 120, env_key: str | None = "") -> subprocess.CompletedProcess[str]:
-        """Run the CLI; `env_key` sets LLAMAFLEET_API_KEY (None: unset, "": the fleet's own, if any)."""
+        """Run the CLI; `env_key` sets LLAMAFLEET_API_KEY (None: unset, "": the fleet's own, if any).
+        The fleet's admin key, if it has one, is always in LLAMAFLEET_ADMIN_KEY."""
         env = dict(os.environ)
         env.pop("LLAMAFLEET_API_KEY", None)
+        env.pop("LLAMAFLEET_ADMIN_KEY", None)
         key = self.api_key if env_key == "" else env_key
         if key:
             env["LLAMAFLEET_API_KEY"] = key
+        if self.admin_key:
+            env["LLAMAFLEET_ADMIN_KEY"] = self.admin_key
         return subprocess.run(self.cli_argv(*args), capture_output=True, text=True, timeout=timeout, env=env)
+
+    def _first_key(self, flag: str) -> str | None:
+        if flag not in self.controller_args:
+            return None
+        path = Path(self.controller_args[self.controller_args.index(flag) + 1])
+        return next(line for line in path.read_text().splitlines() if line and not line.startswith("#"))
 
     @property
     def api_key(self) -> str | None:
-        if "--api-key-file" not in self.controller_args:
-            return None
-        path = Path(self.controller_args[self.controller_args.index("--api-key-file") + 1])
-        return next(line for line in path.read_text().splitlines() if line and not line.startswith("#"))
+        return self._first_key("--api-key-file")
+
+    @property
+    def admin_key(self) -> str | None:
+        return self._first_key("--admin-key-file")
 
     def nodes(self) -> list[dict[str, Any]]:
         result = self.cli("nodes", "--json")

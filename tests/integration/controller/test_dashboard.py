@@ -79,9 +79,34 @@ def test_dashboard_asks_for_the_api_key_and_works_with_it(  # type: ignore[no-un
                        controller_args=("--api-key-file", str(keys))) as fleet:
         page = browser.new_page()
         page.goto(f"{fleet.url}/ui/")
+        # The model list is the API's (/api/tags): it needs the key. The nodes are a control route,
+        # which this fleet, with no admin key, leaves to its own host: the browser here.
         page.locator("#key-form").wait_for(state="visible", timeout=15_000)
-        assert page.locator("[data-node]").count() == 0
+        assert page.locator("#prompt-model option").count() == 0
         page.fill("#key", "dashboard-key-123")
+        page.click("#key-form button")
+        page.locator('#prompt-model option[value="gemma:latest"]').wait_for(state="attached", timeout=15_000)
+        page.locator(f'[data-node="{fleet.agents[0].address}"][data-state="ready"]').wait_for(timeout=15_000)
+        page.locator("#live", has_text="live").wait_for(timeout=15_000)
+
+
+def test_dashboard_works_with_the_admin_key_and_shows_why_an_api_key_is_not_enough(  # type: ignore[no-untyped-def]
+        tmp_path: Path, llama_cpp: Manifest, test_model: Path, browser) -> None:
+    (tmp_path / "api-keys").write_text("dashboard-api-key\n")
+    (tmp_path / "admin-keys").write_text("dashboard-admin-key\n")
+    with running_fleet(tmp_path / "fleet", llama_cpp, test_model, agents=1,
+                       controller_args=("--api-key-file", str(tmp_path / "api-keys"),
+                                        "--admin-key-file", str(tmp_path / "admin-keys"))) as fleet:
+        page = browser.new_page()
+        page.goto(f"{fleet.url}/ui/")
+        page.locator("#key-form").wait_for(state="visible", timeout=15_000)
+        page.fill("#key", "dashboard-api-key")
+        page.click("#key-form button")
+        # The nodes are a control route: an API key gets the reason, not the data.
+        page.locator("#key-form").wait_for(state="visible", timeout=15_000)
+        page.get_by_text("control routes need an admin key").first.wait_for(timeout=15_000)
+        assert page.locator("[data-node]").count() == 0
+        page.fill("#key", "dashboard-admin-key")
         page.click("#key-form button")
         page.locator(f'[data-node="{fleet.agents[0].address}"][data-state="ready"]').wait_for(timeout=15_000)
         page.locator("#live", has_text="live").wait_for(timeout=15_000)

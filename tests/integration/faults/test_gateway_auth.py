@@ -1,4 +1,7 @@
-"""Optional gateway API keys: everything but liveness needs one, and keys never leak."""
+"""Optional gateway API keys: every Ollama/OpenAI route but liveness needs one, and keys never leak.
+
+The control routes' own credential (the admin key) is tests/integration/controller/test_access_control.py.
+"""
 
 from __future__ import annotations
 
@@ -46,9 +49,8 @@ def status(fleet: Fleet, method: str, path: str, key: str | None = None, body: d
     ("POST", "/api/generate", {"model": "gemma", "prompt": ""}),
     ("GET", "/api/tags", None), ("GET", "/api/ps", None), ("POST", "/api/show", {"model": "gemma"}),
     ("GET", "/v1/models", None), ("POST", "/v1/chat/completions", {"model": "gemma", "messages": []}),
-    ("GET", "/llamafleet/v1/nodes", None), ("POST", "/llamafleet/v1/stop", {"model": "gemma"}),
 ])
-def test_every_route_but_liveness_needs_a_key(fleet: Fleet, method: str, path: str, body: dict | None) -> None:
+def test_every_api_route_but_liveness_needs_a_key(fleet: Fleet, method: str, path: str, body: dict | None) -> None:
     assert status(fleet, method, path, None, body) == 401
     assert status(fleet, method, path, "wrong-key", body) == 401
     assert status(fleet, method, path, KEY[:-1], body) == 401
@@ -77,9 +79,16 @@ def test_clients_with_a_key_work_and_both_keys_are_accepted(fleet: Fleet) -> Non
 
 def test_the_cli_sends_LLAMAFLEET_API_KEY_and_says_what_is_wrong_without_it(fleet: Fleet) -> None:
     assert fleet.cli("nodes", env_key=KEY).returncode == 0
-    refused = fleet.cli("nodes", env_key=None)
+    refused = fleet.cli("run", "gemma", "hi", env_key=None)
     assert refused.returncode == 1 and "missing or wrong API key" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_an_api_key_is_no_control_credential_but_loopback_is_while_no_admin_key_is_set(fleet: Fleet) -> None:
+    """This fleet has API keys and no admin key: the controller's own host may use the control routes."""
+    assert status(fleet, "GET", "/llamafleet/v1/nodes") == 200
+    assert status(fleet, "GET", "/llamafleet/v1/nodes", KEY) == 200  # neither opens nor closes them
+    assert status(fleet, "POST", "/llamafleet/v1/stop", None, {"model": "not-loaded"}) == 404
 
 
 def test_keys_never_appear_in_logs_or_json(fleet: Fleet) -> None:

@@ -18,10 +18,12 @@ from llamafleet.common.llamacpp.build import (
     BuildEvent,
     BuildLayout,
     BuildOptions,
+    check_cuda_architectures,
     cmake_flags,
     current_manifest,
     run_build,
 )
+from llamafleet.common.errors import UsageError
 from llamafleet.common.llamacpp.install import read_manifest
 from tests.unit.common.llamacpp.fake_tree import BROKEN, RPC_EXITS, make_fake_tree
 
@@ -147,6 +149,19 @@ def test_cuda_flags() -> None:
     assert "-DGGML_CUDA=ON" not in cmake_flags(False, None)
     flags = cmake_flags(True, "90")
     assert "-DGGML_CUDA=ON" in flags and "-DCMAKE_CUDA_ARCHITECTURES=90" in flags
+
+
+@pytest.mark.parametrize("value", ["90", "86;89", "90a-real;89-virtual", "native", "all", "all-major"])
+def test_cuda_architectures_cmake_reads_pass(value: str) -> None:
+    assert check_cuda_architectures(value) == value
+
+
+@pytest.mark.parametrize("value", ["", "90;", "-DCMAKE_C_COMPILER=/tmp/x", "90 -DX=1", "$(id)", "native;90\n"])
+def test_cuda_architectures_that_are_not_a_list_are_refused_before_building(value: str, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="CUDA architectures"):
+        run_build(BuildOptions(str(make_fake_tree(tmp_path / "src")), tmp_path / "state", cuda=True,
+                               cuda_architectures=value))
+    assert not (tmp_path / "state").exists()
 
 
 def test_manifest_on_disk_matches_returned_manifest(tmp_path: Path) -> None:

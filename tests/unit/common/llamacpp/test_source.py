@@ -1,18 +1,23 @@
 from __future__ import annotations
 
 import io
+import json
+import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
 from llamafleet.common.errors import UsageError
+from llamafleet.common.llamacpp import source as source_module
 from llamafleet.common.llamacpp.source import (
     DirSource,
     GitSource,
     SourceError,
     TarballSource,
+    check_git_ref,
     parse_source,
     prepare_source,
 )
@@ -184,3 +189,93 @@ def test_dir_source_uses_the_commit_when_clean_and_a_digest_when_dirty(git_repo:
     assert dirty.commit is None and dirty.source_id.startswith("sha256:")
     (git_repo / "rpc.c").write_text("/* another change */")
     assert prepare_source(DirSource(git_repo), git_repo / "unused").source_id != dirty.source_id
+
+
+HOSTILE = json.loads((Path(__file__).parents[3] / "fixtures" / "hostile" / "sources.json").read_text())["cases"]
+AGENT = str(Path(sys.executable).parent / "llamafleet-agent")
+# The payload of issue 14: the text after '@' reached `git fetch` as an option. A ref cannot
+# hold '/', so the absolute path of the file it creates comes from the environment.
+UPLOAD_PACK = "--upload-pack=touch${IFS}$LLAMAFLEET_TEST_MARKER;git-upload-pack"
+
+
+@pytest.fixture
+def marker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "INJECTED"
+    monkeypatch.setenv("LLAMAFLEET_TEST_MARKER", str(path))
+    return path
+
+
+def test_upload_pack_in_the_ref_runs_nothing_from_the_build_command(git_repo: Path, tmp_path: Path,
+                                                                     marker: Path) -> None:
+    result = subprocess.run([AGENT, "build", "--source", f"file://{git_repo}@{UPLOAD_PACK}",
+                             "--state-dir", str(tmp_path / "state")], capture_output=True, text=True, timeout=60)
+    assert not marker.exists()
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "starts with '-'" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_upload_pack_with_a_literal_absolute_path_runs_nothing(git_repo: Path, tmp_path: Path) -> None:
+    """The brief's own spelling: with a '/' after '@' the whole text is the URL, and no such repo exists."""
+    literal = tmp_path / "X"
+    with pytest.raises(SourceError, match="cannot fetch") as refused:
+        prepare_source(parse_source(f"file://{git_repo}@--upload-pack=touch${{IFS}}{literal};git-upload-pack"),
+                       tmp_path / "s")
+    assert not literal.exists() and "\n" not in refused.value.message
+
+
+def test_a_spec_built_without_parse_source_is_checked_too(git_repo: Path, tmp_path: Path, marker: Path) -> None:
+    with pytest.raises(UsageError, match="starts with '-'"):
+        prepare_source(GitSource(f"file://{git_repo}", UPLOAD_PACK), tmp_path / "s")
+    with pytest.raises(UsageError, match="starts with '-'"):
+        prepare_source(GitSource("-oProxyCommand=x@host:repo", None), tmp_path / "s")
+    assert not marker.exists()
+
+
+def test_end_of_options_alone_keeps_a_ref_from_being_an_option(git_repo: Path, tmp_path: Path, marker: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Second layer: with the up-front check switched off, git itself reads the ref as a ref."""
+    monkeypatch.setattr(source_module, "check_git_ref", lambda ref: ref)
+    with pytest.raises(SourceError, match="does not exist"):
+        prepare_source(GitSource(f"file://{git_repo}", UPLOAD_PACK), tmp_path / "s")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=[c["name"] for c in HOSTILE])
+def test_hostile_sources_are_refused_in_one_line(case: dict[str, str], git_repo: Path, tmp_path: Path,
+                                                 marker: Path) -> None:
+    with pytest.raises(UsageError) as refused:
+        parse_source(case["source"].replace("{repo}", str(git_repo)))
+    message = refused.value.message
+    assert case["contains"] in message and "\n" not in message
+    assert not marker.exists()
+
+
+VALID_REFS = ["main", "b6000", "v1.2.3", "release/b6000", "refs/tags/b1", "HEAD", "0123456789abcdef" * 2 + "01234567",
+              "feature_x-y", "a{b}", "x@y"]
+INVALID_REFS = ["-x", "--upload-pack=x", "a..b", "main~1", "a^", "a:b", "a b", "a?", "a*", "a[b", "a\\b", "/a", "a/",
+                "a//b", ".a", "a/.b", "a.lock", "a/b.lock/c", "a.", "@", "a@{1}", "a\tb", "a\x7f"]
+
+
+@pytest.mark.parametrize("ref", VALID_REFS)
+def test_branch_tag_and_commit_names_pass(ref: str) -> None:
+    assert check_git_ref(ref) == ref
+
+
+@pytest.mark.parametrize("ref", INVALID_REFS)
+def test_what_git_check_ref_format_refuses_is_refused(ref: str) -> None:
+    with pytest.raises(UsageError, match="git ref"):
+        check_git_ref(ref)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+@pytest.mark.parametrize("ref", VALID_REFS + INVALID_REFS[2:])
+def test_the_check_agrees_with_git_check_ref_format(ref: str) -> None:
+    """The same answer as git's own (refs starting with '-' left out: git would read them as options)."""
+    by_git = subprocess.run(["git", "check-ref-format", "--allow-onelevel", ref], capture_output=True).returncode == 0
+    try:
+        check_git_ref(ref)
+        ours = True
+    except UsageError:
+        ours = False
+    assert ours == by_git
