@@ -4,15 +4,23 @@
 #   bash scripts/device/gpu_bench.sh all      # setup, then bench inside the same time budget
 #   bash scripts/device/gpu_bench.sh setup    # wheels, CUDA build, pack binaries, NVML check, model
 #   bash scripts/device/gpu_bench.sh bench    # bench/gpu/split_bench.py (needs setup's outputs)
+#   bash scripts/device/gpu_bench.sh streams  # bench/gpu/streams_bench.py (issue 13; needs setup's outputs)
+#   bash scripts/device/gpu_bench.sh streams-all  # setup (packing left to the end), streams, then
+#                                                 # pack the build if the budget still allows
 #
 # It needs what scripts/device/prepare.sh put in the checkout's ignored folders: .whl/ (wheels
 # for Python 3.12, llamafleet's own among them) and .devsrc/ (the trimmed llama.cpp source), and
 # optionally .devbin/ (a CUDA install packed by an earlier run: then nothing is compiled).
 # Results go to $OUT (at most 8 files come back): log.txt, setup.json, results.json, results.md,
-# and llama-cuda.tar.zst.NN (the built binaries, for a later run).
+# and llama-cuda.tar.{zst,xz}.NN (the built binaries, for a later run: zstd when the machine has
+# it, else xz, else none; packing is optional and never stops a run).
 #
 # Environment: OUT (required), BENCH_BUDGET_S (whole-run budget, default 570),
 # BENCH_MEMORY_LIMIT (per agent, default 6GiB), BENCH_NOT_RUN (a line for the report's not-run list),
+# BENCH_STREAMS_MEMORY_LIMIT (per agent for streams, default 7GiB: 8 slots of ctx 2048 over both),
+# BENCH_STREAMS_ARGS (more flags for streams_bench.py, e.g. "--reps 5 --stages streams"),
+# BENCH_NO_PACK=1 (streams-all: do not pack the build at the end; with xz it came to 79 MiB, too
+# large to bring back),
 # and for trying it out on a CPU machine: BENCH_SHAPE (default llama-8b), BENCH_BUILD_FLAGS
 # (default --cuda), BENCH_STATE_DIR (default /tmp/lf/state), BENCH_SOURCE (default the carried
 # tarball), BENCH_USE_INSTALLED=1 (use the llamafleet on PATH, install no wheels).
@@ -55,10 +63,17 @@ install_wheels() {
 
 restore_binaries() {
   # A CUDA install packed by an earlier run: put it back where its manifest says it lives.
-  local parts=(.devbin/llama-cuda.tar.zst.*)
+  local parts=(.devbin/llama-cuda.tar.zst.*) tool=(zstd -d --long=30 -q)
+  if [ ! -e "${parts[0]}" ]; then
+    parts=(.devbin/llama-cuda.tar.xz.*) tool=(xz -d -q)
+  fi
   [ -e "${parts[0]}" ] || return 0
+  if ! command -v "${tool[0]}" > /dev/null; then
+    say "${tool[0]} is not on this machine: cannot unpack .devbin/; building instead"
+    return 0
+  fi
   say "restoring the packed CUDA install from .devbin/"
-  cat "${parts[@]}" | zstd -d --long=30 -q | tar -x -C /
+  cat "${parts[@]}" | "${tool[@]}" | tar -x -C / || say "unpacking .devbin/ failed; building instead"
 }
 
 build() {
@@ -83,18 +98,55 @@ build() {
 }
 
 pack_binaries() {
-  # Bring the install back (zstd, long window: the two binaries share the CUDA kernels).
-  [ -e .devbin/llama-cuda.tar.zst.00 ] && return 0
-  say "packing $INSTALL"
-  tar -C / -cf - "${INSTALL#/}" | zstd -q -T0 -12 --long=30 > "$WORK/llama-cuda.tar.zst"
+  # Bring the install back for a later run (optional: any failure here is reported, never fatal).
+  # zstd with a long window (the two binaries share the CUDA kernels), else xz, else nothing.
+  if [ -e .devbin/llama-cuda.tar.zst.00 ] || [ -e .devbin/llama-cuda.tar.xz.00 ]; then
+    return 0
+  fi
+  local ext tool
+  if command -v zstd > /dev/null; then
+    ext=zst tool=(zstd -q -T0 -12 --long=30)
+  elif command -v xz > /dev/null; then
+    ext=xz tool=(xz -q -T0 -6)
+  else
+    say "not packing the build: neither zstd nor xz is on this machine (a later run rebuilds)"
+    return 0
+  fi
+  local limit=${1:-600}
+  say "packing $INSTALL with ${tool[0]} (at most $limit s)"
+  if ! tar -C / -cf - "${INSTALL#/}" | timeout "$limit" "${tool[@]}" > "$WORK/llama-cuda.tar.$ext"; then
+    say "packing failed or ran out of time; a later run rebuilds"
+    rm -f "$WORK/llama-cuda.tar.$ext"
+    return 0
+  fi
   local size
-  size=$(stat -c %s "$WORK/llama-cuda.tar.zst")
+  size=$(stat -c %s "$WORK/llama-cuda.tar.$ext")
   say "packed: $((size / 1048576)) MiB"
   if [ "$size" -le $((44 * 1048576)) ]; then
-    split -b 15M -d "$WORK/llama-cuda.tar.zst" "$OUT/llama-cuda.tar.zst."
+    split -b 15M -d "$WORK/llama-cuda.tar.$ext" "$OUT/llama-cuda.tar.$ext."
   else
     say "too large to bring back (over 44 MiB); a later run rebuilds"
   fi
+}
+
+start_model() {
+  # The model is written while the build compiles (one core and memory bandwidth; the build has
+  # the rest): about 20 s of the run saved.
+  mkdir -p "$MODEL_DIR"
+  df -h "$MODEL_DIR" | tail -n 1
+  say "generating the model in the background: $MODEL"
+  python3 bench/gpu/make_model.py --shape "$SHAPE" --type q8_0 --out "$MODEL" > "$WORK/model.out" 2>&1 &
+  MODEL_PID=$!
+}
+
+finish_model() {
+  local status=0
+  wait "$MODEL_PID" || status=$?
+  cat "$WORK/model.out"
+  if [ "$status" -ne 0 ]; then
+    say "model generation failed (exit $status)"
+  fi
+  return "$status"
 }
 
 setup() {
@@ -102,9 +154,15 @@ setup() {
   install_wheels
   mkdir -p "$WORK"
   restore_binaries
-  build
+  start_model
+  local build_status=0
+  build || build_status=$?
+  finish_model || return $?
+  [ "$build_status" -eq 0 ] || return "$build_status"
   local install=$INSTALL
-  pack_binaries
+  if [ -z "${SKIP_PACK:-}" ]; then
+    pack_binaries || say "packing failed (exit $?); going on without it"
+  fi
   say "rpc-server banner and manifest"
   timeout 20 stdbuf -oL "$install/bin/ggml-rpc-server" -H 127.0.0.1 -p 50099 > "$WORK/banner.txt" 2>&1 &
   local banner_pid=$!
@@ -115,10 +173,6 @@ setup() {
   say "NVML (agent) vs nvidia-smi vs rpc-server banner"
   python3 bench/gpu/nvml_check.py --llama-cpp "$install" --out "$WORK/nvml.json" --workdir "$WORK/nvml" \
     || say "the NVML check failed (see above); going on"
-  say "generating the model"
-  mkdir -p "$MODEL_DIR"
-  df -h "$MODEL_DIR" | tail -n 1
-  python3 bench/gpu/make_model.py --shape "$SHAPE" --type q8_0 --out "$MODEL"
   python3 - "$install" "$WORK" "$OUT/setup.json" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -150,10 +204,47 @@ bench() {
     --memory-limit "${BENCH_MEMORY_LIMIT:-6GiB}" "${extra[@]}"
 }
 
+streams() {
+  install_wheels
+  local install left
+  install=$(cat "$WORK/install-dir")
+  left=$((BUDGET - ($(date +%s) - START)))
+  say "streams benchmark (about $left s left)"
+  local extra=()
+  if [ -n "${BENCH_NOT_RUN:-}" ]; then extra+=(--not-run "$BENCH_NOT_RUN"); fi
+  # shellcheck disable=SC2206 # BENCH_STREAMS_ARGS is a list of flags
+  extra+=(${BENCH_STREAMS_ARGS:-})
+  PYTHONUNBUFFERED=1 python3 bench/gpu/streams_bench.py --llama-cpp "$install" --model "$MODEL" \
+    --out "$OUT" --workdir "$WORK/streams" --deadline-s "$left" \
+    --memory-limit "${BENCH_STREAMS_MEMORY_LIMIT:-7GiB}" "${extra[@]}"
+}
+
+pack_late() {
+  # After the measurement: pack the build with what is left of the budget (optional).
+  local left
+  if [ -n "${BENCH_NO_PACK:-}" ]; then
+    say "not packing the build (BENCH_NO_PACK is set)"
+    return 0
+  fi
+  INSTALL=$(cat "$WORK/install-dir")
+  left=$((BUDGET - ($(date +%s) - START) - 15))
+  if [ "$left" -lt 30 ]; then
+    say "not packing the build: $left s left of the budget"
+    return 0
+  fi
+  pack_binaries "$left" || say "packing failed (exit $?); going on without it"
+}
+
 case "$MODE" in
   setup) setup ;;
   bench) bench ;;
   all) setup; bench ;;
-  *) echo "usage: $0 all|setup|bench" >&2; exit 2 ;;
+  streams) streams ;;
+  streams-all)
+    SKIP_PACK=1 setup
+    streams || say "streams_bench.py exited $?"
+    pack_late
+    ;;
+  *) echo "usage: $0 all|setup|bench|streams|streams-all" >&2; exit 2 ;;
 esac
 say "done"
