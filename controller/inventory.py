@@ -22,6 +22,8 @@ from llamafleet.agent.settings import split_host_port
 from llamafleet.common.agent_client import AgentAddress, describe_rpc_error
 from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.common.proto_json import message_to_json
+from llamafleet.controller.agent_bounds import address_ips, bound_status
+from llamafleet.controller.credentials import WATCH_METHOD
 from llamafleet.controller.events import EventSink, no_events
 from llamafleet.controller.placement.nodes import DeviceView, NodeView
 from llamafleet.controller.store import Store
@@ -135,6 +137,18 @@ class Inventory:
                 await record.task
         return True
 
+    async def redial(self, address: str) -> None:
+        """Watch `address` anew (its credential changed), keeping what is known of it."""
+        record = self._nodes.get(address)
+        if record is None:
+            return
+        if record.task is not None:
+            record.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                # Cancelling is how a watcher is told to end.
+                await record.task
+        record.task = asyncio.create_task(self._watch_loop(record), name=f"watch {address}")
+
     def set_maintenance(self, address: str, enabled: bool) -> bool:
         record = self._nodes.get(address)
         if record is None:
@@ -177,9 +191,16 @@ class Inventory:
 
     async def _watch_loop(self, record: NodeRecord) -> None:
         delay = 0.2
-        target = self._target(record.address)
         request = pb.WatchStatusRequest(heartbeat_interval_ms=int(self._heartbeat_s * 1000))
         while True:
+            # Asked at every dial: a credential that arrived (a join) or changed (a rotation) counts.
+            target = self._target(record.address)
+            if not target.token:
+                # Nothing is sent to an endpoint we hold no credential for: not even a dial.
+                record.error = target.missing
+                await asyncio.sleep(RECONNECT_MAX_S)
+                continue
+            own_ips = await address_ips(record.address)
             try:
                 credentials = target.credentials()
             except LlamafleetError as exc:
@@ -190,18 +211,20 @@ class Inventory:
             channel = (grpc.aio.secure_channel(target.address, credentials, options=_CHANNEL_OPTIONS) if credentials
                        else grpc.aio.insecure_channel(target.address, options=_CHANNEL_OPTIONS))
             try:
-                call = pb_grpc.AgentServiceStub(channel).WatchStatus(request, metadata=target.metadata)
+                call = pb_grpc.AgentServiceStub(channel).WatchStatus(request, metadata=target.metadata_for(WATCH_METHOD))
                 while True:
                     # A stream that stays silent far past the grace is dead (a half-open
                     # connection): drop it and dial again.
                     message = await asyncio.wait_for(call.read(), timeout=self._unreachable_after_s * 3)
                     if message is grpc.aio.EOF:
                         raise ConnectionError("agent closed the stream")
-                    self._note_restart(record, message.status)
-                    record.status = message.status
+                    # The agent may lie: what it says is clamped, or refused, before anyone reads it.
+                    bounded = bound_status(message.status, record.address, own_ips)
+                    self._note_restart(record, bounded.status)
+                    record.status = bounded.status
                     record.last_heartbeat = self._clock()
                     record.last_seen_unix_ms = int(time.time() * 1000)
-                    record.error = ""
+                    record.error = bounded.reason
                     delay = 0.2
             except grpc.aio.AioRpcError as exc:
                 # The agent is down, refuses us, or the network failed: record why and redial.

@@ -72,9 +72,10 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return error(exc.status, exc.reason or "error", openai)
 
 
-# Reachable without a key: liveness checks and Ollama's version probe, which clients send first.
+# Reachable without a key: liveness checks and Ollama's version probe, which clients send first;
+# and the agents' join, whose join token is its credential (controller/join.py checks it).
 PUBLIC_ROUTES = frozenset({("GET", "/"), ("HEAD", "/"), ("GET", "/api/version"), ("HEAD", "/api/version"),
-                           ("GET", "/llamafleet/v1/health")})
+                           ("GET", "/llamafleet/v1/health"), ("POST", "/llamafleet/v1/join")})
 
 
 def read_api_keys(path: Path) -> tuple[str, ...]:
