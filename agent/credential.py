@@ -37,6 +37,7 @@ class JoinRefused(LlamafleetError):
 
 def _write_private_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text`, mode 0600, atomically (a crash leaves the old or the new)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

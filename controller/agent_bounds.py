@@ -82,7 +82,7 @@ def _clamp(message: Message, notes: dict[str, None]) -> None:
     for field in message.DESCRIPTOR.fields:
         name = field.name
         limit = MAX_TEXT_CHARS if name in _TEXT_FIELDS else MAX_NAME_CHARS
-        if field.label == FieldDescriptor.LABEL_REPEATED:
+        if field.is_repeated:
             items = getattr(message, name)
             if len(items) > MAX_ITEMS:
                 notes[f"{where}.{name}: {len(items)} reported, kept {MAX_ITEMS}"] = None
