@@ -54,20 +54,22 @@ def bound_status(status: pb.AgentStatus, address: str, address_ips: frozenset[st
     operator gave it; `address_ips` what its host resolves to (an IP literal resolves to itself)."""
     out = pb.AgentStatus()
     out.CopyFrom(status)
-    notes: dict[str, None] = {}  # ordered, without repeats
-    _clamp(out, notes)
-    refused = False
+    clamps: dict[str, None] = {}  # ordered, without repeats
+    _clamp(out, clamps)
+    refusals: dict[str, None] = {}
     for rpc in _rpc_servers(out):
         why = _endpoint_refusal(rpc, address, address_ips)
         if why:
-            notes[why] = None
-            refused = True
+            refusals[why] = None
             rpc.endpoint = ""
             rpc.state = pb.RPC_SERVER_STATE_FAILED
     reason = ""
-    if notes:
-        reason = ("agent status refused: " if refused else "agent status clamped: ") + "; ".join(notes)
-    return Bounded(out, reason, refused)
+    if refusals:
+        # What keeps the node out of placement first; what was merely clamped after.
+        reason = "agent status refused: " + "; ".join([*refusals, *clamps])
+    elif clamps:
+        reason = "agent status clamped: " + "; ".join(clamps)
+    return Bounded(out, reason, bool(refusals))
 
 
 def _rpc_servers(status: pb.AgentStatus) -> Iterator[pb.RpcServerStatus]:

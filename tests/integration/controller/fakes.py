@@ -43,32 +43,36 @@ class Recorder(grpc.GenericRpcHandler):
         return None
 
 
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def _shared_loop() -> asyncio.AbstractEventLoop:
+    """One event loop thread for every fake server of the process: grpc.aio binds to one loop."""
+    global _loop
+    if _loop is None:
+        _loop = asyncio.new_event_loop()
+        threading.Thread(target=_loop.run_forever, name="fake gRPC servers", daemon=True).start()
+    return _loop
+
+
 @contextmanager
 def grpc_server(host: str, setup: Callable[[grpc.aio.Server], None]) -> Iterator[str]:
-    """A grpc.aio server on HOST and a free port, on an event loop of its own thread; yields HOST:PORT."""
+    """A grpc.aio server on HOST and a free port, on the fakes' own event loop; yields HOST:PORT."""
     address = f"{host}:{free_loopback_port()}"
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    holder: dict[str, grpc.aio.Server] = {}
+    loop = _shared_loop()
 
-    async def run() -> None:
+    async def start() -> grpc.aio.Server:
         server = grpc.aio.server()
         setup(server)
         server.add_insecure_port(address)
         await server.start()
-        holder["server"] = server
-        started.set()
-        await server.wait_for_termination()
+        return server
 
-    thread = threading.Thread(target=loop.run_until_complete, args=(run(),), daemon=True)
-    thread.start()
-    assert started.wait(10), "the fake gRPC server did not start"
+    server = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
     try:
         yield address
     finally:
-        asyncio.run_coroutine_threadsafe(holder["server"].stop(0), loop).result(10)
-        thread.join(10)
-        loop.close()
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
 
 
 @contextmanager

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import stat
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +19,9 @@ import pytest
 
 from llamafleet.common.llamacpp.install import Manifest
 from llamafleet.common.llamacpp.probe import free_loopback_port
-from tests.integration.agent.harness import running_agent, wait_for
+from llamafleet.proto.v1 import agent_pb2 as pb
+from llamafleet.proto.v1 import agent_pb2_grpc as pb_grpc
+from tests.integration.agent.harness import AGENT, running_agent, wait_for
 from tests.integration.controller.harness import Fleet
 
 pytestmark = pytest.mark.integration
@@ -108,22 +112,34 @@ def test_join_refusals_are_one_line_with_the_reason(tmp_path: Path, llama_cpp: M
             == (400, {"error": "'token' must be a non-empty string"})
         status, answer = post(fleet.url, "/llamafleet/v1/join", {"token": short, "address": "nope"})
         assert status == 400 and "invalid agent address" in answer["error"]
-        bad_ttl = fleet.cli("token", "create", "--ttl", "30d")
+        bad_ttl = fleet.cli("token", "create", "--ttl", "200h")
         assert bad_ttl.returncode == 1 and bad_ttl.stderr.startswith("error: a join token lives")
         assert "Traceback" not in fleet.log_path.read_text() and short not in fleet.log_path.read_text()
 
 
-def test_an_expired_join_token_leaves_the_agent_up_and_saying_why(tmp_path: Path, llama_cpp: Manifest,
+def test_a_refused_join_token_leaves_the_agent_up_and_saying_why(tmp_path: Path, llama_cpp: Manifest,
                                                                    test_model: Path) -> None:
     with controller(tmp_path / "c", llama_cpp, test_model) as fleet:
         token_file = tmp_path / "join-token"
         token_file.write_text("lfjoin_not-a-real-one\n")
-        # It never gets a credential: the harness waits for its node id instead.
-        with running_agent(tmp_path / "agent", llama_cpp.install_dir, credential="node-id",
-                           extra_args=("--join", fleet.url, "--join-token-file", str(token_file))) as agent:
-            wait_for(lambda: "refused the join: unknown join token" in agent.log(), 20, "the refusal in the log")
-            assert agent.proc.poll() is None and fleet.nodes() == []
-            assert refused(agent.status), "an agent that never joined accepts calls"
+        listen = f"127.0.0.1:{free_loopback_port()}"
+        log = tmp_path / "agent.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen([AGENT, "serve", "--listen", listen, "--state-dir", str(tmp_path / "state"),
+                                     "--no-rpc-autostart", "--llama-cpp", str(llama_cpp.install_dir),
+                                     "--join", fleet.url, "--join-token-file", str(token_file)],
+                                    stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: "refused the join: unknown join token" in log.read_text(), 20, "the refusal in the log")
+            assert proc.poll() is None and fleet.nodes() == []
+            with grpc.insecure_channel(listen) as channel:
+                stub = pb_grpc.AgentServiceStub(channel)
+                assert refused(lambda: stub.GetStatus(pb.GetStatusRequest(), timeout=5)), \
+                    "an agent that never joined accepts calls"
+            assert not (tmp_path / "state" / "token").exists() and "lfjoin_not-a-real-one" not in log.read_text()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=15)
 
 
 def test_the_admin_adds_a_node_with_the_credential_the_agent_made(tmp_path: Path, llama_cpp: Manifest,
