@@ -4,7 +4,7 @@ Sources, first found wins:
 
 - `STATE/credential`: issued by the controller, at a join or a rotation;
 - `--token-file`: installed by the operator (per node; or the fleet's shared token, deprecated);
-- `STATE/token`: made by the agent at its first start (0600), for `llamafleet node add
+- `STATE/token`: made by the agent at its first start when it is not to join (0600), for `llamafleet node add
   ADDR --credential-file` on the controller.
 
 A rotation writes the new secret to `STATE/credential.next`; both are accepted until the
@@ -84,8 +84,8 @@ class Keyring:
                 self.current, self.source = secret, source
                 break
         self.pending = self._next.read_text().strip() if self._next.exists() else None
-        if self.current is None and self._token_file is None and self._create:
-            default = self._state / "token"
+        default = self._state / "token"
+        if self.current is None and self._token_file is None and (self._create or default.exists()):
             if not default.exists():
                 log.info("made a node credential in %s: give it to the controller with "
                          "`llamafleet node add ADDRESS --credential-file FILE`, or join with --join", default)

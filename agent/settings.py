@@ -103,10 +103,6 @@ class AgentSettings:
         return self.cache_dir or default_cache_dir("agent")
 
     @property
-    def token_path(self) -> Path:
-        return self.token_file or self.state_path / "token"
-
-    @property
     def advertised(self) -> str:
         return self.advertise or self.listen
 
