@@ -37,8 +37,10 @@ MAX_ITEMS = 64
 MAX_NAME_CHARS = 256
 MAX_TEXT_CHARS = 1024
 _TEXT_FIELDS = frozenset({"last_exit", "last_output", "recent_output"})
-# (total, part) pairs: the part can never exceed the total it is part of.
-_PARTS = (("total_bytes", "free_bytes"), ("total_bytes", "used_bytes"), ("total_bytes", "available_bytes"),
+# (total, part) pairs: the part can never exceed the total it is part of. Not used_bytes: under
+# --memory-limit an honest agent reports the physical use beside the capped total, and
+# placement never reads it.
+_PARTS = (("total_bytes", "free_bytes"), ("total_bytes", "available_bytes"),
           ("physical_total_bytes", "physical_free_bytes"))
 
 
