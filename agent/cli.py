@@ -10,9 +10,11 @@ from typing import Any
 import click
 import grpc
 
+from llamafleet.agent.credential import Keyring
 from llamafleet.agent.settings import AgentSettings
 from llamafleet.common.agent_client import AgentAddress, describe_rpc_error, read_token_file, sync_stub
 from llamafleet.common.cli import build_command, run_main, settings_flags, settings_options, setup_logging
+from llamafleet.common.errors import UsageError
 from llamafleet.common.paths import default_state_dir
 from llamafleet.common.proto_json import message_to_json
 from llamafleet.common.settings import load_settings
@@ -65,7 +67,7 @@ def status(ctx: click.Context, config_file: Path | None, address: str | None, to
     settings = load_settings(AgentSettings, flags={}, config_file=config_file)
     target = AgentAddress(
         address=address or settings.listen,
-        token=read_token_file(token_file or settings.token_path),
+        token=read_token_file(token_file) if token_file else _local_credential(settings),
         tls_ca=tls_ca, tls_client_cert=tls_client_cert, tls_client_key=tls_client_key,
     )
     channel, stub = sync_stub(target)
@@ -79,6 +81,15 @@ def status(ctx: click.Context, config_file: Path | None, address: str | None, to
         click.echo(json.dumps(document, indent=2))
         return
     click.echo(render_status(document))
+
+
+def _local_credential(settings: AgentSettings) -> str:
+    """The credential the local agent accepts (issued at a join, installed, or made at first start)."""
+    keyring = Keyring(settings.state_path, settings.token_file, create=False)
+    if keyring.current is None:
+        raise UsageError(f"no node credential in {settings.state_path} (not joined yet, or revoked): "
+                         "pass --token-file")
+    return keyring.current
 
 
 def render_status(doc: dict[str, Any]) -> str:

@@ -14,11 +14,14 @@ import signal
 import time
 
 from llamafleet.agent.core import Agent
+from llamafleet.agent.credential import JoinRefused, Keyring, join
 from llamafleet.agent.metrics import start_metrics_server
-from llamafleet.agent.node import load_node_identity, load_token
+from llamafleet.agent.node import NodeIdentity, load_node_identity
 from llamafleet.agent.service import start_server
 from llamafleet.agent.settings import AgentSettings
 from llamafleet.agent.supervisor import TICK_S
+from llamafleet.common.agent_client import read_token_file
+from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,42 @@ async def _wait_settled(agent: Agent) -> None:
     while not agent.supervisor.at_rest() and time.monotonic() < deadline:
         seen = agent.changes.version
         await agent.changes.wait_newer(seen, 0.5)
+
+
+JOIN_RETRY_MAX_S = 30.0
+
+
+def _join_token(settings: AgentSettings) -> str:
+    if settings.join_token or not settings.join:
+        return settings.join_token
+    assert settings.join_token_file is not None  # AgentSettings insists on one of the two
+    return read_token_file(settings.join_token_file)
+
+
+async def _join_when_needed(settings: AgentSettings, token: str, keyring: Keyring, node: NodeIdentity) -> None:
+    """Join the controller once, when configured and no credential is held; retry while it is
+    unreachable (it may start after us), give up at once when it refuses the token."""
+    if not settings.join or keyring.current is not None:
+        if settings.join:
+            log.info("already holds a node credential (%s): not joining again", keyring.source)
+        return
+    delay = 1.0
+    while True:
+        try:
+            secret = await asyncio.to_thread(join, settings.join, token, settings.advertised, node.node_id,
+                                             node.hostname)
+        except JoinRefused as exc:
+            log.error("%s: this agent accepts no calls until it is given a valid join token", exc.message)
+            return
+        except LlamafleetError as exc:
+            log.warning("%s; trying again in %.0f s", exc.message, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, JOIN_RETRY_MAX_S)
+            continue
+        keyring.adopt(secret)
+        log.info("joined the controller at %s as %s; the credential is in %s", settings.join, settings.advertised,
+                 keyring.issued)
+        return
 
 
 async def _keep_systemd_informed(agent: Agent, notifier: Notifier) -> None:
@@ -58,14 +97,20 @@ async def serve(settings: AgentSettings, notifier: Notifier | None = None) -> No
     notifier = notifier or Notifier()
     state = settings.state_path
     state.mkdir(parents=True, exist_ok=True)
-    token = load_token(settings.token_path, create=settings.token_file is None)
+    # A node that is to join gets its credential from the controller, not from a file of its own.
+    join_token = _join_token(settings)  # an unreadable file is a configuration error: now, not later
+    keyring = Keyring(state, settings.token_file, create=not settings.join)
+    if settings.token_file is not None:
+        log.info("node credential from %s; a credential the controller issues later takes precedence",
+                 settings.token_file)
     if settings.rpc_allow_wildcard and settings.rpc_host == "0.0.0.0":
         log.warning("!!! rpc-server will listen on 0.0.0.0: it has NO authentication; anyone who "
                     "reaches port %d can run code on this worker's devices. Firewall it to the controller. !!!",
                     settings.rpc_port)
     agent = Agent(settings, load_node_identity(state))
     agent.load_build()
-    server, port = await start_server(agent, settings, token)
+    server, port = await start_server(agent, settings, keyring)
+    joining = asyncio.create_task(_join_when_needed(settings, join_token, keyring, agent.node), name="join")
     metrics = await start_metrics_server(agent.snapshot, settings.metrics_listen) if settings.metrics_listen else None
     log.info("agent %s listening on %s (port %d); rpc-server endpoint %s",
              agent.node.node_id, settings.listen, port, settings.rpc_endpoint)
@@ -92,9 +137,9 @@ async def serve(settings: AgentSettings, notifier: Notifier | None = None) -> No
         log.info("stopping: rpc-server first, then the gRPC server")
         notifier.stopping()
     finally:
-        for task in (informer, *supervisor_tasks):
+        for task in (informer, joining, *supervisor_tasks):
             task.cancel()
-        for task in (informer, *supervisor_tasks):
+        for task in (informer, joining, *supervisor_tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 # Cancellation is how these tasks are asked to end (the rpc-servers stop together).
                 await task

@@ -21,11 +21,13 @@ from llamafleet.agent.convert import (
     status_to_proto,
 )
 from llamafleet.agent.core import Agent, BuildBusyError
+from llamafleet.agent.credential import Keyring
 from llamafleet.agent.settings import AgentSettings
 from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.common.llamacpp.build import BuildError, BuildEvent, BuildOptions
 from llamafleet.common.llamacpp.install import InstallError
 from llamafleet.common.llamacpp.source import SourceError
+from llamafleet.common.node_auth import ProofChecker, ProofError, Verified
 from llamafleet.proto.v1 import agent_pb2 as pb
 from llamafleet.proto.v1 import agent_pb2_grpc as pb_grpc
 
@@ -132,10 +134,16 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Every method but health needs `authorization: Bearer <token>`; checked before the handler runs."""
+    """Every method but health needs the node credential; checked before the handler runs.
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+    Accepted: an HMAC proof of it (`common/node_auth.py`, what the controller sends; it may carry
+    a rotation or revocation), or `Bearer <secret>` (the local CLI, and controllers that still
+    use the deprecated shared token). Nothing is accepted while the agent holds no credential.
+    """
+
+    def __init__(self, keyring: Keyring) -> None:
+        self._keyring = keyring
+        self._proofs = ProofChecker()
 
     async def intercept_service(
         self,
@@ -146,20 +154,53 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         if details.method.startswith(_PUBLIC_PREFIX) or handler is None:
             return handler
         metadata = dict(details.invocation_metadata or ())
-        presented = metadata.get("authorization", "")
-        if hmac.compare_digest(str(presented).encode(), self._expected):
-            return handler
+        presented = str(metadata.get("authorization", ""))
+        held = self._keyring.held()
+        if not held:
+            log.warning("refused %s: this agent holds no credential (%s)", details.method,
+                        self._keyring.source or "not joined yet")
+            return _refusal(handler, "this agent holds no credential yet (not joined, or revoked)")
+        if presented.startswith("Bearer "):
+            # Every held secret is compared, in constant time, so timing says nothing about which.
+            if any([hmac.compare_digest(f"Bearer {s}".encode(), presented.encode()) for s in held]):
+                return handler
+            why = "wrong bearer token"
+        elif presented:
+            try:
+                verified = self._proofs.verify(presented, details.method, held)
+            except ProofError as exc:
+                why = str(exc)
+            else:
+                return self._act(verified, handler)
+        else:
+            why = "missing credential"
         # Never log what was presented: a near-miss token is still a secret.
-        log.warning("refused %s: %s bearer token", details.method, "wrong" if presented else "missing")
-        return _refusal(handler, "missing or wrong bearer token" if presented else "missing bearer token")
+        log.warning("refused %s: %s", details.method, why)
+        return _refusal(handler, "missing bearer token" if not presented else f"missing or wrong credential: {why}")
+
+    def _act(self, verified: Verified, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        try:
+            self._keyring.used(verified.secret)
+            if verified.action == "rotate":
+                self._keyring.stage(verified.new_secret)
+                log.info("the controller staged a new node credential")
+            elif verified.action == "revoke":
+                self._keyring.revoke(verified.secret)
+        except OSError as exc:
+            # The change must be on disk before the controller is told it happened.
+            log.error("cannot store the credential change: %s", exc)
+            return _refusal(handler, f"cannot store the credential change: {exc.strerror}",
+                            grpc.StatusCode.FAILED_PRECONDITION)
+        return handler
 
 
-def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+def _refusal(handler: grpc.RpcMethodHandler, message: str,
+             code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED) -> grpc.RpcMethodHandler:
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
 
     async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
         yield  # pragma: no cover - abort raises; this makes the function a generator
 
     if handler.unary_stream:
@@ -175,9 +216,9 @@ def _read(path: Path) -> bytes:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
 
 
-async def start_server(agent: Agent, settings: AgentSettings, token: str) -> tuple[grpc.aio.Server, int]:
+async def start_server(agent: Agent, settings: AgentSettings, keyring: Keyring) -> tuple[grpc.aio.Server, int]:
     """Bind the gRPC server (TLS when configured); returns it and the bound port."""
-    server = grpc.aio.server(interceptors=[TokenAuthInterceptor(token)])
+    server = grpc.aio.server(interceptors=[TokenAuthInterceptor(keyring)])
     pb_grpc.add_AgentServiceServicer_to_server(AgentServicer(agent), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

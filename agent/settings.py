@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,12 @@ def split_host_port(text: str) -> tuple[str, int]:
 class AgentSettings:
     listen: str = setting(DEFAULT_LISTEN, help="gRPC address HOST:PORT")
     metrics_listen: str = setting("", help="serve Prometheus metrics on HOST:PORT (empty: off)")
-    token_file: Path | None = setting(None, parse=parse_path, help="bearer token file (default: STATE/token, created 0600)")
+    token_file: Path | None = setting(None, parse=parse_path,
+                                      help="this node's credential, installed by the operator (default: STATE/token, created 0600)")
+    join: str = setting("", help="controller URL to join at first start (with a join token)")
+    join_token: str = setting("", help="join token from `llamafleet token create` (prefer --join-token-file)")
+    join_token_file: Path | None = setting(None, parse=parse_path, help="file holding the join token")
+    advertise: str = setting("", help="gRPC HOST:PORT the controller dials (default: --listen)")
     tls_cert: Path | None = setting(None, parse=parse_path, help="server certificate (PEM) for TLS")
     tls_key: Path | None = setting(None, parse=parse_path, help="server key (PEM) for TLS")
     tls_client_ca: Path | None = setting(None, parse=parse_path, help="CA that client certificates must chain to (mTLS)")
@@ -75,6 +81,23 @@ class AgentSettings:
             raise ValueError("heartbeat_interval_s and restart_backoff_initial_s must be > 0")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
+        if self.join:
+            parsed = urllib.parse.urlsplit(self.join)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ValueError(f"join must be the controller's http(s):// URL, not '{self.join}'")
+            if not self.join_token and self.join_token_file is None:
+                raise ValueError("join needs a join token (join_token_file or join_token)")
+            if self.token_file is not None:
+                raise ValueError("join and token_file exclude each other: a joined node gets its credential "
+                                 "from the controller")
+            host, _ = split_host_port(self.advertised)
+            if host in ("0.0.0.0", "::", ""):
+                raise ValueError("listening on a wildcard address: give the address the controller dials "
+                                 "with advertise HOST:PORT")
+        elif self.join_token or self.join_token_file is not None:
+            raise ValueError("a join token needs join (the controller's URL)")
+        if self.advertise:
+            split_host_port(self.advertise)
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
 
@@ -87,8 +110,8 @@ class AgentSettings:
         return self.cache_dir or default_cache_dir("agent")
 
     @property
-    def token_path(self) -> Path:
-        return self.token_file or self.state_path / "token"
+    def advertised(self) -> str:
+        return self.advertise or self.listen
 
     @property
     def rpc_endpoint(self) -> str:

@@ -24,6 +24,8 @@ import urllib.parse
 # Reachable with no credential at all: (method, route template). HEAD is judged as GET.
 PUBLIC_ROUTES = frozenset({
     ("GET", "/"), ("GET", "/api/version"), ("GET", "/llamafleet/v1/health"),
+    # An agent's join: its join token is its credential (controller/join.py checks it).
+    ("POST", "/llamafleet/v1/join"),
     # The dashboard's own files hold no data: it asks for a key before it reads any.
     ("GET", "/ui"), ("GET", "/ui/"), ("GET", "/ui/{name}"),
 })

@@ -16,7 +16,8 @@ from llamafleet.common.errors import UsageError
 from llamafleet.controller.coordinator.manager import CoordinatorManager
 from llamafleet.controller.events import EventLog
 from llamafleet.controller.gateway.router import Router
-from llamafleet.controller.inventory import Inventory
+from llamafleet.controller.credentials import Credentials
+from llamafleet.controller.inventory import Inventory, validate_address
 from llamafleet.controller.metrics import ControllerMetrics
 from llamafleet.controller.planner import Planner, plan_to_json
 from llamafleet.controller.web import error, json_body, string_field
@@ -49,7 +50,7 @@ def tail_lines(path: Path, count: int, max_bytes: int = 256 * 1024) -> list[str]
 
 
 def make_routes(inventory: Inventory, planner: Planner, manager: CoordinatorManager, router: Router,
-                events: EventLog, metrics: ControllerMetrics) -> web.RouteTableDef:
+                events: EventLog, metrics: ControllerMetrics, credentials: Credentials) -> web.RouteTableDef:
     routes = web.RouteTableDef()
 
     @routes.get("/metrics")
@@ -115,16 +116,27 @@ def make_routes(inventory: Inventory, planner: Planner, manager: CoordinatorMana
 
     @routes.post(f"{PREFIX}/nodes")
     async def add_node(request: web.Request) -> web.Response:
-        address = string_field(await json_body(request, MAX_BODY_BYTES), "address")
+        body = await json_body(request, MAX_BODY_BYTES)
+        address = validate_address(string_field(body, "address"))
+        # The agent's own credential, pinned to this address; without one the node is sent nothing.
+        credential = body.get("credential")
+        if credential is not None:
+            credentials.install(address, string_field(body, "credential"))
         added = inventory.add(address)
-        return web.json_response({"address": address, "added": added}, status=201 if added else 200)
+        if not added and credential is not None:
+            await inventory.redial(address)
+        return web.json_response({"address": address, "added": added, "credential": credential is not None},
+                                 status=201 if added else 200)
 
     @routes.delete(PREFIX + "/nodes/{address}")
     async def remove_node(request: web.Request) -> web.Response:
         address = request.match_info["address"]
-        if not await inventory.remove(address):
+        if inventory.record(address) is None:
             return error(404, f"no node {address}")
-        return web.json_response({"address": address, "removed": True})
+        # Told before it is forgotten: afterwards the controller holds nothing to prove itself with.
+        revoked, why = await credentials.revoke(address)
+        await inventory.remove(address)
+        return web.json_response({"address": address, "removed": True, "revoked": revoked, "not_revoked_because": why})
 
     @routes.post(PREFIX + "/nodes/{address}/maintenance")
     async def maintenance(request: web.Request) -> web.Response:

@@ -22,6 +22,7 @@ from llamafleet.common.cli import (
     settings_options,
     setup_logging,
 )
+from llamafleet.common.agent_client import read_token_file
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.paths import default_state_dir
 from llamafleet.common.settings import load_settings
@@ -91,7 +92,8 @@ def nodes(controller: str, as_json: bool) -> None:
                      f" llama.cpp {(build.get('commit') or build.get('source_id') or '?')[:19]}")
         if rpc.get("model"):
             line += f", serving {rpc['model']}"
-        if doc.get("error") and doc["state"] != "ready":
+        if doc.get("error"):
+            # A ready node's error is what the controller clamped or refused of its status.
             line += f"  [{doc['error']}]"
         click.echo(line)
         for other in (doc.get("rpc_servers") or [])[1:]:
@@ -110,20 +112,60 @@ def node() -> None:
 
 @node.command("add")
 @click.argument("address")
+@click.option("--credential-file", type=_PATH,
+              help="The agent's node credential (its STATE/token, or the file installed on it).")
 @CONTROLLER_OPTION
-def node_add(address: str, controller: str) -> None:
-    """Add the agent at ADDRESS (HOST:PORT)."""
-    reply = call(controller, "POST", "/llamafleet/v1/nodes", {"address": address})
-    click.echo(f"added {address}" if reply["added"] else f"{address} was already a node")
+def node_add(address: str, credential_file: Path | None, controller: str) -> None:
+    """Add the agent at ADDRESS (HOST:PORT).
+
+    Without --credential-file the controller sends it nothing (no credential of its own to
+    prove) and it stays unreachable, unless the agent joins or the deprecated shared token is set.
+    """
+    body: dict[str, Any] = {"address": address}
+    if credential_file is not None:
+        body["credential"] = read_token_file(credential_file)
+    reply = call(controller, "POST", "/llamafleet/v1/nodes", body)
+    done = f"added {address}" if reply["added"] else f"{address} was already a node"
+    click.echo(done + (" with its credential" if credential_file is not None else ""))
 
 
 @node.command("remove")
 @click.argument("address")
 @CONTROLLER_OPTION
 def node_remove(address: str, controller: str) -> None:
-    """Forget the agent at ADDRESS."""
-    call(controller, "DELETE", f"/llamafleet/v1/nodes/{urllib.parse.quote(address, safe='')}")
-    click.echo(f"removed {address}")
+    """Forget the agent at ADDRESS, and revoke its credential there."""
+    reply = call(controller, "DELETE", f"/llamafleet/v1/nodes/{urllib.parse.quote(address, safe='')}")
+    click.echo(f"removed {address}" + ("; its credential is revoked at the agent" if reply.get("revoked") else ""))
+    if not reply.get("revoked") and reply.get("not_revoked_because"):
+        click.echo(f"warning: the agent was not told: {reply['not_revoked_because']}", err=True)
+
+
+@node.command("rotate")
+@click.argument("address")
+@CONTROLLER_OPTION
+def node_rotate(address: str, controller: str) -> None:
+    """Give the node at ADDRESS a new credential; the old one stops working."""
+    reply = call(controller, "POST", f"/llamafleet/v1/nodes/{urllib.parse.quote(address, safe='')}/rotate")
+    state = "confirmed by the agent" if reply["confirmed"] else "the agent completes it at its next call"
+    click.echo(f"{address}: new credential {reply['credential_fingerprint']} ({state})")
+
+
+@cli.group()
+def token() -> None:
+    """Join tokens, with which agents join the fleet (`llamafleet-agent serve --join`)."""
+
+
+@token.command("create")
+@click.option("--ttl", default="1h", show_default=True, help="How long the token stays good (e.g. 30m, 1h).")
+@click.option("--uses", type=click.IntRange(1, 1000), default=1, show_default=True,
+              help="How many agents may join with it.")
+@CONTROLLER_OPTION
+def token_create(ttl: str, uses: int, controller: str) -> None:
+    """Print a new join token (only its hash is stored)."""
+    reply = call(controller, "POST", "/llamafleet/v1/tokens", {"ttl_s": parse_duration(ttl), "uses": uses})
+    click.echo(reply["token"])
+    expires = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(reply["expires_at_unix_ms"] / 1000))
+    click.echo(f"good for {uses} join(s) until {expires}", err=True)
 
 
 @node.command("maintenance")

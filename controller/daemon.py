@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 from llamafleet.agent.settings import split_host_port
-from llamafleet.common.agent_client import AgentAddress, read_token_file
+from llamafleet.common.agent_client import read_token_file
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.llamacpp.build import current_manifest
 from llamafleet.common.llamacpp.install import Manifest, adopt_install
@@ -18,6 +18,7 @@ from llamafleet.common.restart import RestartPolicy
 from llamafleet.common.systemd import Notifier
 from llamafleet.controller.api import make_routes
 from llamafleet.controller.coordinator.deployment import Runtime
+from llamafleet.controller.credentials import Credentials, Tls
 from llamafleet.controller.coordinator.manager import CoordinatorManager
 from llamafleet.controller.dashboard import dashboard_routes
 from llamafleet.controller.events import EventLog
@@ -27,6 +28,7 @@ from llamafleet.controller.gateway.dispatch import Dispatcher
 from llamafleet.controller.gateway.pool import OllamaPool
 from llamafleet.controller.gateway.router import Router, parse_routes
 from llamafleet.controller.inventory import Inventory
+from llamafleet.controller.join import join_routes
 from llamafleet.controller.metrics import ControllerMetrics
 from llamafleet.controller.models import (
     ModelStore,
@@ -38,7 +40,7 @@ from llamafleet.controller.planner import Planner
 from llamafleet.controller.settings import ControllerSettings
 from llamafleet.controller.store import Store
 from llamafleet.controller.web import (
-    Credentials,
+    HttpKeys,
     count_requests,
     errors_as_json,
     guard,
@@ -120,19 +122,20 @@ async def _reload_previous(store: Store, manager: CoordinatorManager, inventory:
         log.info("reloaded %s, loaded when the previous controller stopped", model)
 
 
-def read_credentials(settings: ControllerSettings) -> Credentials:
+def read_http_keys(settings: ControllerSettings) -> HttpKeys:
     api = read_api_keys(settings.api_key_file) if settings.api_key_file is not None else None
     admin = read_api_keys(settings.admin_key_file, "admin key") if settings.admin_key_file is not None else None
-    return Credentials(api, admin, split_host_port(settings.listen)[0])
+    return HttpKeys(api, admin, split_host_port(settings.listen)[0])
 
 
-def make_app(settings: ControllerSettings, credentials: Credentials, inventory: Inventory, planner: Planner,
+def make_app(settings: ControllerSettings, keys: HttpKeys, inventory: Inventory, planner: Planner,
              manager: CoordinatorManager, router: Router, dispatcher: Dispatcher, events: EventLog,
-             metrics: ControllerMetrics) -> web.Application:
+             metrics: ControllerMetrics, credentials: Credentials) -> web.Application:
     # The guard is always there: with no key configured at all, control routes still need loopback.
-    middlewares = [count_requests(metrics), guard(credentials, events.record), errors_as_json]
+    middlewares = [count_requests(metrics), guard(keys, events.record), errors_as_json]
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_request_bytes)
-    app.add_routes(make_routes(inventory, planner, manager, router, events, metrics))
+    app.add_routes(make_routes(inventory, planner, manager, router, events, metrics, credentials))
+    app.add_routes(join_routes(credentials, inventory))
     app.add_routes(dashboard_routes())
     app.add_routes(ollama.make_routes(dispatcher, Catalog(), settings.max_request_bytes))
     app.add_routes(openai.make_routes(dispatcher, settings.max_request_bytes))
@@ -142,18 +145,22 @@ def make_app(settings: ControllerSettings, credentials: Credentials, inventory: 
 async def serve(settings: ControllerSettings, notifier: Notifier | None = None) -> None:
     notifier = notifier or Notifier()
     settings.state_path.mkdir(parents=True, exist_ok=True)
-    token = read_token_file(settings.token_path)
+    shared_path = settings.shared_token_path
+    shared = read_token_file(shared_path) if shared_path is not None else None
     models = model_store(settings)
     routes = parse_routes(settings.routes)
     # Every configuration error before anything starts: a bad file then costs nothing to undo.
-    credentials = read_credentials(settings)
-
-    def target(address: str) -> AgentAddress:
-        return AgentAddress(address, token, settings.agent_tls_ca, settings.agent_tls_cert, settings.agent_tls_key)
+    keys = read_http_keys(settings)
 
     store = Store(settings.state_path / "controller.sqlite3")
+    credentials = Credentials(store, shared, Tls(settings.agent_tls_ca, settings.agent_tls_cert, settings.agent_tls_key))
+    if shared is not None:
+        log.warning("DEPRECATED: %s is a fleet-wide agent token, sent to every node without a credential of "
+                    "its own, including any address added to the inventory: whoever answers there can "
+                    "replay it against every worker. Let agents join (`llamafleet token create`) or add them "
+                    "with `llamafleet node add --credential-file`, then drop this option.", shared_path)
     events = EventLog(store)
-    inventory = Inventory(store, target, settings.heartbeat_interval_s, settings.unreachable_after_s,
+    inventory = Inventory(store, credentials.target, settings.heartbeat_interval_s, settings.unreachable_after_s,
                           events=events.record)
     await inventory.start(settings.agents)
     planner = Planner(models, inventory, coordinator_build(settings),
@@ -174,7 +181,7 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
     await pool.start()
     router = Router(planner, pool, routes, settings.ollama_node_memory)
     dispatcher = Dispatcher(manager, router, pool, session, metrics)
-    app = make_app(settings, credentials, inventory, planner, manager, router, dispatcher, events, metrics)
+    app = make_app(settings, keys, inventory, planner, manager, router, dispatcher, events, metrics, credentials)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     host, port = split_host_port(settings.listen)

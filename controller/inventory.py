@@ -12,16 +12,18 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
 from llamafleet.agent.settings import split_host_port
-from llamafleet.common.agent_client import AgentAddress, describe_rpc_error
+from llamafleet.common.agent_client import AgentAddress, AgentCallError, aio_channel, describe_rpc_error
 from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.common.proto_json import message_to_json
+from llamafleet.controller.agent_bounds import address_ips, bound_status
+from llamafleet.controller.credentials import START_RPC_METHOD, STOP_RPC_METHOD, WATCH_METHOD
 from llamafleet.controller.events import EventSink, no_events
 from llamafleet.controller.placement.nodes import DeviceView, NodeView, RpcServerView
 from llamafleet.controller.store import Store
@@ -150,6 +152,18 @@ class Inventory:
                 await record.task
         return True
 
+    async def redial(self, address: str) -> None:
+        """Watch `address` anew (its credential changed), keeping what is known of it."""
+        record = self._nodes.get(address)
+        if record is None:
+            return
+        if record.task is not None:
+            record.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                # Cancelling is how a watcher is told to end.
+                await record.task
+        record.task = asyncio.create_task(self._watch_loop(record), name=f"watch {address}")
+
     def set_maintenance(self, address: str, enabled: bool) -> bool:
         record = self._nodes.get(address)
         if record is None:
@@ -192,31 +206,38 @@ class Inventory:
 
     async def _watch_loop(self, record: NodeRecord) -> None:
         delay = 0.2
-        target = self._target(record.address)
         request = pb.WatchStatusRequest(heartbeat_interval_ms=int(self._heartbeat_s * 1000))
         while True:
+            # Asked at every dial: a credential that arrived (a join) or changed (a rotation) counts.
+            target = self._target(record.address)
+            if not target.token:
+                # Nothing is sent to an endpoint we hold no credential for: not even a dial.
+                record.error = target.missing
+                await asyncio.sleep(RECONNECT_MAX_S)
+                continue
+            own_ips = await address_ips(record.address)
             try:
-                credentials = target.credentials()
+                channel = aio_channel(target, _CHANNEL_OPTIONS)
             except LlamafleetError as exc:
                 # An unreadable TLS file: say so on the node and try again later (it may be fixed).
                 record.error = exc.message
                 await asyncio.sleep(RECONNECT_MAX_S)
                 continue
-            channel = (grpc.aio.secure_channel(target.address, credentials, options=_CHANNEL_OPTIONS) if credentials
-                       else grpc.aio.insecure_channel(target.address, options=_CHANNEL_OPTIONS))
             try:
-                call = pb_grpc.AgentServiceStub(channel).WatchStatus(request, metadata=target.metadata)
+                call = pb_grpc.AgentServiceStub(channel).WatchStatus(request, metadata=target.metadata_for(WATCH_METHOD))
                 while True:
                     # A stream that stays silent far past the grace is dead (a half-open
                     # connection): drop it and dial again.
                     message = await asyncio.wait_for(call.read(), timeout=self._unreachable_after_s * 3)
                     if message is grpc.aio.EOF:
                         raise ConnectionError("agent closed the stream")
-                    self._note_restart(record, message.status)
-                    record.status = message.status
+                    # The agent may lie: what it says is clamped, or refused, before anyone reads it.
+                    bounded = bound_status(message.status, record.address, own_ips)
+                    self._note_restart(record, bounded.status)
+                    record.status = bounded.status
                     record.last_heartbeat = self._clock()
                     record.last_seen_unix_ms = int(time.time() * 1000)
-                    record.error = ""
+                    record.error = bounded.reason
                     delay = 0.2
             except grpc.aio.AioRpcError as exc:
                 # The agent is down, refuses us, or the network failed: record why and redial.
@@ -247,28 +268,25 @@ class Inventory:
     async def set_rpc_server(self, address: str, index: int, running: bool, timeout_s: float = 45.0) -> pb.RpcServerStatus:
         """Start or stop one of a node's rpc-servers; answers once the agent says it settled."""
         target = self._target(address)
-        async with self._channel(target) as channel:
+        if not target.token:
+            raise AgentCallError(f"agent at {address}: {target.missing}")
+        channel = aio_channel(target, _CHANNEL_OPTIONS)
+        try:
             stub = pb_grpc.AgentServiceStub(channel)
             try:
                 if running:
-                    reply = await stub.StartRpcServer(pb.StartRpcServerRequest(index=index), metadata=target.metadata,
+                    reply = await stub.StartRpcServer(pb.StartRpcServerRequest(index=index),
+                                                      metadata=target.metadata_for(START_RPC_METHOD),
                                                       timeout=timeout_s)
                 else:
-                    reply = await stub.StopRpcServer(pb.StopRpcServerRequest(index=index), metadata=target.metadata,
+                    reply = await stub.StopRpcServer(pb.StopRpcServerRequest(index=index),
+                                                     metadata=target.metadata_for(STOP_RPC_METHOD),
                                                      timeout=timeout_s)
             except grpc.aio.AioRpcError as exc:
                 raise describe_rpc_error(address, exc) from None
-        return reply.rpc_server
-
-    @contextlib.asynccontextmanager
-    async def _channel(self, target: AgentAddress) -> AsyncIterator[grpc.aio.Channel]:
-        credentials = target.credentials()
-        channel = (grpc.aio.secure_channel(target.address, credentials, options=_CHANNEL_OPTIONS) if credentials
-                   else grpc.aio.insecure_channel(target.address, options=_CHANNEL_OPTIONS))
-        try:
-            yield channel
         finally:
             await channel.close()
+        return reply.rpc_server
 
     async def _log_transitions(self) -> None:
         while True:

@@ -30,7 +30,9 @@ def parse_parallel(value: object) -> int:
 class ControllerSettings:
     listen: str = setting(DEFAULT_LISTEN, help="HTTP address of the API (Ollama's port by default)")
     agents: tuple[str, ...] = setting((), help="an agent's gRPC HOST:PORT to watch", flag="--agent", repeat=True)
-    token_file: Path | None = setting(None, parse=parse_path, help="bearer token for the agents")
+    shared_agent_token_file: Path | None = setting(
+        None, parse=parse_path, help="DEPRECATED: one token sent to every node without a credential of its own")
+    token_file: Path | None = setting(None, parse=parse_path, help="DEPRECATED: the old name of --shared-agent-token-file")
     agent_tls_ca: Path | None = setting(None, parse=parse_path, help="CA of the agents' TLS certificates")
     agent_tls_cert: Path | None = setting(None, parse=parse_path, help="client certificate for agents' mTLS")
     agent_tls_key: Path | None = setting(None, parse=parse_path, help="client key for agents' mTLS")
@@ -71,6 +73,8 @@ class ControllerSettings:
         split_host_port(self.listen)
         for agent in self.agents:
             split_host_port(agent)
+        if self.shared_agent_token_file and self.token_file and self.shared_agent_token_file != self.token_file:
+            raise ValueError("shared_agent_token_file and its old name token_file name different files")
         if self.heartbeat_interval_s <= 0 or self.missed_heartbeats < 1:
             raise ValueError("heartbeat_interval_s must be > 0 and missed_heartbeats >= 1")
         if not 0 <= self.headroom_fraction < 1:
@@ -91,8 +95,9 @@ class ControllerSettings:
         return self.state_dir or default_state_dir("controller")
 
     @property
-    def token_path(self) -> Path:
-        return self.token_file or self.state_path / "agent-token"
+    def shared_token_path(self) -> Path | None:
+        """The deprecated fleet-wide agent token, if configured (never read implicitly)."""
+        return self.shared_agent_token_file or self.token_file
 
     @property
     def unreachable_after_s(self) -> float:

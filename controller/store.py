@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -13,6 +14,22 @@ CREATE TABLE IF NOT EXISTS nodes (
     address     TEXT PRIMARY KEY,
     maintenance INTEGER NOT NULL DEFAULT 0,
     added_at_ms INTEGER NOT NULL
+);
+-- One secret per node: the controller proves it to that node alone (common/node_auth.py). It is
+-- kept in the clear because an HMAC needs it; the database is the controller's own (0600).
+CREATE TABLE IF NOT EXISTS node_credentials (
+    address     TEXT PRIMARY KEY,
+    secret      TEXT NOT NULL,
+    node_id     TEXT NOT NULL DEFAULT '',
+    source      TEXT NOT NULL,
+    updated_at_ms INTEGER NOT NULL
+);
+-- Join tokens are stored as their SHA-256 only: 192 random bits need no slow hash.
+CREATE TABLE IF NOT EXISTS join_tokens (
+    token_sha256  TEXT PRIMARY KEY,
+    expires_at_ms INTEGER NOT NULL,
+    uses_left     INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS placements (
     model       TEXT PRIMARY KEY,
@@ -35,6 +52,9 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         # One connection, used from the event loop's thread only.
+        if not path.exists():
+            # Node secrets live here: readable by the controller alone, from the first byte.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -54,7 +74,50 @@ class Store:
                         (address, int(time.time() * 1000))) == 1
 
     def remove_node(self, address: str) -> bool:
-        return self._tx("DELETE FROM nodes WHERE address = ?", (address,)) == 1
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM node_credentials WHERE address = ?", (address,))
+            return self._db.execute("DELETE FROM nodes WHERE address = ?", (address,)).rowcount == 1
+
+    # ---- credentials ----------------------------------------------------------------------------
+
+    def set_credential(self, address: str, secret: str, source: str, node_id: str = "") -> None:
+        self._tx("INSERT OR REPLACE INTO node_credentials(address, secret, node_id, source, updated_at_ms) "
+                 "VALUES (?, ?, ?, ?, ?)", (address, secret, node_id, source, int(time.time() * 1000)))
+
+    def credential(self, address: str) -> tuple[str, str, str] | None:
+        """(secret, source, node_id) of a node, or None when it has none."""
+        row = self._db.execute("SELECT secret, source, node_id FROM node_credentials WHERE address = ?",
+                               (address,)).fetchone()
+        return (row[0], row[1], row[2]) if row else None
+
+    def add_join_token(self, token_sha256: str, expires_at_ms: int, uses: int) -> None:
+        self._tx("INSERT INTO join_tokens(token_sha256, expires_at_ms, uses_left, created_at_ms) VALUES (?, ?, ?, ?)",
+                 (token_sha256, expires_at_ms, uses, int(time.time() * 1000)))
+
+    def join_token(self, token_sha256: str) -> tuple[int, int] | None:
+        """(expires_at_ms, uses_left) of a join token, or None when unknown."""
+        row = self._db.execute("SELECT expires_at_ms, uses_left FROM join_tokens WHERE token_sha256 = ?",
+                               (token_sha256,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def admit(self, token_sha256: str, now_ms: int, address: str, secret: str, node_id: str) -> bool:
+        """Spend one use of a live join token and add the node with its secret, in one transaction.
+
+        False when the token is unknown, expired or used up (nothing changes then).
+        """
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            spent = self._db.execute("UPDATE join_tokens SET uses_left = uses_left - 1 WHERE token_sha256 = ? "
+                                     "AND expires_at_ms > ? AND uses_left > 0", (token_sha256, now_ms)).rowcount
+            if spent != 1:
+                return False
+            self._db.execute("INSERT OR IGNORE INTO nodes(address, added_at_ms) VALUES (?, ?)", (address, now_ms))
+            self._db.execute("INSERT OR REPLACE INTO node_credentials(address, secret, node_id, source, updated_at_ms) "
+                             "VALUES (?, ?, ?, 'joined', ?)", (address, secret, node_id, now_ms))
+            # Spent and expired tokens are kept a day, so a late join hears why it was refused.
+            self._db.execute("DELETE FROM join_tokens WHERE expires_at_ms <= ?", (now_ms - 86_400_000,))
+            return True
 
     def set_maintenance(self, address: str, enabled: bool) -> bool:
         return self._tx("UPDATE nodes SET maintenance = ? WHERE address = ?", (int(enabled), address)) == 1

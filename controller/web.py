@@ -97,7 +97,7 @@ def read_api_keys(path: Path, what: str = "API key") -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class Credentials:
+class HttpKeys:
     """What the gateway accepts. None: that kind of key is not configured."""
 
     api_keys: tuple[str, ...] | None
@@ -134,7 +134,7 @@ def peer_address(request: web.Request) -> str | None:
     return str(peername[0]) if isinstance(peername, tuple) and peername else None
 
 
-def judge(request: web.Request, credentials: Credentials) -> Refusal | None:
+def judge(request: web.Request, credentials: HttpKeys) -> Refusal | None:
     """None when `request` may reach its handler, else why not. No side effect."""
     template = route_template(request)
     access = route_access(request.method, template)
@@ -218,7 +218,7 @@ class RefusalLog:
             self._buckets.popitem(last=False)
 
 
-def guard(credentials: Credentials, events: EventSink) -> Callable[..., Awaitable[web.StreamResponse]]:
+def guard(credentials: HttpKeys, events: EventSink) -> Callable[..., Awaitable[web.StreamResponse]]:
     """Middleware: every request is judged (see controller/access.py) before its handler runs."""
     refused = RefusalLog(events)
 

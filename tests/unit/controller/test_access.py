@@ -22,16 +22,16 @@ from llamafleet.controller.access import (
 from llamafleet.controller.client import key_for
 from llamafleet.controller.daemon import make_app
 from llamafleet.controller.settings import ControllerSettings
-from llamafleet.controller.web import Credentials, guard
+from llamafleet.controller.web import HttpKeys, guard
 
 ADMIN, API = "admin-key-0123", "api-key-4567"
 
 
-def app_routes(credentials: Credentials, sink: Any) -> web.Application:
+def app_routes(credentials: HttpKeys, sink: Any) -> web.Application:
     """The controller's real application and router; what the routes would call is never reached."""
     events = mock.Mock(record=sink)
     return make_app(ControllerSettings(), credentials, mock.Mock(), mock.Mock(), mock.Mock(), mock.Mock(),
-                    mock.Mock(), events, mock.Mock())
+                    mock.Mock(), events, mock.Mock(), mock.Mock())
 
 
 @pytest.mark.parametrize(("method", "template", "access"), [
@@ -85,7 +85,7 @@ def test_same_origin_compares_host_and_port(origin: str, host: str | None, same:
     assert is_same_origin(origin, host) is same
 
 
-def _judge(credentials: Credentials, method: str, path: str, headers: dict[str, str],
+def _judge(credentials: HttpKeys, method: str, path: str, headers: dict[str, str],
            peer: tuple[str, int]) -> tuple[int, list[dict[str, Any]], bool]:
     """Status, the events recorded and whether the handler ran, for one request through the guard."""
     events: list[dict[str, Any]] = []
@@ -112,7 +112,7 @@ def _judge(credentials: Credentials, method: str, path: str, headers: dict[str, 
 
 
 LAN_PEER = ("10.0.0.5", 40000)
-NO_ADMIN = Credentials(None, None, "0.0.0.0")
+NO_ADMIN = HttpKeys(None, None, "0.0.0.0")
 
 
 @pytest.mark.parametrize(("method", "path"), [
@@ -134,7 +134,7 @@ def test_without_an_admin_key_a_lan_peer_still_reaches_the_public_and_open_infer
 
 
 def test_with_an_admin_key_a_lan_peer_needs_it_and_an_api_key_is_not_it() -> None:
-    credentials = Credentials((API,), (ADMIN,), "0.0.0.0")
+    credentials = HttpKeys((API,), (ADMIN,), "0.0.0.0")
     headers = {"Host": "fleet.lan:11434", "Content-Type": "application/json"}
     for key, expected in ((None, 401), ("nope", 401), (API, 403), (ADMIN, 200)):
         auth = {"Authorization": f"Bearer {key}"} if key else {}
@@ -144,7 +144,7 @@ def test_with_an_admin_key_a_lan_peer_needs_it_and_an_api_key_is_not_it() -> Non
 
 
 def test_refusals_are_events_at_a_bounded_rate_per_peer() -> None:
-    credentials = Credentials(None, (ADMIN,), "0.0.0.0")
+    credentials = HttpKeys(None, (ADMIN,), "0.0.0.0")
     events: list[dict[str, Any]] = []
 
     async def go() -> None:
