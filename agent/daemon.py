@@ -71,6 +71,8 @@ async def serve(settings: AgentSettings, notifier: Notifier | None = None) -> No
              agent.node.node_id, settings.listen, port, settings.rpc_endpoint)
     supervisor_tasks = [asyncio.create_task(s.run(), name=f"rpc-server #{i} supervisor")
                         for i, s in enumerate(agent.supervisors)]
+    # The model store's rescans and hashes run beside the supervisors (its threads stop with it).
+    background = [asyncio.create_task(agent.models.run(), name="models dir")] if agent.models else []
     stop = asyncio.Event()
     # A supervisor only ends when cancelled; if one dies of a bug, the agent must not linger.
     for task in supervisor_tasks:
@@ -92,9 +94,9 @@ async def serve(settings: AgentSettings, notifier: Notifier | None = None) -> No
         log.info("stopping: rpc-server first, then the gRPC server")
         notifier.stopping()
     finally:
-        for task in (informer, *supervisor_tasks):
+        for task in (informer, *background, *supervisor_tasks):
             task.cancel()
-        for task in (informer, *supervisor_tasks):
+        for task in (informer, *background, *supervisor_tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 # Cancellation is how these tasks are asked to end (the rpc-servers stop together).
                 await task
