@@ -115,6 +115,11 @@ def render_status(doc: dict[str, Any]) -> str:
     for device in rpc["devices"]:
         lines.append(f"rpc device  {device['name']} ({device['description']}): "
                      f"{format_size(device['free_bytes'])} free of {format_size(device['total_bytes'])}")
+    for model in doc.get("models") or []:
+        digest = model["sha256"][:12] if model["state"] == "ready" else model["state"]
+        lines.append(f"model       {model['name']} ({format_size(int(model['size_bytes']))}, sha256 {digest})")
+    if doc.get("models_omitted"):
+        lines.append(f"models      {doc['models_omitted']} more file(s) in {doc['models_dir']} not indexed")
     return "\n".join(lines)
 
 

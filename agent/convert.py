@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from llamafleet.agent.core import AgentSnapshot
 from llamafleet.agent.devices import DeviceInfo
+from llamafleet.agent.models import ModelFile
 from llamafleet.agent.supervisor import RpcServerSnapshot, RpcState
 from llamafleet.common.llamacpp.build import BuildEvent
 from llamafleet.common.llamacpp.install import Manifest
@@ -18,6 +19,8 @@ _STATES = {
     RpcState.STOPPING: pb.RPC_SERVER_STATE_STOPPING,
 }
 _KINDS = {"gpu": pb.DEVICE_KIND_GPU, "cpu": pb.DEVICE_KIND_CPU}
+_MODEL_STATES = {"hashing": pb.MODEL_FILE_STATE_HASHING, "ready": pb.MODEL_FILE_STATE_READY,
+                 "error": pb.MODEL_FILE_STATE_ERROR}
 
 
 def build_to_proto(manifest: Manifest | None) -> pb.LlamaCppBuild:
@@ -65,6 +68,12 @@ def device_to_proto(device: DeviceInfo) -> pb.Device:
     return message
 
 
+def model_file_to_proto(model: ModelFile) -> pb.ModelFile:
+    return pb.ModelFile(name=model.name, path=model.path, size_bytes=model.size_bytes, sha256=model.sha256,
+                        state=_MODEL_STATES[model.state], mtime_unix_ms=model.mtime_ns // 1_000_000,
+                        error=model.error)
+
+
 def status_to_proto(snap: AgentSnapshot) -> pb.AgentStatus:
     return pb.AgentStatus(
         node=pb.NodeIdentity(
@@ -78,6 +87,9 @@ def status_to_proto(snap: AgentSnapshot) -> pb.AgentStatus:
         host=pb.HostMemory(total_bytes=snap.host.total_bytes, available_bytes=snap.host.available_bytes),
         observed_at_unix_ms=snap.observed_at_unix_ms,
         memory_limit_bytes=snap.memory_limit_bytes,
+        models=[model_file_to_proto(m) for m in snap.models],
+        models_omitted=snap.models_omitted,
+        models_dir=snap.models_dir,
     )
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from llamafleet.agent.devices import DeviceInfo, DeviceProvider, HostMemoryInfo, HostProvider, NvmlProvider
+from llamafleet.agent.models import ModelFile, ModelIndex
 from llamafleet.agent.node import NodeIdentity
 from llamafleet.agent.settings import AgentSettings
 from llamafleet.agent.supervisor import RpcLaunch, RpcServerSnapshot, RpcServerSupervisor, RpcState
@@ -43,6 +44,9 @@ class AgentSnapshot:
     host: HostMemoryInfo
     memory_limit_bytes: int
     observed_at_unix_ms: int
+    models: tuple[ModelFile, ...] = ()
+    models_omitted: int = 0
+    models_dir: str = ""
 
     @property
     def rpc_server(self) -> RpcServerSnapshot:
@@ -79,6 +83,9 @@ class Agent:
             )
             for index in range(settings.max_rpc_servers)
         )
+        # The model store: None without --models-dir (the daemon runs its rescan loop).
+        self.models = (ModelIndex(settings.models_dir, settings.state_path, settings.models_rescan_s,
+                                  on_change=self.changes.bump) if settings.models_dir else None)
 
     @property
     def supervisor(self) -> RpcServerSupervisor:
@@ -156,6 +163,9 @@ class Agent:
             host=self._host.memory(),
             memory_limit_bytes=limit,
             observed_at_unix_ms=int(time.time() * 1000),
+            models=self.models.files if self.models else (),
+            models_omitted=self.models.omitted if self.models else 0,
+            models_dir=str(self.models.root) if self.models else "",
         )
 
     def status_line(self) -> str:

@@ -116,9 +116,12 @@ async def serve(settings: AgentSettings, notifier: Notifier | None = None) -> No
              agent.node.node_id, settings.listen, port, settings.rpc_endpoint)
     supervisor_tasks = [asyncio.create_task(s.run(), name=f"rpc-server #{i} supervisor")
                         for i, s in enumerate(agent.supervisors)]
+    # The model store's rescans and hashes run beside the supervisors (its threads stop with it).
+    background = [asyncio.create_task(agent.models.run(), name="models dir")] if agent.models else []
     stop = asyncio.Event()
-    # A supervisor only ends when cancelled; if one dies of a bug, the agent must not linger.
-    for task in supervisor_tasks:
+    # A supervisor or the model store only ends when cancelled; if one dies of a bug, the agent
+    # must not linger half alive (it exits with the error, and systemd restarts it).
+    for task in (*supervisor_tasks, *background):
         task.add_done_callback(lambda task: task.cancelled() or stop.set())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -137,15 +140,15 @@ async def serve(settings: AgentSettings, notifier: Notifier | None = None) -> No
         log.info("stopping: rpc-server first, then the gRPC server")
         notifier.stopping()
     finally:
-        for task in (informer, joining, *supervisor_tasks):
+        for task in (informer, joining, *background, *supervisor_tasks):
             task.cancel()
-        for task in (informer, joining, *supervisor_tasks):
+        for task in (informer, joining, *background, *supervisor_tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 # Cancellation is how these tasks are asked to end (the rpc-servers stop together).
                 await task
         await server.stop(grace=1.0)
         if metrics is not None:
             await metrics.cleanup()
-    for task in supervisor_tasks:
+    for task in (*supervisor_tasks, *background):
         if not task.cancelled() and (error := task.exception()) is not None:
             raise error

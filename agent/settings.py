@@ -50,6 +50,8 @@ class AgentSettings:
     state_dir: Path | None = setting(None, parse=parse_path, help="builds, token, node id")
     cache_dir: Path | None = setting(None, parse=parse_path, help="rpc-server tensor cache")
     llama_cpp: Path | None = setting(None, parse=parse_path, help="adopt this llama.cpp install instead of a build")
+    models_dir: Path | None = setting(None, parse=parse_path, help="GGUF files this worker holds (DIR/*.gguf, DIR/*/*.gguf), reported by sha256")
+    models_rescan_s: float = setting(30.0, help="how often the models dir is listed again")
     heartbeat_interval_s: float = setting(2.0, help="WatchStatus heartbeat interval")
     restart_backoff_initial_s: float = setting(0.5, help="first restart delay after an rpc-server exit")
     restart_backoff_max_s: float = setting(30.0, help="cap on the restart delay")
@@ -77,6 +79,8 @@ class AgentSettings:
             raise ValueError(f"rpc_port {self.rpc_port} + max_rpc_servers {self.max_rpc_servers} runs past port 65535")
         if self.rpc_threads < 0 or self.restart_max_failures < 1:
             raise ValueError("rpc_threads must be >= 0 and restart_max_failures >= 1")
+        if self.models_rescan_s <= 0:
+            raise ValueError("models_rescan_s must be > 0")
         if self.heartbeat_interval_s <= 0 or self.restart_backoff_initial_s <= 0:
             raise ValueError("heartbeat_interval_s and restart_backoff_initial_s must be > 0")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -3,8 +3,8 @@
 An agent may be compromised, or not an agent at all. Its status decides where model tensors
 go and how much memory placement counts on, so before anything reads it, `bound_status`:
 
-- caps every repeated field at `MAX_ITEMS` (10,000 devices become 64) and every string at
-  `MAX_NAME_CHARS` (`MAX_TEXT_CHARS` for output lines and exit causes);
+- caps every repeated field at `MAX_ITEMS` (10,000 devices become 64; model files at 1,024) and
+  every string at `MAX_NAME_CHARS` (`MAX_TEXT_CHARS` for output lines, exit causes and paths);
 - clamps every `*_bytes` field to `MAX_BYTES` and every free/used/available figure to its
   total (proto fields are uint64, so "negative" memory arrives as a number near 2^64);
 - maps enum values this controller does not know to UNSPECIFIED (naming one would raise);
@@ -36,7 +36,9 @@ MAX_BYTES = 2**50
 MAX_ITEMS = 64
 MAX_NAME_CHARS = 256
 MAX_TEXT_CHARS = 1024
-_TEXT_FIELDS = frozenset({"last_exit", "last_output", "recent_output"})
+_TEXT_FIELDS = frozenset({"last_exit", "last_output", "recent_output", "path", "models_dir", "error"})
+# Lists longer than MAX_ITEMS by design: an agent indexes up to 1,000 model files (agent/models.py).
+_ITEM_LIMITS = {"models": 1024}
 # (total, part) pairs: the part can never exceed the total it is part of. Not used_bytes: under
 # --memory-limit an honest agent reports the physical use beside the capped total, and
 # placement never reads it.
@@ -88,9 +90,10 @@ def _clamp(message: Message, notes: dict[str, None]) -> None:
         limit = MAX_TEXT_CHARS if name in _TEXT_FIELDS else MAX_NAME_CHARS
         if field.is_repeated:
             items = getattr(message, name)
-            if len(items) > MAX_ITEMS:
-                notes[f"{where}.{name}: {len(items)} reported, kept {MAX_ITEMS}"] = None
-                del items[MAX_ITEMS:]
+            most = _ITEM_LIMITS.get(name, MAX_ITEMS)
+            if len(items) > most:
+                notes[f"{where}.{name}: {len(items)} reported, kept {most}"] = None
+                del items[most:]
             if field.type == FieldDescriptor.TYPE_MESSAGE:
                 for item in items:
                     _clamp(item, notes)

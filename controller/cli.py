@@ -103,6 +103,14 @@ def nodes(controller: str, as_json: bool) -> None:
         for device in doc.get("devices") or []:
             click.echo(f"{'':<24}{device['name']}: {format_size(device['free_bytes'])} free of "
                        f"{format_size(device['total_bytes'])}")
+        for model in doc.get("models") or []:
+            digest = f"sha256 {model['sha256'][:12]}" if model["state"] == "ready" else model["state"]
+            if model.get("error"):
+                digest += f": {model['error']}"
+            click.echo(f"{'':<24}model {model['name']} ({format_size(int(model['size_bytes']))}, {digest})")
+        if doc.get("models_omitted"):
+            click.echo(f"{'':<24}{doc['models_omitted']} more file(s) in {doc['models_dir']} not indexed "
+                       "(over 1,000 files, or a name over 255 characters)")
 
 
 @cli.group()
@@ -214,8 +222,9 @@ def render_plan(doc: dict[str, Any]) -> str:
             layers = ("no layers" if not a["layer_count"] else f"layer {last}" if a["layer_count"] == 1
                       else f"layers {a['first_layer']}-{last}")
             extra = " + output" if a["output_bytes"] else ""
+            held = ", holds the model" if a["node"] in doc.get("holders", []) else ""
             lines.append(f"  {a['endpoint']:<22} {a['device']:<6} {layers}{extra}: {format_size(a['total_bytes'])} "
-                         f"of {format_size(a['usable_bytes'])} usable")
+                         f"of {format_size(a['usable_bytes'])} usable{held}")
     else:
         lines.append(f"does not fit: {doc['reason']}")
     spare = [a for a, why in doc["excluded"].items() if why.startswith("not needed")]
@@ -224,6 +233,8 @@ def render_plan(doc: dict[str, Any]) -> str:
             lines.append(f"  excluded {address}: {why}")
     if spare:
         lines.append(f"  {len(spare)} more ready node(s) not needed: fewer backends hold the model")
+    if doc.get("holder_reason"):
+        lines.append(f"holders: {doc['holder_reason']}")
     if route := doc.get("route"):
         lines.append(f"route: {route['target']}: {route['reason']}")
     for warning in doc["warnings"]:

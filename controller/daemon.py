@@ -35,6 +35,7 @@ from llamafleet.controller.models import (
     default_ollama_stores,
     parse_model_entries,
 )
+from llamafleet.controller.holders import ModelDigests
 from llamafleet.controller.placement.plan import Headroom
 from llamafleet.controller.planner import Planner
 from llamafleet.controller.settings import ControllerSettings
@@ -163,9 +164,10 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
     inventory = Inventory(store, credentials.target, settings.heartbeat_interval_s, settings.unreachable_after_s,
                           events=events.record)
     await inventory.start(settings.agents)
+    digests = ModelDigests(settings.state_path)
     planner = Planner(models, inventory, coordinator_build(settings),
                       Headroom(settings.headroom_fraction, settings.headroom_min), settings.parallel,
-                      settings.default_ctx, settings.max_parallel)
+                      settings.default_ctx, settings.max_parallel, digests)
     # One HTTP client for everything the controller calls: coordinators and pool nodes. A new
     # connection per request: a kept-alive one that llama-server is closing fails the request
     # that reuses it ("Can not write request body"), and with turns at the slots a freed
@@ -193,6 +195,8 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
         await pool.close()
         await session.close()
         await inventory.close()
+        # Stops a hash in progress at its next chunk, so exit does not wait for a large file.
+        await asyncio.to_thread(digests.close)
         store.close()
 
     try:

@@ -25,7 +25,7 @@ from llamafleet.common.proto_json import message_to_json
 from llamafleet.controller.agent_bounds import address_ips, bound_status
 from llamafleet.controller.credentials import START_RPC_METHOD, STOP_RPC_METHOD, WATCH_METHOD
 from llamafleet.controller.events import EventSink, no_events
-from llamafleet.controller.placement.nodes import DeviceView, NodeView, RpcServerView
+from llamafleet.controller.placement.nodes import DeviceView, ModelFileView, NodeView, RpcServerView
 from llamafleet.controller.store import Store
 from llamafleet.proto.v1 import agent_pb2 as pb
 from llamafleet.proto.v1 import agent_pb2_grpc as pb_grpc
@@ -76,9 +76,11 @@ def node_view(address: str, state: str, status: pb.AgentStatus | None, load: int
                                       min(device.free_bytes, cap or device.free_bytes)))
     servers = tuple(RpcServerView(r.index, rpc_state_name(r.state), r.endpoint, r.generation)
                     for r in rpc_servers(status))
+    files = tuple(ModelFileView(m.name, m.size_bytes, m.sha256 if m.state == pb.MODEL_FILE_STATE_READY else "")
+                  for m in status.models)
     return NodeView(address, state, rpc_state_name(rpc.state), rpc.endpoint,
                     rpc.protocol_version or status.build.rpc_protocol_version, tuple(devices), load, rpc.generation,
-                    servers)
+                    servers, model_files=files)
 
 
 def rpc_state_name(state: int) -> str:
@@ -193,7 +195,8 @@ class Inventory:
             doc: dict[str, Any] = {"address": record.address, "state": self.state(record),
                                    "error": record.error, "last_seen_unix_ms": record.last_seen_unix_ms}
             status = message_to_json(record.status) if record.status is not None else {}
-            for key in ("node", "build", "rpc_server", "rpc_servers", "devices", "host", "memory_limit_bytes"):
+            for key in ("node", "build", "rpc_server", "rpc_servers", "devices", "host", "memory_limit_bytes",
+                        "models", "models_omitted", "models_dir"):
                 doc[key] = status.get(key)
             out.append(doc)
         return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ from llamafleet.common.errors import UsageError
 from llamafleet.common.llamacpp.install import Manifest
 from llamafleet.controller.estimate import MemoryEstimate, estimate_memory
 from llamafleet.controller.gguf import GGUFHeader, read_gguf_header
+from llamafleet.controller.holders import Holders, ModelDigests, find_holders
 from llamafleet.controller.inventory import Inventory
 from llamafleet.controller.models import ModelStore, ResolvedModel
 from llamafleet.controller.placement.plan import Headroom, Plan, make_plan
@@ -24,8 +25,11 @@ HEADERS_KEPT = 32
 
 class Planner:
     def __init__(self, models: ModelStore, inventory: Inventory, coordinator: Manifest | None,
-                 headroom: Headroom, parallel: int, default_ctx: int, max_parallel: int = DEFAULT_MAX_PARALLEL) -> None:
-        """`parallel`: request slots per coordinator; 0 is auto (as many as fit, up to `max_parallel`)."""
+                 headroom: Headroom, parallel: int, default_ctx: int, max_parallel: int = DEFAULT_MAX_PARALLEL,
+                 digests: ModelDigests | None = None) -> None:
+        """`parallel`: request slots per coordinator; 0 is auto (as many as fit, up to `max_parallel`).
+        `digests`: the controller's model hashes, to find the nodes that hold a model (None: nobody does)."""
+        self.digests = digests
         self.models = models
         self.inventory = inventory
         self.coordinator = coordinator
@@ -66,10 +70,15 @@ class Planner:
             warnings.append("the controller has no llama.cpp build (run `llamafleet build` or pass --llama-cpp): "
                             "RPC protocol versions were not compared")
         views = [v.reserving(reserved or {}) for v in self.inventory.node_views(load)]
+        holders = (find_holders(resolved.path, views, self.digests) if self.digests is not None
+                   else Holders.none(""))
 
         def place(slots: int, max_nodes: int | None = None) -> Plan:
-            return make_plan(model, estimate_memory(header, ctx or self.default_ctx, slots), views, protocol,
-                             self.headroom, lambda c: estimate_memory(header, c, slots), busy, max_nodes)
+            made = make_plan(model, estimate_memory(header, ctx or self.default_ctx, slots), views, protocol,
+                             self.headroom, lambda c: estimate_memory(header, c, slots), busy, max_nodes,
+                             holders.addresses)
+            reason = "; ".join(part for part in (holders.note, made.holder_reason) if part)
+            return replace(made, holder_reason=reason)
 
         counts = self.slot_counts()
         fewest = place(counts[-1])
@@ -120,6 +129,8 @@ def plan_to_json(resolved: ResolvedModel, plan: Plan, warnings: list[str], coord
         "tensor_split": plan.tensor_split,
         "assignments": [asdict(a) | {"total_bytes": a.total_bytes} for a in plan.assignments],
         "excluded": plan.excluded,
+        "holders": plan.holders,
+        "holder_reason": plan.holder_reason,
         "coordinator_rpc_protocol": coordinator_protocol,
         "warnings": warnings,
     }

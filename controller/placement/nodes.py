@@ -24,6 +24,15 @@ class RpcServerView:
 
 
 @dataclass(frozen=True)
+class ModelFileView:
+    """A GGUF file in the node's models dir, as its agent reports it."""
+
+    name: str
+    size_bytes: int
+    sha256: str  # "" while the agent is still hashing it
+
+
+@dataclass(frozen=True)
 class NodeView:
     address: str  # the agent's gRPC address: the node's name in the inventory
     state: str  # ready, unreachable, maintenance
@@ -38,6 +47,7 @@ class NodeView:
     rpc_servers: tuple[RpcServerView, ...] = field(default_factory=tuple)
     rpc_index: int = 0  # which slot `endpoint` is
     rpc_running: bool = True  # False: the slot must be started before a coordinator uses it
+    model_files: tuple[ModelFileView, ...] = field(default_factory=tuple)  # what its models dir holds
 
     def reserving(self, reserved: Mapping[tuple[str, str], int]) -> NodeView:
         """This node with memory already promised to loaded models taken off each device.

@@ -9,6 +9,17 @@ order); the node with the most room goes last, since the last device also holds 
 layer. Layers are split in proportion to each device's room, then checked byte by byte; the
 split is given to llama.cpp as per-device layer counts (the output layer counted on the last
 device), which makes llama.cpp's own rounding put every layer where the plan says.
+
+Holders (issue 15): nodes whose models dir already holds the model's file. The number of nodes
+is the primary objective and holders never raise it: k, the fewest nodes that hold the model by
+the memory ranking, is found first, exactly as without holders. Plans of k nodes are then
+"equally good", and among them the one with the most holders wins: for h from min(holders, k)
+down, the h holders with the most room plus the k - h non-holders with the most room are tried,
+and the first that fits is the plan. The memory-ranked prefix itself is one of these sets (its
+holders are the top holders, its others the top others), so the search always ends at a plan no
+worse than the one without holders, and with no holders it is that plan. Why holders before
+memory: a holder loads its share from its own disk (with pre-staged caches, nothing crosses the
+network), while the spare memory a bigger non-holder brings only matters if it decides the count.
 """
 
 from __future__ import annotations
@@ -74,6 +85,8 @@ class Plan:
     excluded: dict[str, str] = field(default_factory=dict)
     reason: str = ""  # why it does not fit, and what would make it fit
     candidates: int = 0  # nodes that passed every filter (0: none can take part at all)
+    holders: list[str] = field(default_factory=list)  # chosen nodes that hold the model's file
+    holder_reason: str = ""  # how holders shaped the choice
 
     @property
     def backends(self) -> list[str]:
@@ -177,9 +190,11 @@ def make_plan(
     estimate_for_ctx: Callable[[int], MemoryEstimate] | None = None,
     busy: Mapping[str, str] | None = None,
     max_nodes: int | None = None,
+    holders: frozenset[str] = frozenset(),
 ) -> Plan:
     """`busy`: rpc-server endpoints other loaded models hold (endpoint → model): never shared.
-    `max_nodes`: use no more nodes than this (more request slots must not cost a network hop)."""
+    `max_nodes`: use no more nodes than this (more request slots must not cost a network hop).
+    `holders`: addresses of nodes that hold the model's file (preferred; see the module doc)."""
     filters = [ready_nodes, running_rpc_server]
     if coordinator_protocol is not None:  # unknown when the controller has no build yet
         filters.append(protocol_major(coordinator_protocol))
@@ -193,12 +208,49 @@ def make_plan(
     for k in range(_fewest_that_could_hold(estimate, ranked, headroom), most + 1):
         assignments = _assign(estimate, _devices_in_order(ranked[:k], headroom, usable))
         if assignments is not None:
+            chosen = ranked[:k]
+            preferred = _prefer_holders(estimate, ranked, k, headroom, usable, holders) if holders else None
+            if preferred is not None:
+                chosen, assignments = preferred
+            names = {n.address for n in chosen}
             excluded = dict(kept.dropped)
-            for node in ranked[k:]:
-                excluded[node.address] = "not needed: fewer backends hold the model"
-            return Plan(model, estimate, True, assignments, excluded, candidates=len(ranked))
+            for node in ranked:
+                if node.address not in names:
+                    excluded[node.address] = "not needed: fewer backends hold the model"
+            held = [n.address for n in chosen if n.address in holders]
+            return Plan(model, estimate, True, assignments, excluded, candidates=len(ranked), holders=held,
+                        holder_reason=_holder_reason(held, k, ranked, holders, preferred is not None))
     return Plan(model, estimate, False, [], dict(kept.dropped),
                 _why_not(estimate, ranked, headroom, usable, estimate_for_ctx), candidates=len(ranked))
+
+
+def _prefer_holders(estimate: MemoryEstimate, ranked: list[NodeView], k: int, headroom: Headroom,
+                    usable: dict[str, int], holders: frozenset[str]) -> tuple[list[NodeView], list[DeviceAssignment]] | None:
+    """The k-node set with the most holders that fits (see the module doc); None when that is
+    the memory-ranked prefix itself."""
+    held = [n for n in ranked if n.address in holders]
+    others = [n for n in ranked if n.address not in holders]
+    in_prefix = sum(1 for n in ranked[:k] if n.address in holders)
+    for h in range(min(len(held), k), in_prefix, -1):
+        chosen = held[:h] + others[: k - h]
+        assignments = _assign(estimate, _devices_in_order(chosen, headroom, usable))
+        if assignments is not None:
+            return chosen, assignments
+    return None
+
+
+def _holder_reason(held: list[str], k: int, ranked: list[NodeView], holders: frozenset[str], moved: bool) -> str:
+    usable_holders = sum(1 for n in ranked if n.address in holders)
+    if not holders:
+        return ""
+    if not usable_holders:
+        return "no node that holds the model can take part"
+    text = f"{len(held)} of the {k} chosen node(s) hold the model"
+    if moved:
+        text += ": preferred over nodes with more room (same number of nodes)"
+    elif len(held) < min(usable_holders, k):
+        text += f"; using more of the {usable_holders} that do would need more nodes or does not fit"
+    return text
 
 
 def _fewest_that_could_hold(estimate: MemoryEstimate, ranked: list[NodeView], headroom: Headroom) -> int:

@@ -35,6 +35,13 @@ class WatchReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WATCH_REASON_INITIAL: _ClassVar[WatchReason]
     WATCH_REASON_CHANGE: _ClassVar[WatchReason]
     WATCH_REASON_HEARTBEAT: _ClassVar[WatchReason]
+
+class ModelFileState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_FILE_STATE_UNSPECIFIED: _ClassVar[ModelFileState]
+    MODEL_FILE_STATE_HASHING: _ClassVar[ModelFileState]
+    MODEL_FILE_STATE_READY: _ClassVar[ModelFileState]
+    MODEL_FILE_STATE_ERROR: _ClassVar[ModelFileState]
 RPC_SERVER_STATE_UNSPECIFIED: RpcServerState
 RPC_SERVER_STATE_STOPPED: RpcServerState
 RPC_SERVER_STATE_STARTING: RpcServerState
@@ -52,6 +59,10 @@ WATCH_REASON_UNSPECIFIED: WatchReason
 WATCH_REASON_INITIAL: WatchReason
 WATCH_REASON_CHANGE: WatchReason
 WATCH_REASON_HEARTBEAT: WatchReason
+MODEL_FILE_STATE_UNSPECIFIED: ModelFileState
+MODEL_FILE_STATE_HASHING: ModelFileState
+MODEL_FILE_STATE_READY: ModelFileState
+MODEL_FILE_STATE_ERROR: ModelFileState
 
 class NodeIdentity(_message.Message):
     __slots__ = ("node_id", "hostname", "agent_version", "started_at_unix_ms")
@@ -151,6 +162,24 @@ class Device(_message.Message):
     utilization_percent: int
     def __init__(self, kind: _Optional[_Union[DeviceKind, str]] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., uuid: _Optional[str] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., physical_total_bytes: _Optional[int] = ..., physical_free_bytes: _Optional[int] = ..., utilization_percent: _Optional[int] = ...) -> None: ...
 
+class ModelFile(_message.Message):
+    __slots__ = ("name", "path", "size_bytes", "sha256", "state", "mtime_unix_ms", "error")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MTIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    size_bytes: int
+    sha256: str
+    state: ModelFileState
+    mtime_unix_ms: int
+    error: str
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., state: _Optional[_Union[ModelFileState, str]] = ..., mtime_unix_ms: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
 class HostMemory(_message.Message):
     __slots__ = ("total_bytes", "available_bytes")
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -160,7 +189,7 @@ class HostMemory(_message.Message):
     def __init__(self, total_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("node", "build", "rpc_server", "devices", "host", "observed_at_unix_ms", "memory_limit_bytes", "rpc_servers")
+    __slots__ = ("node", "build", "rpc_server", "devices", "host", "observed_at_unix_ms", "memory_limit_bytes", "rpc_servers", "models", "models_omitted", "models_dir")
     NODE_FIELD_NUMBER: _ClassVar[int]
     BUILD_FIELD_NUMBER: _ClassVar[int]
     RPC_SERVER_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +198,9 @@ class AgentStatus(_message.Message):
     OBSERVED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
     RPC_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_OMITTED_FIELD_NUMBER: _ClassVar[int]
+    MODELS_DIR_FIELD_NUMBER: _ClassVar[int]
     node: NodeIdentity
     build: LlamaCppBuild
     rpc_server: RpcServerStatus
@@ -177,7 +209,10 @@ class AgentStatus(_message.Message):
     observed_at_unix_ms: int
     memory_limit_bytes: int
     rpc_servers: _containers.RepeatedCompositeFieldContainer[RpcServerStatus]
-    def __init__(self, node: _Optional[_Union[NodeIdentity, _Mapping]] = ..., build: _Optional[_Union[LlamaCppBuild, _Mapping]] = ..., rpc_server: _Optional[_Union[RpcServerStatus, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., host: _Optional[_Union[HostMemory, _Mapping]] = ..., observed_at_unix_ms: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., rpc_servers: _Optional[_Iterable[_Union[RpcServerStatus, _Mapping]]] = ...) -> None: ...
+    models: _containers.RepeatedCompositeFieldContainer[ModelFile]
+    models_omitted: int
+    models_dir: str
+    def __init__(self, node: _Optional[_Union[NodeIdentity, _Mapping]] = ..., build: _Optional[_Union[LlamaCppBuild, _Mapping]] = ..., rpc_server: _Optional[_Union[RpcServerStatus, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., host: _Optional[_Union[HostMemory, _Mapping]] = ..., observed_at_unix_ms: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., rpc_servers: _Optional[_Iterable[_Union[RpcServerStatus, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ..., models_omitted: _Optional[int] = ..., models_dir: _Optional[str] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()

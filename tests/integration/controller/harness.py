@@ -114,8 +114,10 @@ class Fleet:
 @contextmanager
 def running_fleet(tmp_path: Path, llama_cpp: Manifest, model: Path, *, agents: int = 2,
                   memory_limit: str | tuple[str, ...] = "260MiB", heartbeat_s: float = 0.3,
-                  controller_args: tuple[str, ...] = (), model_names: tuple[str, ...] = ("gemma",)) -> Iterator[Fleet]:
-    """`memory_limit`: one cap for every agent, or one per agent; `model_names`: names of the one GGUF."""
+                  controller_args: tuple[str, ...] = (), model_names: tuple[str, ...] = ("gemma",),
+                  agent_args: tuple[tuple[str, ...], ...] = ()) -> Iterator[Fleet]:
+    """`memory_limit`: one cap for every agent, or one per agent; `model_names`: names of the one GGUF;
+    `agent_args`: more flags per agent, by index."""
     limits = (memory_limit,) * agents if isinstance(memory_limit, str) else memory_limit
     tmp_path.mkdir(parents=True, exist_ok=True)
     token = tmp_path / "token"
@@ -128,7 +130,8 @@ def running_fleet(tmp_path: Path, llama_cpp: Manifest, model: Path, *, agents: i
     with ExitStack() as stack:
         started = [stack.enter_context(running_agent(tmp_path / f"agent{i}", llama_cpp.install_dir,
                                                      rpc_host=f"127.0.0.{i + 2}", token_file=token,
-                                                     extra_args=("--memory-limit", limits[i])))
+                                                     extra_args=("--memory-limit", limits[i],
+                                                                 *(agent_args[i] if i < len(agent_args) else ()))))
                    for i in range(agents)]
         fleet = Fleet(None, f"http://127.0.0.1:{free_loopback_port()}", started, token, tmp_path / "controller",
                       models, tmp_path / "controller.log", llama_cpp, heartbeat_s, controller_args)

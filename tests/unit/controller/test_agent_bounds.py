@@ -115,3 +115,17 @@ def test_the_status_received_is_not_modified() -> None:
     hostile = status(endpoint="8.8.8.8:50052", devices=100)
     bound_status(hostile, ADDRESS, OWN)
     assert hostile.rpc_server.endpoint == "8.8.8.8:50052" and len(hostile.rpc_server.devices) == 100
+
+
+def test_an_agent_with_hundreds_of_model_files_keeps_them_all_and_its_rpc_servers() -> None:
+    honest = status()
+    honest.rpc_servers.extend([honest.rpc_server, pb.RpcServerStatus(index=1, endpoint="127.0.0.5:50053")])
+    honest.models.extend(pb.ModelFile(name=f"m{i}.gguf", path="/srv/models/" + "d/" * 200 + f"m{i}.gguf",
+                                      size_bytes=2**30, sha256="a" * 64) for i in range(500))
+    bounded = bound_status(honest, ADDRESS, OWN)
+    assert bounded.status == honest and bounded.reason == ""
+    lying = status()
+    lying.rpc_servers.extend([honest.rpc_server, pb.RpcServerStatus(index=1, endpoint="8.8.8.8:50053")])
+    refused = bound_status(lying, ADDRESS, OWN)
+    assert refused.refused and refused.status.rpc_servers[1].endpoint == ""
+    assert refused.status.rpc_servers[1].state == pb.RPC_SERVER_STATE_FAILED
