@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -51,6 +52,30 @@ from llamafleet.controller.web import (
 log = logging.getLogger(__name__)
 # Open streams (a dashboard's event stream, a long answer) get this long to end on shutdown.
 SHUTDOWN_GRACE_S = 3.0
+# Stopping: coordinators get their SIGTERM grace and then some; every other step a few seconds.
+STOP_STEP_COORDINATORS_S = 10.0
+STOP_STEP_S = 4.0
+
+
+async def _bounded_step(name: str, limit_s: float, step: Callable[[], Awaitable[object]]) -> None:
+    """Run one shutdown step, giving up (with the step's stack in the log) after `limit_s`."""
+    task = asyncio.ensure_future(step())
+    done, _ = await asyncio.wait({task}, timeout=limit_s)
+    if not done:
+        log.error("stopping: %s did not finish within %.0f s; going on without it", name, limit_s)
+        _log_tasks()
+        task.cancel()
+    elif not task.cancelled() and (error := task.exception()) is not None:
+        log.error("stopping: %s failed: %r; going on", name, error, exc_info=error)
+
+
+def _log_tasks() -> None:
+    """Where every task of the event loop waits (also on SIGUSR2): the first thing to ask of a hang."""
+    for task in asyncio.all_tasks():
+        frames = task.get_stack(limit=8)
+        where = " <- ".join(f"{f.f_code.co_name} ({f.f_code.co_filename.rsplit('/', 1)[-1]}:{f.f_lineno})"
+                            for f in reversed(frames))
+        log.warning("task %s: %s", task.get_name(), where or "(not started)")
 
 
 def coordinator_build(settings: ControllerSettings) -> Manifest | None:
@@ -189,14 +214,19 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
     host, port = split_host_port(settings.listen)
 
     async def close_all() -> None:
-        # Coordinators first: the HTTP side may still be streaming from them.
-        await manager.close()
-        await runner.cleanup()
-        await pool.close()
-        await session.close()
-        await inventory.close()
-        # Stops a hash in progress at its next chunk, so exit does not wait for a large file.
-        await asyncio.to_thread(digests.close)
+        # Coordinators first: the HTTP side may still be streaming from them. Every step is
+        # bounded: a stop that hangs on one of them still ends, and the log says which.
+        steps: list[tuple[str, float, Callable[[], Awaitable[object]]]] = [
+            ("coordinators", STOP_STEP_COORDINATORS_S, manager.close),
+            ("HTTP server", STOP_STEP_S, runner.cleanup),
+            ("Ollama pool", STOP_STEP_S, pool.close),
+            ("HTTP client", STOP_STEP_S, session.close),
+            ("inventory", STOP_STEP_S, inventory.close),
+            # Stops a hash in progress at its next chunk, so exit does not wait for a large file.
+            ("model digests", STOP_STEP_S, lambda: asyncio.to_thread(digests.close)),
+        ]
+        for name, limit_s, step in steps:
+            await _bounded_step(name, limit_s, step)
         store.close()
 
     try:
@@ -212,6 +242,7 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR2, _log_tasks)
     notifier.ready(status_line(settings, inventory))
     pinger = asyncio.create_task(_keep_systemd_informed(settings, inventory, notifier))
     try:

@@ -102,7 +102,10 @@ class Fleet:
             try:
                 self.controller.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                # Where it hangs (the controller dumps its threads on SIGUSR1), then no orphan.
+                # Where it hangs (the controller logs its tasks on SIGUSR2, its threads on
+                # SIGUSR1), then no orphan.
+                self.controller.send_signal(signal.SIGUSR2)
+                time.sleep(0.5)
                 self.controller.send_signal(signal.SIGUSR1)
                 time.sleep(1)
                 self.controller.kill()
