@@ -133,3 +133,23 @@ def test_only_a_ready_file_with_that_sha256_is_staged(tmp_path: Path) -> None:
     errored = ModelFile("e", str(tmp_path / "e.gguf"), 1, 0, SHA, "error", "cannot read")
     with pytest.raises(StagingRefused, match="holds no model file"):
         find_model([errored], SHA)
+
+
+def test_a_stop_gives_up_between_chunks_and_leaves_no_temp_file(tmp_path: Path, fnv: Fnv1a) -> None:
+    import threading
+
+    from llamafleet.agent.staging import StagingCancelled, _copy_range
+
+    model = model_file(tmp_path / "m.gguf", os.urandom(1000))
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(StagingCancelled):
+        stage(model, [ByteRange(0, 1000)], tmp_path / "rpc", fnv, stop, threshold=THRESHOLD)
+    (tmp_path / "out").mkdir()
+    fd = os.open(model.path, os.O_RDONLY)
+    try:
+        with pytest.raises(StagingCancelled):
+            _copy_range(fd, ByteRange(0, 1000), tmp_path / "out" / "entry", bytearray(64), stop)
+    finally:
+        os.close(fd)
+    assert list((tmp_path / "out").iterdir()) == []
