@@ -9,14 +9,17 @@ import asyncio
 import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from llamafleet.agent.fnv import Fnv1a
 from llamafleet.agent.devices import DeviceInfo, DeviceProvider, HostMemoryInfo, HostProvider, NvmlProvider
 from llamafleet.agent.models import ModelFile, ModelIndex
 from llamafleet.agent.node import NodeIdentity
 from llamafleet.agent.settings import AgentSettings
+from llamafleet.agent.staging import ByteRange, StageResult, StagingRefused, check_request, find_model, stage
 from llamafleet.agent.supervisor import RpcLaunch, RpcServerSnapshot, RpcServerSupervisor, RpcState
 from llamafleet.common.changes import ChangeFeed
 from llamafleet.common.errors import LlamafleetError, UsageError
@@ -27,6 +30,8 @@ from llamafleet.common.restart import RestartPolicy
 from llamafleet.common.units import format_size
 
 log = logging.getLogger(__name__)
+# Remembered FNV-1a values of staged ranges; past this many the memo starts again (it only saves reads).
+STAGE_HASHES_KEPT = 100_000
 
 
 class BuildBusyError(LlamafleetError):
@@ -86,6 +91,11 @@ class Agent:
         # The model store: None without --models-dir (the daemon runs its rescan loop).
         self.models = (ModelIndex(settings.models_dir, settings.state_path, settings.models_rescan_s,
                                   on_change=self.changes.bump) if settings.models_dir else None)
+        self._fnv = Fnv1a(settings.state_path / "fnv1a")
+        # One staging at a time: they compete for the same disk, and a queue is fairer than a refusal.
+        self._staging = asyncio.Lock()
+        self._stage_hashes: dict[tuple[object, int, int], int] = {}
+        self._stop_staging = threading.Event()
 
     @property
     def supervisor(self) -> RpcServerSupervisor:
@@ -149,6 +159,31 @@ class Agent:
                 # The rpc-server was down for want of binaries: now there are some.
                 self.supervisor.request("start")
         return outcome
+
+    # ---- pre-staging ---------------------------------------------------------------------------
+
+    async def stage_tensors(self, sha256: str, ranges: list[ByteRange]) -> StageResult:
+        """Write the rpc tensor cache entries for `ranges` of the model file with `sha256` (see staging.py)."""
+        check_request(sha256, ranges)
+        if not self.settings.rpc_cache:
+            raise StagingRefused("this agent runs its rpc-servers without the tensor cache (--no-rpc-cache): "
+                                 "there is nothing to stage into")
+        if self.models is None:
+            raise StagingRefused("this agent has no models dir (--models-dir): it holds no model files")
+        model = find_model(self.models.files, sha256)
+        async with self._staging:
+            if len(self._stage_hashes) > STAGE_HASHES_KEPT:
+                self._stage_hashes.clear()
+            result = await asyncio.to_thread(stage, model, ranges, self.settings.cache_path / "rpc", self._fnv,
+                                             self._stop_staging, hashes=self._stage_hashes)  # type: ignore[arg-type]
+        log.info("staged %s: %d entries written (%d rewritten), %d present, %d below the threshold, %s in %.2fs",
+                 model.name, result.staged, result.rewritten, result.present, result.skipped_small,
+                 format_size(result.bytes_written), result.seconds)
+        return result
+
+    def stop_staging(self) -> None:
+        """Tell a staging thread to give up between chunks (the agent is stopping)."""
+        self._stop_staging.set()
 
     # ---- status ------------------------------------------------------------------------------
 

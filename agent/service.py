@@ -22,6 +22,8 @@ from llamafleet.agent.convert import (
 )
 from llamafleet.agent.core import Agent, BuildBusyError
 from llamafleet.agent.credential import Keyring
+from llamafleet.agent.fnv import FnvUnavailable
+from llamafleet.agent.staging import ByteRange, StagingCancelled, StagingRefused
 from llamafleet.agent.settings import AgentSettings
 from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.common.llamacpp.build import BuildError, BuildEvent, BuildOptions
@@ -42,6 +44,8 @@ _ERROR_CODES: list[tuple[type[LlamafleetError], grpc.StatusCode]] = [
     (UsageError, grpc.StatusCode.INVALID_ARGUMENT),
     (SourceError, grpc.StatusCode.INVALID_ARGUMENT),
     (BuildBusyError, grpc.StatusCode.ABORTED),
+    (StagingRefused, grpc.StatusCode.FAILED_PRECONDITION),
+    (FnvUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
     (BuildError, grpc.StatusCode.FAILED_PRECONDITION),
     (InstallError, grpc.StatusCode.FAILED_PRECONDITION),
     (LlamafleetError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -110,6 +114,21 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     @maps_errors
     async def RestartRpcServer(self, request: pb.RestartRpcServerRequest, context: grpc.aio.ServicerContext) -> pb.RestartRpcServerResponse:
         return pb.RestartRpcServerResponse(rpc_server=await self._act("restart", request.index))
+
+    @maps_errors
+    async def StageTensors(self, request: pb.StageTensorsRequest, context: grpc.aio.ServicerContext) -> pb.StageTensorsResponse:
+        ranges = [ByteRange(r.offset, r.size) for r in request.ranges]
+        try:
+            result = await self.agent.stage_tensors(request.sha256, ranges)
+        except OSError as exc:
+            # The disk is full, the file went away mid-read: the controller loads over the network.
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"staging failed: {exc.strerror or exc}")
+        except StagingCancelled:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the agent is stopping")
+        return pb.StageTensorsResponse(
+            staged=result.staged, present=result.present, skipped_small=result.skipped_small,
+            rewritten=result.rewritten, bytes_written=result.bytes_written, cached_bytes=result.cached_bytes,
+            seconds=result.seconds, entries=list(result.entries))
 
     async def Build(self, request: pb.BuildRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BuildResponse]:
         cuda = {pb.CUDA_MODE_ON: True, pb.CUDA_MODE_OFF: False}.get(request.cuda)

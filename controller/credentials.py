@@ -33,6 +33,7 @@ STATUS_METHOD = f"/{SERVICE}/GetStatus"
 WATCH_METHOD = f"/{SERVICE}/WatchStatus"
 START_RPC_METHOD = f"/{SERVICE}/StartRpcServer"
 STOP_RPC_METHOD = f"/{SERVICE}/StopRpcServer"
+STAGE_METHOD = f"/{SERVICE}/StageTensors"
 CALL_TIMEOUT_S = 10.0
 MAX_JOIN_TTL_S = 7 * 24 * 3600.0
 MAX_SECRET_CHARS = 64  # what a rotation can seal; agents make 43-character ones

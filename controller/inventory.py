@@ -23,7 +23,7 @@ from llamafleet.common.agent_client import AgentAddress, AgentCallError, aio_cha
 from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.common.proto_json import message_to_json
 from llamafleet.controller.agent_bounds import address_ips, bound_status
-from llamafleet.controller.credentials import START_RPC_METHOD, STOP_RPC_METHOD, WATCH_METHOD
+from llamafleet.controller.credentials import STAGE_METHOD, START_RPC_METHOD, STOP_RPC_METHOD, WATCH_METHOD
 from llamafleet.controller.events import EventSink, no_events
 from llamafleet.controller.placement.nodes import DeviceView, ModelFileView, NodeView, RpcServerView
 from llamafleet.controller.store import Store
@@ -290,6 +290,23 @@ class Inventory:
         finally:
             await channel.close()
         return reply.rpc_server
+
+    async def stage_tensors(self, address: str, sha256: str, ranges: list[tuple[int, int]],
+                            timeout_s: float) -> pb.StageTensorsResponse:
+        """Ask a node's agent to write the rpc cache entries of (offset, size) ranges of its copy of a model."""
+        target = self._target(address)
+        if not target.token:
+            raise AgentCallError(f"agent at {address}: {target.missing}")
+        request = pb.StageTensorsRequest(sha256=sha256, ranges=[pb.ByteRange(offset=o, size=n) for o, n in ranges])
+        channel = aio_channel(target, _CHANNEL_OPTIONS)
+        try:
+            try:
+                return await pb_grpc.AgentServiceStub(channel).StageTensors(
+                    request, metadata=target.metadata_for(STAGE_METHOD), timeout=timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                raise describe_rpc_error(address, exc) from None
+        finally:
+            await channel.close()
 
     async def _log_transitions(self) -> None:
         while True:

@@ -30,6 +30,7 @@ from llamafleet.controller.inventory import Inventory, rpc_server_at, rpc_state_
 from llamafleet.controller.models import ResolvedModel, parse_model_name
 from llamafleet.controller.placement.plan import DeviceAssignment, Plan
 from llamafleet.controller.planner import Planner, plan_to_json
+from llamafleet.controller.prestage import node_ranges
 from llamafleet.controller.store import Store
 from llamafleet.proto.v1 import agent_pb2 as pb
 
@@ -42,6 +43,9 @@ SWAP_POLL_S = 0.25
 RPC_SERVER_IDLE_STOP_S = 15.0
 # How long a started rpc-server may take to show up in the agent's reports.
 RPC_SERVER_REPORT_S = 10.0
+# How long a node may take to pre-stage its share (it reads and hashes its copy: a 40 GB share at
+# ~1 GB/s is under a minute; past this the load goes over the network instead).
+STAGE_TIMEOUT_S = 600.0
 
 
 def assignment_doc(a: DeviceAssignment) -> dict[str, Any]:
@@ -82,6 +86,7 @@ class CoordinatorManager:
         self._placing = asyncio.Lock()
         self._idle_stops: set[asyncio.Task[None]] = set()
         self._queues: dict[str, FairQueue] = {}
+        self._prestaged: dict[str, dict[str, Any]] = {}  # model → what its last placement pre-staged
 
     def deployment(self, model: str) -> Deployment:
         key = canonical(model)
@@ -153,6 +158,17 @@ class CoordinatorManager:
         return reserved, load, busy
 
     async def place(self, model: str, ctx: int) -> CoordinatorSpec:
+        resolved, plan, spec = await self._place(model, ctx)
+        try:
+            # Outside the placement lock: staging reads and hashes files for seconds to minutes,
+            # and other models' placements need not wait for it (this plan is booked already).
+            await self._prestage(model, resolved, plan)
+        except asyncio.CancelledError:
+            self.release(model)  # the deployment never saw the spec: nobody else would release it
+            raise
+        return spec
+
+    async def _place(self, model: str, ctx: int) -> tuple[ResolvedModel, Plan, CoordinatorSpec]:
         async with self._placing:
             deadline = time.monotonic() + SWAP_WAIT_S
             while True:
@@ -160,7 +176,7 @@ class CoordinatorManager:
                 resolved, plan, _ = self.planner.plan(model, ctx or None, reserved, load, busy)
                 if plan.fits:
                     generations = await self._start_rpc_servers(model, plan)
-                    return self._placed(model, resolved, plan, generations)
+                    return resolved, plan, self._placed(model, resolved, plan, generations)
                 if not reserved:
                     raise self._refused(model, plan)
                 _, alone, _ = self.planner.plan(model, ctx or None)
@@ -217,6 +233,43 @@ class CoordinatorManager:
             generations[a.endpoint] = started.generation
         return generations
 
+    async def _prestage(self, model: str, resolved: ResolvedModel, plan: Plan) -> None:
+        """Have every holder in the plan write the rpc cache entries of its share (see controller/prestage.py).
+
+        Never fails the load: a node that cannot stage gets the bytes over the network, as without it."""
+        self._prestaged[model] = {"bytes": 0, "seconds": 0.0, "nodes": {}}
+        digests = self.planner.digests
+        sha = digests.digest(resolved.path) if digests is not None and plan.holders else None
+        if sha is None:
+            return
+        try:
+            ranges = node_ranges(self.planner.header(resolved.path), plan.assignments)
+        except (LlamafleetError, OSError) as exc:
+            log.warning("cannot pre-stage %s: %s", model, exc)
+            return
+        started = time.monotonic()
+        nodes = [node for node in plan.holders if ranges.get(node)]
+        done = await asyncio.gather(*(self._stage_node(model, node, sha, ranges[node]) for node in nodes))
+        results = dict(zip(nodes, done, strict=True))
+        self._prestaged[model] = {"bytes": sum(r.get("cached_bytes", 0) for r in results.values()),
+                                  "seconds": round(time.monotonic() - started, 3), "nodes": results}
+
+    async def _stage_node(self, model: str, node: str, sha: str, ranges: list[tuple[int, int]]) -> dict[str, Any]:
+        try:
+            reply = await self.inventory.stage_tensors(node, sha, ranges, STAGE_TIMEOUT_S)
+        except LlamafleetError as exc:
+            log.warning("pre-staging %s on %s failed; its share goes over the network: %s", model, node, exc.message)
+            self.runtime.events("stage.failed", node, f"pre-staging {model} failed: {exc.message}", model=model)
+            return {"error": exc.message}
+        doc = {"staged": reply.staged, "present": reply.present, "rewritten": reply.rewritten,
+               "skipped_small": reply.skipped_small, "bytes_written": reply.bytes_written,
+               "cached_bytes": reply.cached_bytes, "seconds": round(reply.seconds, 3)}
+        rewritten = f", {reply.rewritten} rewritten (wrong size)" if reply.rewritten else ""
+        self.runtime.events("stage", node, f"pre-staged {model}: {reply.staged} entries written{rewritten}, "
+                            f"{reply.present} present, {reply.cached_bytes} bytes in the cache in {reply.seconds:.2f}s",
+                            model=model, **doc)
+        return doc
+
     async def _reported(self, node: str, endpoint: str, generation: int) -> None:
         """Wait until the node's reports show `endpoint` at `generation`: until then its watch
         would look like a restart to `backends_changed`."""
@@ -242,6 +295,7 @@ class CoordinatorManager:
                                e.ctx_per_slot, e.parallel, self.prompt_cache_mib)
 
     def release(self, model: str) -> None:
+        self._prestaged.pop(model, None)
         plan = self._plans.pop(model, None)
         if plan is None:
             return
@@ -332,6 +386,10 @@ class CoordinatorManager:
                 "last_exit": d.last_exit,
                 "last_output": list(d.last_output),
                 "load_duration_s": round(d.load_duration_s, 3),
+                # Weight bytes the nodes' rpc caches held before the load (pre-staged or already
+                # there): the coordinator sends none of them.
+                "prestaged_bytes": self._prestaged.get(d.model, {}).get("bytes", 0),
+                "prestage": self._prestaged.get(d.model),
                 "in_flight": d.active,
                 "queued": self.queue_depth(d.model),
                 "expires_at_unix": expires,

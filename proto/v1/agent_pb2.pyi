@@ -311,3 +311,39 @@ class BuildResponse(_message.Message):
     progress: BuildProgress
     result: BuildResult
     def __init__(self, progress: _Optional[_Union[BuildProgress, _Mapping]] = ..., result: _Optional[_Union[BuildResult, _Mapping]] = ...) -> None: ...
+
+class ByteRange(_message.Message):
+    __slots__ = ("offset", "size")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    size: int
+    def __init__(self, offset: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+
+class StageTensorsRequest(_message.Message):
+    __slots__ = ("sha256", "ranges")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    ranges: _containers.RepeatedCompositeFieldContainer[ByteRange]
+    def __init__(self, sha256: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ...) -> None: ...
+
+class StageTensorsResponse(_message.Message):
+    __slots__ = ("staged", "present", "skipped_small", "bytes_written", "seconds", "rewritten", "entries", "cached_bytes")
+    STAGED_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_SMALL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REWRITTEN_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    staged: int
+    present: int
+    skipped_small: int
+    bytes_written: int
+    seconds: float
+    rewritten: int
+    entries: _containers.RepeatedScalarFieldContainer[str]
+    cached_bytes: int
+    def __init__(self, staged: _Optional[int] = ..., present: _Optional[int] = ..., skipped_small: _Optional[int] = ..., bytes_written: _Optional[int] = ..., seconds: _Optional[float] = ..., rewritten: _Optional[int] = ..., entries: _Optional[_Iterable[str]] = ..., cached_bytes: _Optional[int] = ...) -> None: ...

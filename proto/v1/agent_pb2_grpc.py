@@ -64,6 +64,11 @@ class AgentServiceStub:
                 request_serializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.BuildRequest.SerializeToString,
                 response_deserializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.BuildResponse.FromString,
                 _registered_method=True)
+        self.StageTensors = channel.unary_unary(
+                '/llamafleet.v1.AgentService/StageTensors',
+                request_serializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.StageTensorsRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.StageTensorsResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -108,6 +113,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StageTensors(self, request, context):
+        """Writes the rpc-server tensor cache entries for byte ranges of a model file this agent
+        holds (by sha256), so that a coordinator's load finds them and sends no weight bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +153,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Build,
                     request_deserializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.BuildRequest.FromString,
                     response_serializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.BuildResponse.SerializeToString,
+            ),
+            'StageTensors': grpc.unary_unary_rpc_method_handler(
+                    servicer.StageTensors,
+                    request_deserializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.StageTensorsRequest.FromString,
+                    response_serializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.StageTensorsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -304,6 +322,33 @@ class AgentService:
             '/llamafleet.v1.AgentService/Build',
             llamafleet_dot_proto_dot_v1_dot_agent__pb2.BuildRequest.SerializeToString,
             llamafleet_dot_proto_dot_v1_dot_agent__pb2.BuildResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StageTensors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.AgentService/StageTensors',
+            llamafleet_dot_proto_dot_v1_dot_agent__pb2.StageTensorsRequest.SerializeToString,
+            llamafleet_dot_proto_dot_v1_dot_agent__pb2.StageTensorsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,196 @@
+"""Pre-staging: the agent writes its rpc-servers' tensor cache entries from its own copy of a model.
+
+llama.cpp's RPC client (protocol 7) asks a server started with `-c` for a weights tensor whose
+payload is above 10 MiB by the 64-bit FNV-1a of its bytes; the server answers from
+`$LLAMA_CACHE/rpc/<16 hex digits>` when that file exists and only otherwise receives the bytes.
+With mmap the loader sets each tensor whole, so a tensor's entry is exactly its bytes in the GGUF.
+The controller knows from the plan which tensors this node will hold and sends their byte ranges;
+the agent hashes each range and writes the entries that are missing, so the load sends none of
+those bytes.
+
+Every entry is written to a hidden temp file in the cache dir, fsynced and renamed: the
+rpc-server never sees half an entry (it checks no size: a truncated file would be served as the
+tensor). An entry that exists with the wrong size is rewritten for the same reason. Entries of
+the right size are trusted (checking their content is cache hygiene's sampled check, later).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from llamafleet.agent.fnv import OFFSET_BASIS, Fnv1a, entry_name
+from llamafleet.agent.models import ModelFile
+from llamafleet.common.digests import FileKey
+from llamafleet.common.errors import LlamafleetError, UsageError
+
+# llama.cpp: `size > HASH_THRESHOLD` with HASH_THRESHOLD = 10 MiB; smaller payloads are always sent.
+HASH_THRESHOLD = 10 * 1024 * 1024
+MAX_RANGES = 4096
+CHUNK_BYTES = 64 * 1024 * 1024
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class StagingRefused(LlamafleetError):
+    """This agent cannot stage that model now (it does not hold it, or cannot hash)."""
+
+
+class StagingCancelled(Exception):
+    """The agent is stopping (or the caller went away): the staging thread gives up between chunks."""
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class StageResult:
+    staged: int = 0
+    present: int = 0
+    skipped_small: int = 0
+    rewritten: int = 0
+    bytes_written: int = 0
+    cached_bytes: int = 0
+    seconds: float = 0.0
+    entries: tuple[str, ...] = ()
+
+
+def check_request(sha256: str, ranges: Sequence[ByteRange]) -> None:
+    """The checks that need no file: a one-line UsageError (INVALID_ARGUMENT) on bad input."""
+    if not _SHA256.match(sha256):
+        raise UsageError(f"sha256 must be 64 lowercase hex digits, not {sha256[:80]!r}")
+    if not ranges:
+        raise UsageError("no byte ranges to stage")
+    if len(ranges) > MAX_RANGES:
+        raise UsageError(f"at most {MAX_RANGES} byte ranges per call, not {len(ranges)}")
+    for i, r in enumerate(ranges):
+        if r.size <= 0:
+            raise UsageError(f"range #{i} (offset {r.offset}) is empty")
+
+
+def find_model(files: Sequence[ModelFile], sha256: str) -> ModelFile:
+    """The ready model file with that sha256, else a one-line refusal (FAILED_PRECONDITION)."""
+    matches = [f for f in files if f.sha256 == sha256 and f.state == "ready"]
+    if matches:
+        return matches[0]
+    if any(f.state == "hashing" for f in files):
+        raise StagingRefused(f"no model file with sha256 {sha256[:12]}… confirmed yet: this agent is still hashing "
+                             "its models dir")
+    raise StagingRefused(f"this agent holds no model file with sha256 {sha256[:12]}…")
+
+
+def check_ranges(model: ModelFile, ranges: Sequence[ByteRange]) -> None:
+    for i, r in enumerate(ranges):
+        if r.offset + r.size > model.size_bytes:
+            raise UsageError(f"range #{i} (offset {r.offset}, {r.size} bytes) runs past the end of {model.name} "
+                             f"({model.size_bytes} bytes)")
+
+
+def _hash_range(fd: int, r: ByteRange, fnv: Fnv1a, buffer: bytearray, stop: threading.Event) -> int:
+    state, done = OFFSET_BASIS, 0
+    view = memoryview(buffer)
+    while done < r.size:
+        if stop.is_set():
+            raise StagingCancelled
+        want = min(len(buffer), r.size - done)
+        got = os.preadv(fd, [view[:want]], r.offset + done)
+        if got <= 0:
+            raise OSError(f"the model file ended {r.size - done} bytes early at offset {r.offset + done}")
+        state = fnv.update(buffer, got, state)
+        done += got
+    return state
+
+
+def _copy_range(fd: int, r: ByteRange, target: Path, buffer: bytearray, stop: threading.Event) -> None:
+    """Write the range to `target` atomically: temp file in the same dir, fsync, rename, fsync the dir."""
+    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".stage-{target.name}-")
+    view = memoryview(buffer)
+    try:
+        done = 0
+        while done < r.size:
+            if stop.is_set():
+                raise StagingCancelled
+            want = min(len(buffer), r.size - done)
+            got = os.preadv(fd, [view[:want]], r.offset + done)
+            if got <= 0:
+                raise OSError(f"the model file ended {r.size - done} bytes early at offset {r.offset + done}")
+            written = 0
+            while written < got:
+                written += os.write(handle, view[written:got])
+            done += got
+        os.fsync(handle)
+        os.close(handle)
+        handle = -1
+        os.replace(temp, target)
+    except BaseException:
+        if handle >= 0:
+            os.close(handle)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)
+
+
+def stage(model: ModelFile, ranges: Sequence[ByteRange], cache_dir: Path, fnv: Fnv1a,
+          stop: threading.Event | None = None, threshold: int = HASH_THRESHOLD,
+          chunk_bytes: int = CHUNK_BYTES, hashes: dict[tuple[FileKey, int, int], int] | None = None,
+          on_entry: Callable[[str], None] = lambda _: None) -> StageResult:
+    """Write the missing cache entries for `ranges` of `model` into `cache_dir` (blocking: run it in a thread).
+
+    `hashes`: remembered FNV-1a per (file version, offset, size), so staging a model again costs a
+    stat per entry instead of reading the file."""
+    stop = stop or threading.Event()
+    check_ranges(model, ranges)
+    started = time.monotonic()
+    fnv.ensure()  # FnvUnavailable before any file work
+    if FileKey.of(Path(model.path)) != model.key:
+        raise StagingRefused(f"{model.name} changed since it was hashed: staging waits for the next rescan")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staged = present = skipped = rewritten = written = cached = 0
+    entries: list[str] = []
+    buffer = bytearray(min(chunk_bytes, max((r.size for r in ranges), default=1)))
+    fd = os.open(model.path, os.O_RDONLY)
+    try:
+        for r in ranges:
+            if r.size <= threshold:
+                skipped += 1
+                continue
+            memo = (model.key, r.offset, r.size)
+            value = hashes.get(memo) if hashes is not None else None
+            if value is None:
+                value = _hash_range(fd, r, fnv, buffer, stop)
+                if hashes is not None:
+                    hashes[memo] = value
+            name = entry_name(value)
+            entries.append(name)
+            target = cache_dir / name
+            try:
+                existing = target.stat().st_size
+            except FileNotFoundError:
+                existing = None
+            if existing == r.size:
+                present += 1
+            else:
+                _copy_range(fd, r, target, buffer, stop)
+                staged += 1
+                rewritten += existing is not None
+                written += r.size
+                on_entry(name)
+            cached += r.size
+    finally:
+        os.close(fd)
+    return StageResult(staged, present, skipped, rewritten, written, cached, time.monotonic() - started,
+                       tuple(entries))

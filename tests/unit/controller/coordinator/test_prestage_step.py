@@ -1,0 +1,71 @@
+"""The manager's pre-staging step: holders are asked, a failure is an event and never fails the load."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from llamafleet.common.agent_client import AgentCallError
+from llamafleet.controller.coordinator import manager as manager_module
+from llamafleet.controller.coordinator.manager import CoordinatorManager
+from llamafleet.controller.models import ResolvedModel
+from llamafleet.controller.placement.plan import DeviceAssignment, Plan
+from llamafleet.proto.v1 import agent_pb2 as pb
+
+SHA = "ab" * 32
+
+
+class FakeInventory:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, list[tuple[int, int]]]] = []
+
+    async def stage_tensors(self, address: str, sha256: str, ranges: list[tuple[int, int]],
+                            timeout_s: float) -> pb.StageTensorsResponse:
+        self.calls.append((address, sha256, ranges))
+        if address == "broken":
+            raise AgentCallError("agent at broken: FAILED_PRECONDITION: no C compiler")
+        return pb.StageTensorsResponse(staged=1, bytes_written=100, cached_bytes=100, seconds=0.5)
+
+
+def manager(holders_sha: str | None) -> tuple[CoordinatorManager, FakeInventory, list[tuple[str, str, dict[str, Any]]]]:
+    events: list[tuple[str, str, dict[str, Any]]] = []
+    planner = SimpleNamespace(digests=SimpleNamespace(digest=lambda path: holders_sha), header=lambda path: None)
+    runtime = SimpleNamespace(events=lambda kind, subject, message, **data: events.append((kind, subject, data)))
+    inventory = FakeInventory()
+    made = CoordinatorManager(cast(Any, planner), cast(Any, inventory), cast(Any, None), cast(Any, runtime), 300.0)
+    return made, inventory, events
+
+
+def plan(holders: list[str]) -> Plan:
+    assignments = [DeviceAssignment(n, f"{n}:1", "CPU", i, 1, 0, 0, 0, 0, 0) for i, n in enumerate(("ok", "broken", "none"))]
+    return Plan("m", cast(Any, None), True, assignments, holders=holders)
+
+
+@pytest.fixture(autouse=True)
+def ranges(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(manager_module, "node_ranges",
+                        lambda header, assignments: {"ok": [(0, 100)], "broken": [(100, 100)], "none": [(5, 100)]})
+
+
+RESOLVED = ResolvedModel("m", Path("/m.gguf"), "models-dir")
+
+
+def test_a_failing_holder_is_an_event_and_the_others_still_count() -> None:
+    made, inventory, events = manager(SHA)
+    asyncio.run(made._prestage("m", RESOLVED, plan(["ok", "broken"])))
+    assert sorted(c[0] for c in inventory.calls) == ["broken", "ok"]  # "none" holds no file: never asked
+    assert ("stage.failed", "broken") in [(k, s) for k, s, _ in events]
+    [(kind, subject, data)] = [e for e in events if e[0] == "stage"]
+    assert subject == "ok" and data["cached_bytes"] == 100 and data["model"] == "m"
+    doc = made._prestaged["m"]
+    assert doc["bytes"] == 100 and "no C compiler" in doc["nodes"]["broken"]["error"]
+
+
+def test_nothing_is_asked_while_the_sha256_is_unknown() -> None:
+    made, inventory, events = manager(None)
+    asyncio.run(made._prestage("m", RESOLVED, plan(["ok"])))
+    assert inventory.calls == [] and events == [] and made._prestaged["m"]["bytes"] == 0
