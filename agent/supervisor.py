@@ -168,7 +168,9 @@ class RpcServerSupervisor:
         values = {**old.__dict__, **changes, "state": state}
         if state != old.state:
             values["state_since_unix_ms"] = _now_ms()
-            log.info("rpc-server #%d %s → %s", old.index, old.state.value, state.value)
+            # The first keeps its old line ("rpc-server starting → running"): journals are grepped.
+            name = "rpc-server" if old.index == 0 else f"rpc-server #{old.index}"
+            log.info("%s %s → %s", name, old.state.value, state.value)
         self._snapshot = RpcServerSnapshot(**values)  # type: ignore[arg-type]
         self._changes.bump()
         self._on_change()

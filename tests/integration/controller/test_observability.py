@@ -70,11 +70,14 @@ def test_events_record_restarts_with_their_cause_and_follow_streams_new_ones(tmp
         follower = subprocess.Popen(fleet.cli_argv("events", "--follow", "--json", "--limit", "1"),
                                     stdout=subprocess.PIPE, text=True)
         try:
+            assert follower.stdout is not None
+            # The follower has read the past (its first line) before the kill: whatever comes
+            # after is replayed to it, however late its stream connects.
+            json.loads(follower.stdout.readline())
             os.kill(fleet.agents[0].rpc().pid, signal.SIGKILL)
             wait_for(lambda: any(e["kind"] == "rpc.restarted" for e in events(fleet)), 20, "the restart event")
             seen: list[dict] = []
             deadline = time.monotonic() + 20
-            assert follower.stdout is not None
             while time.monotonic() < deadline and not any(e["kind"] == "rpc.restarted" for e in seen):
                 seen.append(json.loads(follower.stdout.readline()))
             assert any(e["kind"] == "rpc.restarted" for e in seen), seen
