@@ -107,6 +107,21 @@ def is_loopback_host(host_header: str | None, listen_host: str) -> bool:
     return hostname == listen and listen not in ("", "0.0.0.0", "::")
 
 
+def is_loopback_origin(origin: str) -> bool:
+    """Whether a browser's `Origin` is a page served from this host (`http://localhost:3000`):
+    what Ollama lets call its API from a browser without OLLAMA_ORIGINS."""
+    try:
+        parts = urllib.parse.urlsplit(origin)
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return False
+    if parts.hostname == "localhost":
+        return True
+    address = _ip(parts.hostname)
+    return address is not None and address.is_loopback
+
+
 def is_same_origin(origin: str, host_header: str | None) -> bool:
     """Whether a browser's `Origin` names the host and port the request was sent to (`Host`)."""
     try:

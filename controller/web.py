@@ -23,6 +23,7 @@ from llamafleet.controller.access import (
     SAFE_METHODS,
     Access,
     is_loopback_host,
+    is_loopback_origin,
     is_loopback_peer,
     is_same_origin,
     route_access,
@@ -142,15 +143,23 @@ def judge(request: web.Request, credentials: HttpKeys) -> Refusal | None:
         return None
     authorization = request.headers.get("Authorization", "")
     kind = credentials.identify(authorization) if authorization else None
+    host = request.headers.get("Host")
+    origin = request.headers.get("Origin")
     if access is Access.INFERENCE:
+        # As Ollama: a page from another site may not drive the API from a visitor's browser (an
+        # `keep_alive: 0` unloads a model, a large load evicts others), a page on this host may.
+        if origin is not None and not (is_same_origin(origin, host) or is_loopback_origin(origin)):
+            return Refusal(403, "cross-origin", f"requests from web pages of {origin[:100]} are refused")
+        if (is_loopback_host(credentials.listen_host, "") and not is_loopback_host(host, credentials.listen_host)):
+            # Listening on loopback only, the one way in by another name is DNS rebinding.
+            return Refusal(403, "host not loopback", "this controller listens on loopback: requests must be "
+                                                     "addressed to localhost or a loopback address (Host)")
         if credentials.api_keys is None or kind is not None:
             # Without API keys the Ollama/OpenAI routes are open, as Ollama's are: whatever a
             # client sends (the OpenAI SDK always sends some key) is not judged.
             return None
         return Refusal(401, "wrong api key" if authorization else "missing api key",
                        "missing or wrong API key (Authorization: Bearer KEY)")
-    host = request.headers.get("Host")
-    origin = request.headers.get("Origin")
     if origin is not None and not is_same_origin(origin, host):
         return Refusal(403, "cross-origin", "cross-origin requests to control routes are refused")
     if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):

@@ -212,7 +212,17 @@ def test_a_rebound_name_is_refused_without_an_admin_key(default: Controller) -> 
         assert default.send("GET", "/llamafleet/v1/nodes", {"Host": host})[0] == 200
 
 
-def test_the_ollama_and_openai_routes_stay_usable_from_browsers(default: Controller) -> None:
-    for path in ("/api/tags", "/v1/models", "/api/version"):
-        assert default.send("GET", path, {"Origin": "http://evil.example",
-                                          "Host": f"evil.example:{default.port}"})[0] == 200
+def test_the_ollama_and_openai_routes_answer_pages_of_this_host_and_not_other_sites(default: Controller) -> None:
+    # As Ollama without OLLAMA_ORIGINS: a page of another site must not drive the API from a
+    # visitor's browser (keep_alive 0 unloads a model), nor reach it by a rebound name.
+    unload = json.dumps({"model": "gemma", "keep_alive": 0}).encode()
+    for headers in ({"Origin": "http://evil.example"}, {"Content-Type": "text/plain", "Origin": "null"},
+                    {"Host": f"evil.example:{default.port}"}):
+        assert default.send("POST", "/api/generate", headers, unload)[0] == 403
+        assert default.send("GET", "/v1/models", headers)[0] == 403
+    for headers in ({}, {"Origin": "http://localhost:3000"}, {"Origin": f"http://127.0.0.1:{default.port}"},
+                    {"Host": f"localhost:{default.port}"}):
+        assert default.send("GET", "/api/tags", headers)[0] == 200
+        assert default.send("GET", "/v1/models", headers)[0] == 200
+    # What a curl user or an SDK sends (no Origin) is unchanged; the liveness probe stays public.
+    assert default.send("GET", "/api/version", {"Origin": "http://evil.example"})[0] == 200
