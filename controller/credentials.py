@@ -121,9 +121,11 @@ class Credentials:
             raise JoinRefused(f"join token expired at {_when(expires)}")
         if uses_left <= 0:
             raise JoinRefused("join token already used")
-        if self.has_own(address):
-            # A token holder must not take over a node that already has its credential.
-            raise CredentialConflict(f"{address} is already a node with a credential: remove it first "
+        if self.has_own(address) or any(known == address for known, _ in self._store.nodes()):
+            # A token holder must not take over a node the fleet already has, with a credential
+            # or without one (a shared-token or credential-less node): the controller would
+            # then speak to that address with the joiner's secret, and the real agent be out.
+            raise CredentialConflict(f"{address} is already a node: remove it first "
                                      "(`llamafleet node remove`) to join it again")
         secret = new_secret()
         if not self._store.admit(digest, now, address, secret, node_id):

@@ -57,6 +57,17 @@ def test_a_token_holder_cannot_take_over_a_node_with_a_credential(tmp_path: Path
     assert credentials.target("10.0.0.5:50051").token == first
 
 
+def test_a_token_holder_cannot_take_over_a_node_on_the_shared_token_or_without_a_credential(tmp_path: Path) -> None:
+    credentials, _, store = book(tmp_path, shared="fleet-token")
+    store.add_node("10.0.0.7:50051")  # added with --agent or `node add`, no credential of its own
+    token, _ = credentials.create_join_token(3600, 1)
+    with pytest.raises(CredentialConflict, match="already a node"):
+        credentials.admit(token, "10.0.0.7:50051", "attacker")
+    # Refused before the token was spent, and the node still gets what it got before.
+    assert credentials.target("10.0.0.7:50051").metadata_for("/x/Y") == [("authorization", "Bearer fleet-token")]
+    assert credentials.admit(token, "10.0.0.8:50051", "honest")
+
+
 def test_a_node_without_a_credential_is_sent_nothing_unless_the_shared_token_is_configured(tmp_path: Path) -> None:
     credentials, _, _ = book(tmp_path)
     bare = credentials.target("10.0.0.9:50051")
