@@ -32,6 +32,7 @@ from llamafleet.controller.coordinator.deployment import DoesNotFit
 from llamafleet.controller.coordinator.process import CoordinatorExited
 from llamafleet.controller.estimate import EstimateError
 from llamafleet.controller.events import EventSink
+from llamafleet.controller.gateway.fairness import VALID_KEY
 from llamafleet.controller.gateway.pool import PoolUnavailable
 from llamafleet.controller.gateway.upstream import UpstreamRejected, UpstreamUnavailable
 from llamafleet.controller.gguf import GGUFError
@@ -235,6 +236,10 @@ def guard(credentials: HttpKeys, events: EventSink) -> Callable[..., Awaitable[w
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         refusal = judge(request, credentials)
         if refusal is None:
+            authorization = request.headers.get("Authorization", "")
+            if authorization and credentials.identify(authorization):
+                # Only a key we issued names a client (fair turns): any other header is free to invent.
+                request[VALID_KEY] = authorization
             return await handler(request)
         refused(request, refusal)
         return error(refusal.status, refusal.message, request.path.startswith("/v1/"))

@@ -5,8 +5,10 @@ fifty requests at once holds every slot until all fifty are done. The gateway th
 at most `capacity` requests per model into llama-server and hands each freed slot to the next
 *client* in turn (round robin), taking that client's oldest request.
 
-A client is the API key it presented (hashed: keys are never kept), else its address: what the
-gateway can tell apart without trusting anything the client says about itself.
+A client is the API key it presented, when it is one of ours (hashed: keys are never kept), else
+its address: what the gateway can tell apart without trusting anything the client says about
+itself (without API keys a made-up Authorization header per request would be a new client each
+time). A client new to the queue takes its turn after those already waiting, not before them.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 MAX_REMEMBERED_CLIENTS = 4096
+# Where the guard (controller/web.py) leaves a request's Authorization once it is one of our keys.
+VALID_KEY = web.RequestKey("llamafleet.valid_key", str)
 
 
 def client_of(request: web.Request) -> str:
-    authorization = request.headers.get("Authorization", "")
+    authorization = request.get(VALID_KEY, "")
     if authorization:
         return "key:" + hashlib.sha256(authorization.encode()).hexdigest()[:16]
     return f"addr:{request.remote or '?'}"
@@ -37,7 +41,7 @@ class FairQueue:
         # When each client last got a turn: the next turn goes to the waiting client served
         # longest ago (never served first), which is a round robin over clients.
         self._turns = 0
-        self._last_turn: dict[str, int] = {}
+        self._last_turn: dict[str, float] = {}
 
     @property
     def depth(self) -> int:
@@ -57,6 +61,10 @@ class FairQueue:
             self._note_turn(client)
         else:
             granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            # Never served: as if served just before the last one was, so a new client goes ahead
+            # of the one served just now but behind everyone who has waited longer (a stream of
+            # new names cannot jump the round).
+            self._last_turn.setdefault(client, self._turns - 0.5)
             self._waiting.setdefault(client, deque()).append(granted)
             try:
                 await granted

@@ -95,3 +95,60 @@ def test_resizing_to_more_slots_admits_waiters_at_once() -> None:
         return active
 
     assert asyncio.run(run()) == 4
+
+
+def test_a_turn_granted_as_its_waiter_leaves_is_passed_on() -> None:
+    async def run() -> list[str]:
+        queue = FairQueue(1)
+        served: list[str] = []
+        release = asyncio.Event()
+
+        async def holder() -> None:
+            async with queue.turn("a"):
+                await release.wait()
+
+        async def waiter(client: str) -> None:
+            async with queue.turn(client):
+                served.append(client)
+
+        first = asyncio.create_task(holder())
+        await asyncio.sleep(0)
+        leaving = asyncio.create_task(waiter("b"))
+        patient = asyncio.create_task(waiter("c"))
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.sleep(0)  # the holder ends: b's future is granted, b has not run yet
+        leaving.cancel()  # b leaves with the turn in hand
+        await asyncio.gather(first, patient, return_exceptions=True)
+        assert queue.active == 0 and queue.depth == 0
+        return served
+
+    assert asyncio.run(run()) == ["c"]
+
+
+def test_a_new_client_waits_behind_those_who_waited_longer() -> None:
+    async def run() -> list[str]:
+        queue = FairQueue(1)
+        served: list[str] = []
+        gates = {name: asyncio.Event() for name in ("a", "b", "a2", "c")}
+
+        async def one(client: str, name: str) -> None:
+            async with queue.turn(client):
+                served.append(name)
+                await gates[name].wait()
+
+        tasks = [asyncio.create_task(one("a", "a"))]
+        await asyncio.sleep(0)
+        tasks += [asyncio.create_task(one("b", "b")), asyncio.create_task(one("a", "a2"))]
+        await asyncio.sleep(0)
+        gates["a"].set()
+        await asyncio.sleep(0.01)  # b has the slot now; a's second request waits
+        tasks.append(asyncio.create_task(one("c", "c")))  # a new name arrives
+        await asyncio.sleep(0)
+        for name in ("b", "a2", "c"):
+            gates[name].set()
+        await asyncio.gather(*tasks)
+        return served
+
+    # a waited since before b was served; the newcomer c does not jump ahead of it.
+    assert asyncio.run(run()) == ["a", "b", "a2", "c"]
