@@ -92,7 +92,8 @@ class ProofChecker:
         if scheme != SCHEME or len(parts) != 5:
             raise ProofError("malformed proof")
         ts, nonce, action, payload, sig = parts
-        if not ts.isdigit() or len(nonce) != 32 or action not in ACTIONS:
+        # ASCII digits only, and few ("²".isdigit() is true, and int() of it raises).
+        if not (ts.isascii() and ts.isdigit() and len(ts) <= 16) or len(nonce) != 32 or action not in ACTIONS:
             raise ProofError("malformed proof")
         if abs(now - int(ts) / 1000) > self._max_skew_s:
             raise ProofError(f"stale proof (clocks more than {self._max_skew_s:.0f} s apart?)")

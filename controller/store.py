@@ -55,6 +55,9 @@ class Store:
         if not path.exists():
             # Node secrets live here: readable by the controller alone, from the first byte.
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        else:
+            # A database made before it held secrets may be world-readable: no longer.
+            os.chmod(path, 0o600)
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")

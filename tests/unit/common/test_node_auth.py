@@ -37,7 +37,10 @@ def test_a_stale_proof_is_refused() -> None:
 
 
 @pytest.mark.parametrize("presented", ["", "Bearer x", "LF1-HMAC-SHA256 a.b.c.d.e", "LF1-HMAC-SHA256 1.2.3",
-                                       "LF1-HMAC-SHA256 " + "1." + "0" * 32 + ".steal.-." + "0" * 64])
+                                       "LF1-HMAC-SHA256 " + "1." + "0" * 32 + ".steal.-." + "0" * 64,
+                                       # digits that are not ASCII, and a timestamp no clock has
+                                       "LF1-HMAC-SHA256 " + "²." + "0" * 32 + ".none.-." + "0" * 64,
+                                       "LF1-HMAC-SHA256 " + "9" * 400 + "." + "0" * 32 + ".none.-." + "0" * 64])
 def test_malformed_proofs_are_refused(presented: str) -> None:
     with pytest.raises(ProofError):
         ProofChecker().verify(presented, WATCH, [new_secret()])
