@@ -261,6 +261,11 @@ class Deployment:
                     # The model file went away or no llama.cpp build: nothing a retry fixes.
                     self._fail(exc, CoordinatorState.STOPPED)
                     return
+                if not self._wanted:
+                    # Unloaded while it was being placed (pre-staging can take minutes): do not
+                    # start a load only to stop it.
+                    self._placer.release(self.model)
+                    continue
                 self.spec = spec
                 loading_since = time.monotonic()
                 try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +166,9 @@ class CoordinatorManager:
         except asyncio.CancelledError:
             self.release(model)  # the deployment never saw the spec: nobody else would release it
             raise
+        except Exception as exc:  # noqa: BLE001 - staging never fails a load, whatever it raised
+            log.error("pre-staging %s failed unexpectedly: %r; loading over the network", model, exc, exc_info=exc)
+            self.runtime.events("stage.failed", model, f"pre-staging failed: {exc!r}")
         return spec
 
     async def _place(self, model: str, ctx: int) -> tuple[ResolvedModel, Plan, CoordinatorSpec]:
@@ -209,7 +212,19 @@ class CoordinatorManager:
         return error
 
     async def _start_rpc_servers(self, model: str, plan: Plan) -> dict[str, int]:
-        """Start the plan's rpc-servers that are not running yet; every backend's generation."""
+        """Start the plan's rpc-servers that are not running yet; every backend's generation.
+
+        If one cannot start, those this call started are stopped again after the idle grace
+        (no plan holds them, so no release would)."""
+        started_here: set[tuple[str, int, str]] = set()
+        try:
+            return await self._start_each(model, plan, started_here)
+        except BaseException:
+            if started_here:
+                self._stop_later(started_here, model)
+            raise
+
+    async def _start_each(self, model: str, plan: Plan, started_here: set[tuple[str, int, str]]) -> dict[str, int]:
         generations: dict[str, int] = {}
         for a in plan.assignments:
             if a.endpoint in generations:
@@ -227,9 +242,10 @@ class CoordinatorManager:
             if started.state != pb.RPC_SERVER_STATE_RUNNING:
                 why = started.last_exit or rpc_state_name(started.state)
                 raise DoesNotFit(f"{model}: rpc-server {a.endpoint} on {a.node} did not start: {why}")
+            started_here.add((a.node, a.rpc_index, a.endpoint))
             self.runtime.events("rpc.started", a.node, f"rpc-server {a.endpoint} started for {model}",
                                 index=a.rpc_index, generation=started.generation)
-            await self._reported(a.node, a.endpoint, started.generation)
+            await self._reported(a.node, a.endpoint, lambda r, g=started.generation: r.generation >= g)
             generations[a.endpoint] = started.generation
         return generations
 
@@ -270,14 +286,15 @@ class CoordinatorManager:
                             model=model, **doc)
         return doc
 
-    async def _reported(self, node: str, endpoint: str, generation: int) -> None:
-        """Wait until the node's reports show `endpoint` at `generation`: until then its watch
-        would look like a restart to `backends_changed`."""
+    async def _reported(self, node: str, endpoint: str, shown: Callable[[pb.RpcServerStatus], bool]) -> None:
+        """Wait until the node's reports show what the agent already answered about `endpoint`
+        (the watch is another stream): a start's new generation, or else it would look like a
+        restart to `backends_changed`; a stop, or else the next placement would take a dead one."""
         deadline = time.monotonic() + RPC_SERVER_REPORT_S
         while time.monotonic() < deadline:
             record = self.inventory.record(node)
             current = rpc_server_at(record.status, endpoint) if record is not None and record.status else None
-            if current is not None and current.generation >= generation:
+            if current is not None and shown(current):
                 return
             await asyncio.sleep(0.05)
 
@@ -302,9 +319,15 @@ class CoordinatorManager:
         self.store.remove_placement(model)
         extra = {(a.node, a.rpc_index, a.endpoint) for a in plan.assignments if a.rpc_index > 0}
         if extra:
-            task = asyncio.create_task(self._stop_when_idle(extra), name=f"stop idle rpc-servers of {model}")
-            self._idle_stops.add(task)
-            task.add_done_callback(self._idle_stop_done)
+            self._stop_later(extra, model)
+
+    def _stop_later(self, slots: set[tuple[str, int, str]], model: str) -> None:
+        slots = {slot for slot in slots if slot[1] > 0}  # the first is the agent's own
+        if not slots:
+            return
+        task = asyncio.create_task(self._stop_when_idle(slots), name=f"stop idle rpc-servers of {model}")
+        self._idle_stops.add(task)
+        task.add_done_callback(self._idle_stop_done)
 
     async def _stop_when_idle(self, slots: set[tuple[str, int, str]]) -> None:
         await asyncio.sleep(RPC_SERVER_IDLE_STOP_S)
@@ -319,6 +342,7 @@ class CoordinatorManager:
                     # Left running: it costs memory, not correctness; the next release tries again.
                     log.warning("could not stop the idle rpc-server %s on %s: %s", endpoint, node, exc.message)
                     continue
+                await self._reported(node, endpoint, lambda r: r.state != pb.RPC_SERVER_STATE_RUNNING)
                 self.runtime.events("rpc.stopped", node, f"rpc-server {endpoint} stopped: no model used it for "
                                     f"{RPC_SERVER_IDLE_STOP_S:.0f}s", index=index)
 
