@@ -6,6 +6,7 @@ The gRPC service and the systemd integration sit on top of `Agent`; neither hold
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -96,6 +97,7 @@ class Agent:
         self._staging = asyncio.Lock()
         self._stage_hashes: dict[tuple[object, int, int], int] = {}
         self._stop_staging = threading.Event()
+        self._stagings: set[threading.Event] = set()  # the stop of every staging under way
 
     @property
     def supervisor(self) -> RpcServerSupervisor:
@@ -174,8 +176,25 @@ class Agent:
         async with self._staging:
             if len(self._stage_hashes) > STAGE_HASHES_KEPT:
                 self._stage_hashes.clear()
-            result = await asyncio.to_thread(stage, model, ranges, self.settings.cache_path / "rpc", self._fnv,
-                                             self._stop_staging, hashes=self._stage_hashes)  # type: ignore[arg-type]
+            # This call's own stop: a cancelled call (the controller gave up) stops its thread,
+            # and the lock is held until the thread has ended, so stagings never overlap.
+            stop = threading.Event()
+            if self._stop_staging.is_set():
+                stop.set()
+            self._stagings.add(stop)
+            work = asyncio.ensure_future(asyncio.to_thread(
+                stage, model, ranges, self.settings.cache_path / "rpc", self._fnv, stop,
+                hashes=self._stage_hashes))  # type: ignore[arg-type]
+            try:
+                result = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                stop.set()
+                with contextlib.suppress(Exception):
+                    # Its outcome no longer matters (StagingStopped, most likely); its end does.
+                    await work
+                raise
+            finally:
+                self._stagings.discard(stop)
         log.info("staged %s: %d entries written (%d rewritten), %d present, %d below the threshold, %s in %.2fs",
                  model.name, result.staged, result.rewritten, result.present, result.skipped_small,
                  format_size(result.bytes_written), result.seconds)
@@ -184,6 +203,8 @@ class Agent:
     def stop_staging(self) -> None:
         """Tell a staging thread to give up between chunks (the agent is stopping)."""
         self._stop_staging.set()
+        for stop in self._stagings:
+            stop.set()
 
     # ---- status ------------------------------------------------------------------------------
 

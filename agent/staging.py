@@ -185,6 +185,12 @@ def stage(model: ModelFile, ranges: Sequence[ByteRange], cache_dir: Path, fnv: F
                 present += 1
             else:
                 _copy_range(fd, r, target, buffer, stop)
+                if FileKey.of(Path(model.path)) != model.key:
+                    # Rewritten in place while we read it: the entry may hold bytes that are not
+                    # the ones its name was hashed from. Never leave such an entry behind.
+                    target.unlink(missing_ok=True)
+                    raise StagingRefused(f"{model.name} changed while it was being staged: staging waits "
+                                         "for the next rescan")
                 staged += 1
                 rewritten += existing is not None
                 written += r.size

@@ -9,6 +9,7 @@ is sent nothing at all, unless the deprecated fleet-wide token is configured.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hashlib
 import logging
@@ -80,6 +81,9 @@ class Credentials:
         self._shared = shared_token
         self._tls = tls
         self._clock = clock
+        # One credential change per node at a time: two rotations whose answers cross would
+        # leave the agent and the store holding different secrets.
+        self._changing: dict[str, asyncio.Lock] = {}
 
     # ---- dialing ------------------------------------------------------------------------------
 
@@ -146,6 +150,10 @@ class Credentials:
         with the new one: from then on the old one is refused. A node on the shared token moves
         to a credential of its own this way.
         """
+        async with self._changing.setdefault(address, asyncio.Lock()):
+            return await self._rotate(address)
+
+    async def _rotate(self, address: str) -> tuple[str, bool]:
         current = self.target(address)
         if not current.token:
             raise UsageError(f"{address} has no credential to rotate from: {NO_CREDENTIAL}")
@@ -166,6 +174,10 @@ class Credentials:
 
         Returns (told, why not). The shared token is never revoked this way: it is every node's.
         """
+        async with self._changing.setdefault(address, asyncio.Lock()):
+            return await self._revoke(address)
+
+    async def _revoke(self, address: str) -> tuple[bool, str]:
         target = self.target(address)
         if not target.proof:
             return False, "the node has no credential of its own (shared token or none): nothing to revoke"

@@ -153,3 +153,21 @@ def test_a_stop_gives_up_between_chunks_and_leaves_no_temp_file(tmp_path: Path, 
     finally:
         os.close(fd)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_file_rewritten_in_place_while_staging_leaves_no_entry(tmp_path: Path, fnv: Fnv1a,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m.gguf"
+    model = model_file(path, os.urandom(1000))
+    copy = staging_module._copy_range
+
+    def copy_then_rewrite(*args: object, **kwargs: object) -> None:
+        copy(*args, **kwargs)  # type: ignore[arg-type]
+        with path.open("r+b") as handle:  # rsync --inplace, a pull over the same file
+            handle.write(os.urandom(10))
+        os.utime(path, ns=(model.mtime_ns + 10**9, model.mtime_ns + 10**9))
+
+    monkeypatch.setattr(staging_module, "_copy_range", copy_then_rewrite)
+    with pytest.raises(StagingRefused, match="changed while it was being staged"):
+        stage(model, [ByteRange(0, 500)], tmp_path / "rpc", fnv, threshold=THRESHOLD)
+    assert list((tmp_path / "rpc").iterdir()) == []
