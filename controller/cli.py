@@ -261,7 +261,8 @@ def ps(controller: str, as_json: bool) -> None:
             until = f"{max(doc['expires_at_unix'] - time.time(), 0):.0f}s idle" if doc["in_flight"] == 0 else "in use"
         click.echo(f"{doc['model']:<28} {doc['state']:<9} {format_size(doc['size_bytes']):>10} {until:<12} "
                    f"{','.join(doc['backends'])}"
-                   + (f"  ({doc['parallel']} slots, {doc.get('queued', 0)} queued)" if doc.get("parallel") else ""))
+                   + (f"  ({doc['parallel']} slot{'s' if doc['parallel'] != 1 else ''}, {doc.get('queued', 0)} queued)"
+                      if doc.get("parallel") else ""))
         if doc["state"] != "ready" and doc["detail"]:
             click.echo(f"{'':<29}{doc['detail']}")
 
