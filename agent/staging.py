@@ -22,7 +22,7 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,9 +95,10 @@ def check_ranges(model: ModelFile, ranges: Sequence[ByteRange]) -> None:
                              f"({model.size_bytes} bytes)")
 
 
-def _hash_range(fd: int, r: ByteRange, fnv: Fnv1a, buffer: bytearray, stop: threading.Event) -> int:
-    state, done = OFFSET_BASIS, 0
+def _chunks(fd: int, r: ByteRange, buffer: bytearray, stop: threading.Event) -> Iterator[int]:
+    """Read the range into `buffer` a chunk at a time; yields how many bytes of it are filled."""
     view = memoryview(buffer)
+    done = 0
     while done < r.size:
         if stop.is_set():
             raise StagingCancelled
@@ -105,8 +106,14 @@ def _hash_range(fd: int, r: ByteRange, fnv: Fnv1a, buffer: bytearray, stop: thre
         got = os.preadv(fd, [view[:want]], r.offset + done)
         if got <= 0:
             raise OSError(f"the model file ended {r.size - done} bytes early at offset {r.offset + done}")
-        state = fnv.update(buffer, got, state)
+        yield got
         done += got
+
+
+def _hash_range(fd: int, r: ByteRange, fnv: Fnv1a, buffer: bytearray, stop: threading.Event) -> int:
+    state = OFFSET_BASIS
+    for got in _chunks(fd, r, buffer, stop):
+        state = fnv.update(buffer, got, state)
     return state
 
 
@@ -115,18 +122,10 @@ def _copy_range(fd: int, r: ByteRange, target: Path, buffer: bytearray, stop: th
     handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".stage-{target.name}-")
     view = memoryview(buffer)
     try:
-        done = 0
-        while done < r.size:
-            if stop.is_set():
-                raise StagingCancelled
-            want = min(len(buffer), r.size - done)
-            got = os.preadv(fd, [view[:want]], r.offset + done)
-            if got <= 0:
-                raise OSError(f"the model file ended {r.size - done} bytes early at offset {r.offset + done}")
+        for got in _chunks(fd, r, buffer, stop):
             written = 0
             while written < got:
                 written += os.write(handle, view[written:got])
-            done += got
         os.fsync(handle)
         os.close(handle)
         handle = -1
