@@ -30,11 +30,16 @@ from llamafleet.proto.v1 import agent_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["AgentService"].full_name
-STATUS_METHOD = f"/{SERVICE}/GetStatus"
-WATCH_METHOD = f"/{SERVICE}/WatchStatus"
-START_RPC_METHOD = f"/{SERVICE}/StartRpcServer"
-STOP_RPC_METHOD = f"/{SERVICE}/StopRpcServer"
-STAGE_METHOD = f"/{SERVICE}/StageTensors"
+
+
+def method_path(name: str) -> str:
+    """The full gRPC path of an AgentService method: what a per-call proof is bound to."""
+    return f"/{SERVICE}/{name}"
+
+
+STATUS_METHOD = method_path("GetStatus")
+WATCH_METHOD = method_path("WatchStatus")
+STAGE_METHOD = method_path("StageTensors")
 CALL_TIMEOUT_S = 10.0
 MAX_JOIN_TTL_S = 7 * 24 * 3600.0
 MAX_SECRET_CHARS = 64  # what a rotation can seal; agents make 43-character ones

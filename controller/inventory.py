@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from llamafleet.agent.settings import split_host_port
 from llamafleet.common.agent_client import AgentAddress, AgentCallError, aio_channel, describe_rpc_error
 from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.common.proto_json import message_to_json
 from llamafleet.controller.agent_bounds import address_ips, bound_status
-from llamafleet.controller.credentials import STAGE_METHOD, START_RPC_METHOD, STOP_RPC_METHOD, WATCH_METHOD
+from llamafleet.controller.credentials import WATCH_METHOD, method_path
 from llamafleet.controller.events import EventSink, no_events
 from llamafleet.controller.placement.nodes import DeviceView, ModelFileView, NodeView, RpcServerView
 from llamafleet.controller.store import Store
@@ -74,12 +75,11 @@ def node_view(address: str, state: str, status: pb.AgentStatus | None, load: int
             # A backend NVML does not see (Metal, Vulkan…): the banner's numbers, capped.
             devices.append(DeviceView(device.name, min(device.total_bytes, cap or device.total_bytes),
                                       min(device.free_bytes, cap or device.free_bytes)))
-    servers = tuple(RpcServerView(r.index, rpc_state_name(r.state), r.endpoint, r.generation)
-                    for r in rpc_servers(status))
+    servers = tuple(RpcServerView(r.index, rpc_state_name(r.state), r.endpoint) for r in rpc_servers(status))
     files = tuple(ModelFileView(m.name, m.size_bytes, m.sha256 if m.state == pb.MODEL_FILE_STATE_READY else "")
                   for m in status.models)
     return NodeView(address, state, rpc_state_name(rpc.state), rpc.endpoint,
-                    rpc.protocol_version or status.build.rpc_protocol_version, tuple(devices), load, rpc.generation,
+                    rpc.protocol_version or status.build.rpc_protocol_version, tuple(devices), load,
                     servers, model_files=files)
 
 
@@ -268,43 +268,38 @@ class Inventory:
 
     # ---- asking an agent ----------------------------------------------------------------------
 
+    def rpc_server(self, address: str, endpoint: str) -> pb.RpcServerStatus | None:
+        """What the node last reported of its rpc-server at `endpoint` (None: not heard of)."""
+        record = self._nodes.get(address)
+        return rpc_server_at(record.status, endpoint) if record is not None and record.status else None
+
     async def set_rpc_server(self, address: str, index: int, running: bool, timeout_s: float = 45.0) -> pb.RpcServerStatus:
         """Start or stop one of a node's rpc-servers; answers once the agent says it settled."""
-        target = self._target(address)
-        if not target.token:
-            raise AgentCallError(f"agent at {address}: {target.missing}")
-        channel = aio_channel(target, _CHANNEL_OPTIONS)
-        try:
-            stub = pb_grpc.AgentServiceStub(channel)
-            try:
-                if running:
-                    reply = await stub.StartRpcServer(pb.StartRpcServerRequest(index=index),
-                                                      metadata=target.metadata_for(START_RPC_METHOD),
-                                                      timeout=timeout_s)
-                else:
-                    reply = await stub.StopRpcServer(pb.StopRpcServerRequest(index=index),
-                                                     metadata=target.metadata_for(STOP_RPC_METHOD),
-                                                     timeout=timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                raise describe_rpc_error(address, exc) from None
-        finally:
-            await channel.close()
-        return reply.rpc_server
+        if running:
+            started = await self._call(address, "StartRpcServer", pb.StartRpcServerRequest(index=index), timeout_s)
+            return started.rpc_server
+        stopped = await self._call(address, "StopRpcServer", pb.StopRpcServerRequest(index=index), timeout_s)
+        return stopped.rpc_server
 
     async def stage_tensors(self, address: str, sha256: str, ranges: list[tuple[int, int]],
                             timeout_s: float) -> pb.StageTensorsResponse:
         """Ask a node's agent to write the rpc cache entries of (offset, size) ranges of its copy of a model."""
+        request = pb.StageTensorsRequest(sha256=sha256, ranges=[pb.ByteRange(offset=o, size=n) for o, n in ranges])
+        reply: pb.StageTensorsResponse = await self._call(address, "StageTensors", request, timeout_s)
+        return reply
+
+    async def _call(self, address: str, method: str, request: Message, timeout_s: float) -> Any:
+        """One unary call of the node's agent, with the node's own proof for that method; an
+        AgentCallError (one line) when it has no credential, is unreachable or refuses."""
         target = self._target(address)
         if not target.token:
             raise AgentCallError(f"agent at {address}: {target.missing}")
-        request = pb.StageTensorsRequest(sha256=sha256, ranges=[pb.ByteRange(offset=o, size=n) for o, n in ranges])
         channel = aio_channel(target, _CHANNEL_OPTIONS)
         try:
-            try:
-                return await pb_grpc.AgentServiceStub(channel).StageTensors(
-                    request, metadata=target.metadata_for(STAGE_METHOD), timeout=timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                raise describe_rpc_error(address, exc) from None
+            call = getattr(pb_grpc.AgentServiceStub(channel), method)
+            return await call(request, metadata=target.metadata_for(method_path(method)), timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise describe_rpc_error(address, exc) from None
         finally:
             await channel.close()
 

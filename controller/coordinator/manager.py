@@ -216,38 +216,35 @@ class CoordinatorManager:
 
         If one cannot start, those this call started are stopped again after the idle grace
         (no plan holds them, so no release would)."""
+        generations: dict[str, int] = {}
         started_here: set[tuple[str, int, str]] = set()
         try:
-            return await self._start_each(model, plan, started_here)
+            for a in plan.assignments:
+                if a.endpoint not in generations:
+                    generations[a.endpoint] = await self._running_rpc_server(model, a, started_here)
         except BaseException:
-            if started_here:
-                self._stop_later(started_here, model)
+            self._stop_later(started_here, model)
             raise
-
-    async def _start_each(self, model: str, plan: Plan, started_here: set[tuple[str, int, str]]) -> dict[str, int]:
-        generations: dict[str, int] = {}
-        for a in plan.assignments:
-            if a.endpoint in generations:
-                continue
-            record = self.inventory.record(a.node)
-            current = rpc_server_at(record.status, a.endpoint) if record is not None and record.status else None
-            if current is not None and current.state == pb.RPC_SERVER_STATE_RUNNING:
-                generations[a.endpoint] = current.generation
-                continue
-            log.info("starting rpc-server #%d (%s) on %s for %s", a.rpc_index, a.endpoint, a.node, model)
-            try:
-                started = await self.inventory.set_rpc_server(a.node, a.rpc_index, running=True)
-            except LlamafleetError as exc:
-                raise DoesNotFit(f"{model}: could not start rpc-server {a.endpoint} on {a.node}: {exc.message}") from None
-            if started.state != pb.RPC_SERVER_STATE_RUNNING:
-                why = started.last_exit or rpc_state_name(started.state)
-                raise DoesNotFit(f"{model}: rpc-server {a.endpoint} on {a.node} did not start: {why}")
-            started_here.add((a.node, a.rpc_index, a.endpoint))
-            self.runtime.events("rpc.started", a.node, f"rpc-server {a.endpoint} started for {model}",
-                                index=a.rpc_index, generation=started.generation)
-            await self._reported(a.node, a.endpoint, lambda r, g=started.generation: r.generation >= g)
-            generations[a.endpoint] = started.generation
         return generations
+
+    async def _running_rpc_server(self, model: str, a: DeviceAssignment, started_here: set[tuple[str, int, str]]) -> int:
+        """The generation of the assignment's rpc-server, started first when it is not running."""
+        current = self.inventory.rpc_server(a.node, a.endpoint)
+        if current is not None and current.state == pb.RPC_SERVER_STATE_RUNNING:
+            return current.generation
+        log.info("starting rpc-server #%d (%s) on %s for %s", a.rpc_index, a.endpoint, a.node, model)
+        try:
+            started = await self.inventory.set_rpc_server(a.node, a.rpc_index, running=True)
+        except LlamafleetError as exc:
+            raise DoesNotFit(f"{model}: could not start rpc-server {a.endpoint} on {a.node}: {exc.message}") from None
+        if started.state != pb.RPC_SERVER_STATE_RUNNING:
+            why = started.last_exit or rpc_state_name(started.state)
+            raise DoesNotFit(f"{model}: rpc-server {a.endpoint} on {a.node} did not start: {why}")
+        started_here.add((a.node, a.rpc_index, a.endpoint))
+        self.runtime.events("rpc.started", a.node, f"rpc-server {a.endpoint} started for {model}",
+                            index=a.rpc_index, generation=started.generation)
+        await self._reported(a.node, a.endpoint, lambda r: r.generation >= started.generation)
+        return started.generation
 
     async def _prestage(self, model: str, resolved: ResolvedModel, plan: Plan) -> None:
         """Have every holder in the plan write the rpc cache entries of its share (see controller/prestage.py).
@@ -292,8 +289,7 @@ class CoordinatorManager:
         restart to `backends_changed`; a stop, or else the next placement would take a dead one."""
         deadline = time.monotonic() + RPC_SERVER_REPORT_S
         while time.monotonic() < deadline:
-            record = self.inventory.record(node)
-            current = rpc_server_at(record.status, endpoint) if record is not None and record.status else None
+            current = self.inventory.rpc_server(node, endpoint)
             if current is not None and shown(current):
                 return
             await asyncio.sleep(0.05)
@@ -317,9 +313,7 @@ class CoordinatorManager:
         if plan is None:
             return
         self.store.remove_placement(model)
-        extra = {(a.node, a.rpc_index, a.endpoint) for a in plan.assignments if a.rpc_index > 0}
-        if extra:
-            self._stop_later(extra, model)
+        self._stop_later({(a.node, a.rpc_index, a.endpoint) for a in plan.assignments}, model)
 
     def _stop_later(self, slots: set[tuple[str, int, str]], model: str) -> None:
         slots = {slot for slot in slots if slot[1] > 0}  # the first is the agent's own

@@ -73,18 +73,16 @@ def free_rpc_server(busy: Mapping[str, str]) -> Filter:
     """
 
     def choose(node: NodeView) -> NodeView | str:
-        slots = node.rpc_servers or (RpcServerView(0, node.rpc_state, node.endpoint, node.generation),)
+        slots = node.rpc_servers or (RpcServerView(0, node.rpc_state, node.endpoint),)
         for slot in slots:
             if slot.state == "running" and slot.endpoint not in busy:
-                return replace(node, endpoint=slot.endpoint, generation=slot.generation, rpc_index=slot.index,
-                               rpc_running=True)
+                return replace(node, endpoint=slot.endpoint, rpc_index=slot.index)
         for slot in slots:
             # The first slot is the agent's own (stopped there means stopped on purpose).
             if slot.index > 0 and slot.state == "stopped" and slot.endpoint not in busy:
                 devices = tuple(d if d.name == "CPU" else replace(d, free_bytes=max(d.free_bytes - NEW_RPC_SERVER_GPU_BYTES, 0))
                                 for d in node.devices)
-                return replace(node, endpoint=slot.endpoint, generation=0, rpc_index=slot.index, rpc_running=False,
-                               devices=devices)
+                return replace(node, endpoint=slot.endpoint, rpc_index=slot.index, devices=devices)
         held = "; ".join(f"{s.endpoint} serves {busy[s.endpoint]}" if s.endpoint in busy else f"{s.endpoint} is {s.state}"
                          for s in slots)
         return f"no free rpc-server ({held}; an rpc-server serves one model at a time, the agent runs at most {len(slots)})"

@@ -20,7 +20,6 @@ class RpcServerView:
     index: int
     state: str  # running, starting, backoff, failed, stopped, stopping
     endpoint: str
-    generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -41,12 +40,11 @@ class NodeView:
     protocol_version: str  # the rpc-server's, e.g. 7.0.0
     devices: tuple[DeviceView, ...] = field(default_factory=tuple)
     load: int = 0  # models already placed here
-    generation: int = 0  # the rpc-server's incarnation: a new one holds no tensors of the old
-    # Every rpc-server slot of the node; `endpoint`/`generation` above are those of the one a
-    # plan uses (the first until placement picks a free one).
+    # Every rpc-server slot of the node; `endpoint` above is the one a plan uses (the first until
+    # placement picks a free one; whether it must be started first, the manager asks the live
+    # report, which is newer than any view).
     rpc_servers: tuple[RpcServerView, ...] = field(default_factory=tuple)
     rpc_index: int = 0  # which slot `endpoint` is
-    rpc_running: bool = True  # False: the slot must be started before a coordinator uses it
     model_files: tuple[ModelFileView, ...] = field(default_factory=tuple)  # what its models dir holds
 
     def reserving(self, reserved: Mapping[tuple[str, str], int]) -> NodeView:

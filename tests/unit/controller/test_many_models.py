@@ -22,23 +22,22 @@ MiB, GiB = 2**20, 2**30
 
 def gpu_node(address: str = "10.0.0.5:50051", free: int = 24 * GiB, slots: tuple[str, ...] = ("running", "stopped")) -> NodeView:
     host = address.rsplit(":", 1)[0]
-    servers = tuple(RpcServerView(i, state, f"{host}:{50052 + i}", 1 if state == "running" else 0)
-                    for i, state in enumerate(slots))
+    servers = tuple(RpcServerView(i, state, f"{host}:{50052 + i}") for i, state in enumerate(slots))
     return NodeView(address, "ready", "running", f"{host}:50052", "7.0.0", (DeviceView("CUDA0", 24 * GiB, free),),
-                    0, 1, servers)
+                    0, servers)
 
 
 def test_a_node_whose_first_rpc_server_is_busy_offers_its_second_with_the_new_gpu_context_booked() -> None:
     node = gpu_node()
     result = free_rpc_server({"10.0.0.5:50052": "llama3"})([node])
     [chosen] = result.survivors
-    assert (chosen.endpoint, chosen.rpc_index, chosen.rpc_running) == ("10.0.0.5:50053", 1, False)
+    assert (chosen.endpoint, chosen.rpc_index) == ("10.0.0.5:50053", 1)
     assert chosen.devices[0].free_bytes == node.devices[0].free_bytes - NEW_RPC_SERVER_GPU_BYTES
 
 
 def test_a_free_running_rpc_server_is_taken_as_it_is() -> None:
     [chosen] = free_rpc_server({})([gpu_node()]).survivors
-    assert (chosen.endpoint, chosen.rpc_index, chosen.rpc_running) == ("10.0.0.5:50052", 0, True)
+    assert (chosen.endpoint, chosen.rpc_index) == ("10.0.0.5:50052", 0)
     assert chosen.devices == gpu_node().devices
 
 
