@@ -17,6 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from llamafleet.common.digests import sha256_file
 from llamafleet.common.errors import LlamafleetError, UsageError
 
 TARBALL_SUFFIXES = (".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tar", ".zip")
@@ -202,14 +203,6 @@ def tree_digest(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def require_llama_cpp_tree(directory: Path, what: str) -> None:
     if not (directory / "CMakeLists.txt").is_file():
         raise SourceError(f"{what} has no CMakeLists.txt at {directory}: not a llama.cpp source tree")
@@ -306,7 +299,7 @@ def _extract(spec: TarballSource, dest: Path) -> None:
 
 
 def _prepare_tarball(spec: TarballSource, sources_dir: Path) -> PreparedSource:
-    digest = file_digest(spec.path)
+    digest = sha256_file(spec.path)
     unpacked = sources_dir / f"archive-{digest[:16]}-{hashlib.sha256(spec.subdir.encode()).hexdigest()[:8]}"
     if not unpacked.exists():
         sources_dir.mkdir(parents=True, exist_ok=True)
