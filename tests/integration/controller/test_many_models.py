@@ -53,11 +53,13 @@ def test_two_names_of_one_file_are_served_side_by_side_on_their_own_rpc_servers(
         serving = {rpc["endpoint"]: rpc["model"] for n in fleet.nodes() for rpc in n["rpc_servers"] if rpc["model"]}
         assert {serving[e] for e in first} == {"gemma:latest"} and {serving[e] for e in second} == {"gemma-copy:latest"}
         # Unloaded, the extra rpc-server it was given is stopped again (after its idle grace).
+        # The larger node has room for both, so the second model is on it, through its second
+        # rpc-server (the case that hung): not merely elsewhere.
         extra = [e for e in first | second if e not in {a.rpc_endpoint for a in fleet.agents}]
+        assert len(extra) == 1 and extra[0].split(":")[0] == fleet.agents[0].rpc_endpoint.split(":")[0], extra
         for model in ("gemma", "gemma-copy"):
             assert fleet.cli("stop", model).returncode == 0
-        if extra:
-            wait_for(lambda: all(rpc["state"] == "stopped" for n in fleet.nodes() for rpc in n["rpc_servers"]
+        wait_for(lambda: all(rpc["state"] == "stopped" for n in fleet.nodes() for rpc in n["rpc_servers"]
                                  if rpc["endpoint"] in extra), 40, "the idle extra rpc-server stopped")
         print(f"alternating two models: latencies {latencies}")
 
