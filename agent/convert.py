@@ -34,6 +34,7 @@ def build_to_proto(manifest: Manifest | None) -> pb.LlamaCppBuild:
         install_dir=str(manifest.install_dir),
         rpc_protocol_version=manifest.rpc_protocol_version,
         adopted=manifest.adopted,
+        patches=manifest.patch_names,
     )
 
 

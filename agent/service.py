@@ -22,8 +22,9 @@ from llamafleet.agent.convert import (
 )
 from llamafleet.agent.core import Agent, BuildBusyError
 from llamafleet.agent.credential import Keyring
-from llamafleet.agent.fnv import FnvUnavailable
-from llamafleet.agent.staging import ByteRange, StagingCancelled, StagingRefused
+from llamafleet.common.digests import HashCancelled
+from llamafleet.common.fnv import FnvUnavailable
+from llamafleet.agent.staging import ByteRange, StagingRefused
 from llamafleet.agent.settings import AgentSettings
 from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.common.llamacpp.build import BuildError, BuildEvent, BuildOptions
@@ -123,7 +124,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         except OSError as exc:
             # The disk is full, the file went away mid-read: the controller loads over the network.
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"staging failed: {exc.strerror or exc}")
-        except StagingCancelled:
+        except HashCancelled:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the agent is stopping")
         return pb.StageTensorsResponse(
             staged=result.staged, present=result.present, skipped_small=result.skipped_small,
@@ -133,7 +134,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def Build(self, request: pb.BuildRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BuildResponse]:
         cuda = {pb.CUDA_MODE_ON: True, pb.CUDA_MODE_OFF: False}.get(request.cuda)
         options = BuildOptions(source=request.source, state_dir=self.agent.settings.state_path,
-                               cuda=cuda, jobs=request.jobs)
+                               cuda=cuda, jobs=request.jobs, patches=() if request.no_patches else None)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[BuildEvent | None] = asyncio.Queue()
 

@@ -22,11 +22,11 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamafleet.agent.fnv import OFFSET_BASIS, Fnv1a, entry_name
+from llamafleet.common.fnv import Fnv1a, entry_name, hash_range, read_chunks
 from llamafleet.agent.models import ModelFile
 from llamafleet.common.digests import FileKey
 from llamafleet.common.errors import LlamafleetError, UsageError
@@ -40,10 +40,6 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 class StagingRefused(LlamafleetError):
     """This agent cannot stage that model now (it does not hold it, or cannot hash)."""
-
-
-class StagingCancelled(Exception):
-    """The agent is stopping (or the caller went away): the staging thread gives up between chunks."""
 
 
 @dataclass(frozen=True)
@@ -95,34 +91,12 @@ def check_ranges(model: ModelFile, ranges: Sequence[ByteRange]) -> None:
                              f"({model.size_bytes} bytes)")
 
 
-def _chunks(fd: int, r: ByteRange, buffer: bytearray, stop: threading.Event) -> Iterator[int]:
-    """Read the range into `buffer` a chunk at a time; yields how many bytes of it are filled."""
-    view = memoryview(buffer)
-    done = 0
-    while done < r.size:
-        if stop.is_set():
-            raise StagingCancelled
-        want = min(len(buffer), r.size - done)
-        got = os.preadv(fd, [view[:want]], r.offset + done)
-        if got <= 0:
-            raise OSError(f"the model file ended {r.size - done} bytes early at offset {r.offset + done}")
-        yield got
-        done += got
-
-
-def _hash_range(fd: int, r: ByteRange, fnv: Fnv1a, buffer: bytearray, stop: threading.Event) -> int:
-    state = OFFSET_BASIS
-    for got in _chunks(fd, r, buffer, stop):
-        state = fnv.update(buffer, got, state)
-    return state
-
-
 def _copy_range(fd: int, r: ByteRange, target: Path, buffer: bytearray, stop: threading.Event) -> None:
     """Write the range to `target` atomically: temp file in the same dir, fsync, rename, fsync the dir."""
     handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".stage-{target.name}-")
     view = memoryview(buffer)
     try:
-        for got in _chunks(fd, r, buffer, stop):
+        for got in read_chunks(fd, r.offset, r.size, buffer, stop):
             written = 0
             while written < got:
                 written += os.write(handle, view[written:got])
@@ -170,7 +144,7 @@ def stage(model: ModelFile, ranges: Sequence[ByteRange], cache_dir: Path, fnv: F
             memo = (model.key, r.offset, r.size)
             value = hashes.get(memo) if hashes is not None else None
             if value is None:
-                value = _hash_range(fd, r, fnv, buffer, stop)
+                value = hash_range(fd, r.offset, r.size, fnv, buffer, stop)
                 if hashes is not None:
                     hashes[memo] = value
             name = entry_name(value)

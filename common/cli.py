@@ -86,8 +86,11 @@ def build_command(default_state_dir: Callable[[], Path]) -> click.Command:
     @click.option("--cuda/--no-cuda", default=None, help="Force CUDA on or off (default: on when nvcc and an NVIDIA driver are present).")
     @click.option("--cuda-architectures", default=None, help="CMAKE_CUDA_ARCHITECTURES, e.g. 90 or '86;89' (default: the GPUs present).")
     @click.option("--jobs", type=click.IntRange(min=0), default=0, help="Parallel compile jobs (0: one per CPU).")
+    @click.option("--patches/--no-patches", default=True, show_default=True,
+                  help="Apply llamafleet's llama.cpp patches (patches/llama.cpp); --no-patches builds stock llama.cpp.")
     @click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False), default=None, help="Where builds are kept (env LLAMAFLEET_STATE_DIR).", envvar="LLAMAFLEET_STATE_DIR")
-    def build(source: str, cuda: bool | None, cuda_architectures: str | None, jobs: int, state_dir: Path | None) -> None:
+    def build(source: str, cuda: bool | None, cuda_architectures: str | None, jobs: int, patches: bool,
+              state_dir: Path | None) -> None:
         """Build llama.cpp's ggml-rpc-server and llama-server; print the install directory last."""
         options = BuildOptions(
             source=source,
@@ -95,12 +98,14 @@ def build_command(default_state_dir: Callable[[], Path]) -> click.Command:
             cuda=cuda,
             cuda_architectures=cuda_architectures,
             jobs=jobs,
+            patches=None if patches else (),
         )
         outcome = run_build(options, ProgressPrinter())
         manifest = outcome.manifest
         click.echo(
             f"{'already built' if outcome.cached else 'built'}: {manifest.source_id} "
-            f"(RPC protocol {manifest.rpc_protocol_version}, backends {', '.join(manifest.backends)})",
+            f"(RPC protocol {manifest.rpc_protocol_version}, backends {', '.join(manifest.backends)}, "
+            f"patches: {', '.join(manifest.patch_names) or 'none'})",
             err=True,
         )
         click.echo(str(manifest.install_dir))

@@ -41,6 +41,7 @@ from llamafleet.controller.placement.plan import Headroom
 from llamafleet.controller.planner import Planner
 from llamafleet.controller.settings import ControllerSettings
 from llamafleet.controller.store import Store
+from llamafleet.controller.tensor_hashes import TensorHashes
 from llamafleet.controller.web import (
     HttpKeys,
     count_requests,
@@ -201,7 +202,9 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
     runtime = Runtime(llama_server=lambda: _llama_server(settings, planner),
                       log_root=settings.state_path / "logs" / "coordinators", session=session,
                       policy=RestartPolicy(start_timeout_s=settings.load_timeout_s), events=events.record)
-    manager = CoordinatorManager(planner, inventory, store, runtime, settings.keep_alive, settings.prompt_cache_mib)
+    tensor_hashes = TensorHashes(settings.state_path)
+    manager = CoordinatorManager(planner, inventory, store, runtime, settings.keep_alive, settings.prompt_cache_mib,
+                                 tensor_hashes)
     metrics = ControllerMetrics(inventory, manager)
     events.listen(metrics.on_event)
     pool = OllamaPool(settings.ollama_nodes, session)
@@ -224,6 +227,7 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
             ("inventory", STOP_STEP_S, inventory.close),
             # Stops a hash in progress at its next chunk, so exit does not wait for a large file.
             ("model digests", STOP_STEP_S, lambda: asyncio.to_thread(digests.close)),
+            ("tensor hashes", STOP_STEP_S, lambda: asyncio.to_thread(tensor_hashes.close)),
         ]
         for name, limit_s, step in steps:
             await _bounded_step(name, limit_s, step)

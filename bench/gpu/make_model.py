@@ -45,6 +45,9 @@ SHAPES = {
         # For trying the scripts out on a CPU: they load in a second.
         Shape("llama-tiny", 4, 256, 512, 4, 2, 2048),
         Shape("llama-small", 8, 1024, 2816, 8, 2, 8192),
+        # About 2.1 GB in Q8_0, every large tensor above llama.cpp's 10 MiB hash threshold: for
+        # the CPU load benchmarks (bench/load_speed.py).
+        Shape("llama-2g", 8, 4096, 14336, 32, 8, 32000),
     )
 }
 TYPES = {

@@ -1,9 +1,9 @@
 """Turn llama.cpp source into an installed `ggml-rpc-server` + `llama-server`.
 
-Steps, each named in progress and in errors: resolve → configure → compile → install →
+Steps, each named in progress and in errors: resolve → patch → configure → compile → install →
 verify → activate. An install lives in `<state>/llama.cpp/installs/<key>/`, the key made of
-the source identity (commit or content digest) and a hash of the CMake flags; a second build
-with the same key builds nothing. `current` is switched (atomically, by renaming a new symlink
+the source identity (commit or content digest), a hash of the CMake flags and, for a patched
+build, a digest of the patch set (patches.py); a second build with the same key builds nothing. `current` is switched (atomically, by renaming a new symlink
 over it) only after the new binaries have started; a failure anywhere leaves it untouched.
 """
 
@@ -37,6 +37,14 @@ from llamafleet.common.llamacpp.install import (
     read_manifest,
     write_manifest,
 )
+from llamafleet.common.llamacpp.patches import (
+    Patch,
+    PatchError,
+    apply_patches,
+    bundled_patches,
+    mirror_tree,
+    patch_set_id,
+)
 from llamafleet.common.llamacpp.probe import ProbeError, probe_rpc_server
 from llamafleet.common.llamacpp.source import (
     PreparedSource,
@@ -46,7 +54,7 @@ from llamafleet.common.llamacpp.source import (
 )
 from llamafleet.common.process import describe_exit, line_buffered, spawn_group, stop_group
 
-STEPS = ("resolve", "configure", "compile", "install", "verify", "activate")
+STEPS = ("resolve", "patch", "configure", "compile", "install", "verify", "activate")
 # A CPU build of both targets needs about 1 GiB of objects; CUDA several times that.
 MIN_FREE_BYTES_CPU = 2 * 1024**3
 MIN_FREE_BYTES_CUDA = 8 * 1024**3
@@ -93,6 +101,7 @@ class BuildOptions:
     cuda: bool | None = None  # None: on when nvcc and an NVIDIA driver are both present
     cuda_architectures: str | None = None  # None: those of the GPUs present, else "native"
     jobs: int = 0  # 0: one per CPU
+    patches: tuple[Patch, ...] | None = None  # None: the bundled set; () builds stock llama.cpp
 
 
 @dataclass(frozen=True)
@@ -173,11 +182,13 @@ def cmake_flags(cuda: bool, cuda_architectures: str | None) -> list[str]:
     return flags
 
 
-def build_key(source: PreparedSource, flags: list[str]) -> str:
+def build_key(source: PreparedSource, flags: list[str], patches: tuple[Patch, ...] = ()) -> str:
     flags_hash = hashlib.sha256(json.dumps(flags).encode()).hexdigest()[:10]
     source_hash = source.short_id if source.commit else hashlib.sha256(source.source_id.encode()).hexdigest()[:12]
     backend = "cuda" if "-DGGML_CUDA=ON" in flags else "cpu"
-    return f"{source_hash}-{backend}-{flags_hash}"
+    key = f"{source_hash}-{backend}-{flags_hash}"
+    # A stock build keeps the key it always had (installs made before patches existed stay valid).
+    return f"{key}-p{patch_set_id(patches)}" if patches else key
 
 
 @contextmanager
@@ -319,14 +330,20 @@ def run_build(options: BuildOptions, progress: ProgressFn = lambda event: None) 
             use_cuda, why = options.cuda, "requested" if options.cuda else "turned off"
         arch = options.cuda_architectures or (detect_cuda_architectures() if use_cuda else None)
         flags = cmake_flags(use_cuda, arch)
-        key = build_key(source, flags)
-        progress(BuildEvent("resolve", f"source {source.source_id}; CUDA {'on' if use_cuda else 'off'} ({why}); key {key}"))
+        try:
+            patches = bundled_patches() if options.patches is None else options.patches
+        except PatchError as exc:
+            raise BuildError("patch", exc.message) from exc
+        key = build_key(source, flags, patches)
+        applied = ", ".join(p.name for p in patches) if patches else "none (stock llama.cpp)"
+        progress(BuildEvent("resolve", f"source {source.source_id}; CUDA {'on' if use_cuda else 'off'} ({why}); "
+                                       f"patches {applied}; key {key}"))
         if existing := _existing(layout, key):
             activate(layout, key)
             progress(BuildEvent("activate", f"already built: {existing.install_dir}"))
             return BuildOutcome(existing, cached=True)
         _check_disk(layout, MIN_FREE_BYTES_CUDA if use_cuda else MIN_FREE_BYTES_CPU)
-        manifest = _build_new(options, layout, source, flags, key, progress)
+        manifest = _build_new(options, layout, source, flags, key, patches, progress)
         return BuildOutcome(manifest, cached=False)
 
 
@@ -336,6 +353,7 @@ def _build_new(
     source: PreparedSource,
     flags: list[str],
     key: str,
+    patches: tuple[Patch, ...],
     progress: ProgressFn,
 ) -> Manifest:
     if shutil.which("cmake") is None:
@@ -344,13 +362,24 @@ def _build_new(
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     build_dir = work / "build"
+    source_dir = source.directory
+    if patches:
+        progress(BuildEvent("patch", f"applying {len(patches)} patch(es) to a mirror of the source"))
+        source_dir = work / "source"
+        try:
+            mirror_tree(source.directory, source_dir, patches)
+            apply_patches(source_dir, patches, work / "patches")
+        except PatchError as exc:
+            raise BuildError("patch", exc.message) from exc
+        except OSError as exc:
+            raise BuildError("patch", f"cannot mirror the source: {exc.strerror or exc}") from exc
     runner = _StepRunner(work / "build.log", progress)
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     launcher = []
     if ccache := shutil.which("ccache"):
         # Speeds up rebuilds after a flag change; not part of the key (same output).
         launcher = [f"-DCMAKE_C_COMPILER_LAUNCHER={ccache}", f"-DCMAKE_CXX_COMPILER_LAUNCHER={ccache}"]
-    runner.run("configure", ["cmake", "-S", str(source.directory), "-B", str(build_dir), *generator, *flags, *launcher])
+    runner.run("configure", ["cmake", "-S", str(source_dir), "-B", str(build_dir), *generator, *flags, *launcher])
     target = _rpc_target(runner.run("configure", ["cmake", "--build", str(build_dir), "--target", "help"]))
     jobs = options.jobs or os.cpu_count() or 1
     runner.run("compile", ["cmake", "--build", str(build_dir), "--target", target, LLAMA_SERVER_NAME, "-j", str(jobs)])
@@ -393,6 +422,7 @@ def _build_new(
             rpc_protocol_version=banner.protocol_version,
             version=version,
             built_at_unix_ms=int(time.time() * 1000),
+            patches=[p.record() for p in patches],
         )
         write_manifest(staging, manifest)
         os.replace(staging, final)

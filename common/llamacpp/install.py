@@ -12,11 +12,12 @@ import json
 import os
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.llamacpp.banner import RpcBanner
+from llamafleet.common.llamacpp.patches import HASHES_MARKER, PRECOMPUTED_HASHES_PATCH
 from llamafleet.common.llamacpp.probe import probe_rpc_server
 
 MANIFEST_NAME = "manifest.json"
@@ -47,6 +48,12 @@ class Manifest:
     built_at_unix_ms: int
     adopted: bool = False
     schema: int = MANIFEST_SCHEMA
+    # The llama.cpp patches built in ({"name", "sha256"}, in order); empty for stock llama.cpp.
+    patches: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def patch_names(self) -> list[str]:
+        return [p.get("name", "") for p in self.patches]
 
     @property
     def install_dir(self) -> Path:
@@ -139,6 +146,20 @@ def backend_names(banner: RpcBanner, *, cuda: bool) -> list[str]:
     return sorted(found)
 
 
+def binary_mentions(binary: Path, marker: bytes, chunk: int = 8 * 1024 * 1024) -> bool:
+    """Whether `marker` occurs in the file (a string constant compiled in): a read, nothing run."""
+    tail = b""
+    try:
+        with binary.open("rb") as handle:
+            while block := handle.read(chunk):
+                if marker in tail + block:
+                    return True
+                tail = block[-len(marker):]
+    except OSError:
+        return False
+    return False
+
+
 def adopt_install(directory: Path) -> Manifest:
     """Describe an operator's existing llama.cpp install (probed, nothing written there).
 
@@ -148,10 +169,12 @@ def adopt_install(directory: Path) -> Manifest:
     if (directory / MANIFEST_NAME).is_file():
         return dataclasses.replace(read_manifest(directory), adopted=True)
     banner = probe_rpc_server(rpc_server)
+    # A build of our patched tree made by hand: its llama-server reads pre-computed hashes.
+    found = [{"name": PRECOMPUTED_HASHES_PATCH, "sha256": ""}] if binary_mentions(llama_server, HASHES_MARKER) else []
     return Manifest(
         key="adopted", commit=None, source_id=f"adopted:{directory}", source=str(directory),
         cmake_flags=[], backends=backend_names(banner, cuda=False),
         rpc_server=str(rpc_server), llama_server=str(llama_server),
         rpc_protocol_version=banner.protocol_version, version=llama_server_version(llama_server),
-        built_at_unix_ms=0, adopted=True,
+        built_at_unix_ms=0, adopted=True, patches=found,
     )

@@ -10,7 +10,9 @@ from pathlib import Path
 
 # Variables llama-server reads as defaults for its flags; inherited ones would quietly change
 # what our flags say, so a coordinator never sees them.
-_LLAMA_ARG_ENV = re.compile(r"^LLAMA_ARG_")
+_LLAMA_ARG_ENV = re.compile(r"^LLAMA_ARG_|^LLAMA_RPC_TENSOR_HASHES$")
+# Read by a llama-server built with patches/llama.cpp/0002 (a stock one ignores it).
+TENSOR_HASHES_ENV = "LLAMA_RPC_TENSOR_HASHES"
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,9 @@ class CoordinatorSpec:
     # request starts it saves every idle slot's KV there, which over RPC reads that KV back
     # from the rpc-servers across the network.
     prompt_cache_mib: int = 0
+    # Pre-computed FNV-1a of the model's tensors (controller/tensor_hashes.py), for a llama-server
+    # with the patch that reads them; None: it hashes every weight itself, as stock does.
+    tensor_hashes: Path | None = None
 
     @property
     def endpoints(self) -> list[str]:
@@ -73,4 +78,6 @@ def coordinator_env(spec: CoordinatorSpec, environ: Mapping[str, str] | None = N
     # As a variable, not a flag: a llama.cpp from before --cache-ram ignores it instead of
     # refusing to start.
     clean["LLAMA_ARG_CACHE_RAM"] = str(spec.prompt_cache_mib)
+    if spec.tensor_hashes is not None:
+        clean[TENSOR_HASHES_ENV] = str(spec.tensor_hashes)
     return clean

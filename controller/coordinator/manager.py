@@ -10,6 +10,7 @@ refused at once with the plan's reason.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llamafleet.common.errors import LlamafleetError
+from llamafleet.common.llamacpp.patches import PRECOMPUTED_HASHES_PATCH
 from llamafleet.controller.coordinator.command import Backend, CoordinatorSpec
 from llamafleet.controller.coordinator.deployment import (
     CoordinatorState,
@@ -32,6 +34,7 @@ from llamafleet.controller.placement.plan import DeviceAssignment, Plan
 from llamafleet.controller.planner import Planner, plan_to_json
 from llamafleet.controller.prestage import node_ranges
 from llamafleet.controller.store import Store
+from llamafleet.controller.tensor_hashes import TensorHashes
 from llamafleet.proto.v1 import agent_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -74,13 +77,15 @@ def does_not_fit(model: str, plan: Plan, most: int = 4) -> DoesNotFit:
 
 class CoordinatorManager:
     def __init__(self, planner: Planner, inventory: Inventory, store: Store, runtime: Runtime,
-                 default_keep_alive_s: float, prompt_cache_mib: int = 0) -> None:
+                 default_keep_alive_s: float, prompt_cache_mib: int = 0,
+                 tensor_hashes: TensorHashes | None = None) -> None:
         self.planner = planner
         self.inventory = inventory
         self.store = store
         self.runtime = runtime
         self.default_keep_alive_s = default_keep_alive_s
         self.prompt_cache_mib = prompt_cache_mib
+        self.tensor_hashes = tensor_hashes
         self._deployments: dict[str, Deployment] = {}
         self._plans: dict[str, Plan] = {}  # the plan each running coordinator was placed by
         self._placing = asyncio.Lock()
@@ -160,16 +165,34 @@ class CoordinatorManager:
     async def place(self, model: str, ctx: int) -> CoordinatorSpec:
         resolved, plan, spec = await self._place(model, ctx)
         try:
-            # Outside the placement lock: staging reads and hashes files for seconds to minutes,
-            # and other models' placements need not wait for it (this plan is booked already).
-            await self._prestage(model, resolved, plan)
+            # Outside the placement lock: staging and hashing read files for seconds to minutes,
+            # and other models' placements need not wait for them (this plan is booked already).
+            # The workers stage their shares while this host hashes the tensors for the coordinator.
+            _, hashes = await asyncio.gather(self._prestage_never_failing(model, resolved, plan),
+                                             self._tensor_hashes(model, resolved))
         except asyncio.CancelledError:
             self.release(model)  # the deployment never saw the spec: nobody else would release it
             raise
+        return dataclasses.replace(spec, tensor_hashes=hashes) if hashes is not None else spec
+
+    async def _prestage_never_failing(self, model: str, resolved: ResolvedModel, plan: Plan) -> None:
+        try:
+            await self._prestage(model, resolved, plan)
         except Exception as exc:  # noqa: BLE001 - staging never fails a load, whatever it raised
             log.error("pre-staging %s failed unexpectedly: %r; loading over the network", model, exc, exc_info=exc)
             self.runtime.events("stage.failed", model, f"pre-staging failed: {exc!r}")
-        return spec
+
+    async def _tensor_hashes(self, model: str, resolved: ResolvedModel) -> Path | None:
+        """The pre-computed tensor hashes file for a patched coordinator (see controller/tensor_hashes.py);
+        None for a stock one, or when it cannot be made: the coordinator then hashes, as stock does."""
+        build = self.planner.coordinator
+        if self.tensor_hashes is None or build is None or PRECOMPUTED_HASHES_PATCH not in build.patch_names:
+            return None
+        try:
+            return await self.tensor_hashes.ensure(resolved.path, self.planner.header(resolved.path))
+        except Exception as exc:  # noqa: BLE001 - the hashes only save time; a load never fails for them
+            log.error("pre-computing tensor hashes of %s failed unexpectedly: %r", model, exc, exc_info=exc)
+            return None
 
     async def _place(self, model: str, ctx: int) -> tuple[ResolvedModel, Plan, CoordinatorSpec]:
         async with self._placing:

@@ -77,7 +77,7 @@ class NodeIdentity(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., started_at_unix_ms: _Optional[int] = ...) -> None: ...
 
 class LlamaCppBuild(_message.Message):
-    __slots__ = ("commit", "source_id", "version", "backends", "install_dir", "rpc_protocol_version", "adopted")
+    __slots__ = ("commit", "source_id", "version", "backends", "install_dir", "rpc_protocol_version", "adopted", "patches")
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,7 @@ class LlamaCppBuild(_message.Message):
     INSTALL_DIR_FIELD_NUMBER: _ClassVar[int]
     RPC_PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ADOPTED_FIELD_NUMBER: _ClassVar[int]
+    PATCHES_FIELD_NUMBER: _ClassVar[int]
     commit: str
     source_id: str
     version: str
@@ -92,7 +93,8 @@ class LlamaCppBuild(_message.Message):
     install_dir: str
     rpc_protocol_version: str
     adopted: bool
-    def __init__(self, commit: _Optional[str] = ..., source_id: _Optional[str] = ..., version: _Optional[str] = ..., backends: _Optional[_Iterable[str]] = ..., install_dir: _Optional[str] = ..., rpc_protocol_version: _Optional[str] = ..., adopted: _Optional[bool] = ...) -> None: ...
+    patches: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, commit: _Optional[str] = ..., source_id: _Optional[str] = ..., version: _Optional[str] = ..., backends: _Optional[_Iterable[str]] = ..., install_dir: _Optional[str] = ..., rpc_protocol_version: _Optional[str] = ..., adopted: _Optional[bool] = ..., patches: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RpcDevice(_message.Message):
     __slots__ = ("name", "description", "total_bytes", "free_bytes")
@@ -275,14 +277,16 @@ class RestartRpcServerResponse(_message.Message):
     def __init__(self, rpc_server: _Optional[_Union[RpcServerStatus, _Mapping]] = ...) -> None: ...
 
 class BuildRequest(_message.Message):
-    __slots__ = ("source", "cuda", "jobs")
+    __slots__ = ("source", "cuda", "jobs", "no_patches")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     CUDA_FIELD_NUMBER: _ClassVar[int]
     JOBS_FIELD_NUMBER: _ClassVar[int]
+    NO_PATCHES_FIELD_NUMBER: _ClassVar[int]
     source: str
     cuda: CudaMode
     jobs: int
-    def __init__(self, source: _Optional[str] = ..., cuda: _Optional[_Union[CudaMode, str]] = ..., jobs: _Optional[int] = ...) -> None: ...
+    no_patches: bool
+    def __init__(self, source: _Optional[str] = ..., cuda: _Optional[_Union[CudaMode, str]] = ..., jobs: _Optional[int] = ..., no_patches: _Optional[bool] = ...) -> None: ...
 
 class BuildProgress(_message.Message):
     __slots__ = ("step", "message", "done", "total")

@@ -1,7 +1,8 @@
 # shellcheck shell=bash
 # Sourced by scripts/test.sh and scripts/demo.sh: everything a fresh machine needs, each step
-# skipped when its result is already there. Sets LLAMAFLEET_TEST_LLAMA_CPP (the install
-# directory), LLAMAFLEET_TEST_MODEL (the GGUF), LLAMAFLEET_TEST_SDIST and the venv's PATH.
+# skipped when its result is already there. Sets LLAMAFLEET_TEST_LLAMA_CPP (the install directory
+# of llama.cpp with llamafleet's patches), LLAMAFLEET_TEST_LLAMA_CPP_STOCK (the same source without
+# them), LLAMAFLEET_TEST_MODEL (the GGUF), LLAMAFLEET_TEST_SDIST and the venv's PATH.
 #
 # Environment:
 #   LLAMAFLEET_TEST_CACHE  where downloads, the llama.cpp build and the model are kept
@@ -69,10 +70,17 @@ prepare_model() {
 }
 
 prepare_llama_cpp() {
-  say "building llama.cpp (cached in $CACHE/state; a cached build takes seconds)"
+  # Two installs of the same source: stock llama.cpp (for the tests that prove a patched
+  # coordinator and stock rpc-servers still work together, and tokens match), then llamafleet's
+  # patch set (patches/llama.cpp), which the other tests run. Built last, it is `current`.
+  apt_install patch patch "applying the llama.cpp patches (git apply is the fallback)"
+  say "building stock llama.cpp (cached in $CACHE/state; a cached build takes seconds)"
+  LLAMAFLEET_TEST_LLAMA_CPP_STOCK=$("$VENV/bin/llamafleet-agent" build --no-patches \
+    --source "$LLAMAFLEET_TEST_SDIST:$SDIST_SUBDIR" --state-dir "$CACHE/state" | tail -n 1)
+  say "building llama.cpp with llamafleet's patches (cached the same way)"
   LLAMAFLEET_TEST_LLAMA_CPP=$("$VENV/bin/llamafleet-agent" build \
     --source "$LLAMAFLEET_TEST_SDIST:$SDIST_SUBDIR" --state-dir "$CACHE/state" | tail -n 1)
-  export LLAMAFLEET_TEST_LLAMA_CPP LLAMAFLEET_TEST_STATE_DIR="$CACHE/state"
+  export LLAMAFLEET_TEST_LLAMA_CPP LLAMAFLEET_TEST_LLAMA_CPP_STOCK LLAMAFLEET_TEST_STATE_DIR="$CACHE/state"
 }
 
 apt_install() {

@@ -118,9 +118,11 @@ class Fleet:
 def running_fleet(tmp_path: Path, llama_cpp: Manifest, model: Path, *, agents: int = 2,
                   memory_limit: str | tuple[str, ...] = "260MiB", heartbeat_s: float = 0.3,
                   controller_args: tuple[str, ...] = (), model_names: tuple[str, ...] = ("gemma",),
-                  agent_args: tuple[tuple[str, ...], ...] = ()) -> Iterator[Fleet]:
+                  agent_args: tuple[tuple[str, ...], ...] = (),
+                  agent_llama_cpp: Manifest | None = None) -> Iterator[Fleet]:
     """`memory_limit`: one cap for every agent, or one per agent; `model_names`: names of the one GGUF;
-    `agent_args`: more flags per agent, by index."""
+    `agent_args`: more flags per agent, by index; `agent_llama_cpp`: the agents' build, when it is
+    not the controller's `llama_cpp`."""
     limits = (memory_limit,) * agents if isinstance(memory_limit, str) else memory_limit
     tmp_path.mkdir(parents=True, exist_ok=True)
     token = tmp_path / "token"
@@ -131,7 +133,7 @@ def running_fleet(tmp_path: Path, llama_cpp: Manifest, model: Path, *, agents: i
     for name in model_names:
         (models / f"{name}.gguf").symlink_to(model)
     with ExitStack() as stack:
-        started = [stack.enter_context(running_agent(tmp_path / f"agent{i}", llama_cpp.install_dir,
+        started = [stack.enter_context(running_agent(tmp_path / f"agent{i}", (agent_llama_cpp or llama_cpp).install_dir,
                                                      rpc_host=f"127.0.0.{i + 2}", token_file=token,
                                                      extra_args=("--memory-limit", limits[i],
                                                                  *(agent_args[i] if i < len(agent_args) else ()))))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llamafleet.agent import staging as staging_module
-from llamafleet.agent.fnv import Fnv1a, entry_name, fnv1a_python
+from llamafleet.common.fnv import Fnv1a, entry_name, fnv1a_python
 from llamafleet.agent.models import ModelFile
 from llamafleet.agent.staging import (
     MAX_RANGES,
@@ -84,7 +84,7 @@ def test_remembered_hashes_spare_reading_the_file_again(tmp_path: Path, fnv: Fnv
     def no_reads(*args: object) -> int:
         raise AssertionError("hashed again")
 
-    monkeypatch.setattr(staging_module, "_hash_range", no_reads)
+    monkeypatch.setattr(staging_module, "hash_range", no_reads)
     again = stage(model, [ByteRange(0, 1000)], tmp_path / "rpc", fnv, threshold=THRESHOLD, hashes=memo)
     assert again.entries == first.entries and again.present == 1
 
@@ -138,17 +138,18 @@ def test_only_a_ready_file_with_that_sha256_is_staged(tmp_path: Path) -> None:
 def test_a_stop_gives_up_between_chunks_and_leaves_no_temp_file(tmp_path: Path, fnv: Fnv1a) -> None:
     import threading
 
-    from llamafleet.agent.staging import StagingCancelled, _copy_range
+    from llamafleet.agent.staging import _copy_range
+    from llamafleet.common.digests import HashCancelled
 
     model = model_file(tmp_path / "m.gguf", os.urandom(1000))
     stop = threading.Event()
     stop.set()
-    with pytest.raises(StagingCancelled):
+    with pytest.raises(HashCancelled):
         stage(model, [ByteRange(0, 1000)], tmp_path / "rpc", fnv, stop, threshold=THRESHOLD)
     (tmp_path / "out").mkdir()
     fd = os.open(model.path, os.O_RDONLY)
     try:
-        with pytest.raises(StagingCancelled):
+        with pytest.raises(HashCancelled):
             _copy_range(fd, ByteRange(0, 1000), tmp_path / "out" / "entry", bytearray(64), stop)
     finally:
         os.close(fd)

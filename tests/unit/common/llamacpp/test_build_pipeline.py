@@ -25,14 +25,15 @@ from llamafleet.common.llamacpp.build import (
 )
 from llamafleet.common.errors import UsageError
 from llamafleet.common.llamacpp.install import read_manifest
+from llamafleet.common.llamacpp.patches import Patch
 from tests.unit.common.llamacpp.fake_tree import BROKEN, RPC_EXITS, make_fake_tree
 
 pytestmark = pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
 
 
-def _build(source: Path, state: Path, events: list[BuildEvent] | None = None):
+def _build(source: Path, state: Path, events: list[BuildEvent] | None = None, patches: tuple[Patch, ...] = ()):
     sink = events.append if events is not None else (lambda event: None)
-    return run_build(BuildOptions(source=str(source), state_dir=state, cuda=False, jobs=2), sink)
+    return run_build(BuildOptions(source=str(source), state_dir=state, cuda=False, jobs=2, patches=patches), sink)
 
 
 def test_build_installs_verifies_and_activates(tmp_path: Path) -> None:

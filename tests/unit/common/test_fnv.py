@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from llamafleet.agent import fnv as fnv_module
-from llamafleet.agent.fnv import OFFSET_BASIS, Fnv1a, FnvUnavailable, entry_name, fnv1a_python
+from llamafleet.common import fnv as fnv_module
+from llamafleet.common.fnv import OFFSET_BASIS, Fnv1a, FnvUnavailable, entry_name, fnv1a_python
 
 
 def test_reference_matches_the_published_fnv1a_vectors() -> None:

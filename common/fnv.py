@@ -2,14 +2,15 @@
 
 FNV-1a is one xor and one multiply per byte, each depending on the last: in pure Python that is
 well under 10 MB/s (a 170 MB tensor would take many seconds; a 40 GB share, an hour), slower
-than sending the bytes over 1 GbE, which would make pre-staging pointless. So the agent compiles
-a ten-line C function with the system compiler on first use (every worker that builds llama.cpp
-has one) into STATE/fnv1a/<sha256 of the source>.so and calls it through ctypes, which releases
-the GIL for the call: hashing runs in a thread while the event loop keeps serving.
+than sending the bytes over 1 GbE, which would make pre-staging pointless. So the agent (and the
+controller, for the coordinator's pre-computed hashes) compiles a ten-line C function with the
+system compiler on first use (every host that builds llama.cpp has one) into
+STATE/fnv1a/<sha256 of the source>.so and calls it through ctypes, which releases the GIL for the
+call: hashing runs in threads, in parallel, while the event loop keeps serving.
 
-No compiler means no pre-staging (`FnvUnavailable`): the load then sends the bytes over the
-network, as without this feature. A slow Python fallback would be the worse answer: it would
-delay every load by more than the transfer it saves.
+No compiler means no pre-staging and no pre-computed hashes (`FnvUnavailable`): the load then
+sends the bytes, and the coordinator hashes them, as without these features. A slow Python
+fallback would be the worse answer: it would delay every load by more than it saves.
 
 The state carries over calls (FNV-1a continues from any previous state), so a file is hashed in
 chunks without holding it in memory.
@@ -25,8 +26,10 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
+from llamafleet.common.digests import HashCancelled
 from llamafleet.common.errors import LlamafleetError
 
 log = logging.getLogger(__name__)
@@ -143,3 +146,27 @@ class Fnv1a:
 def entry_name(value: int) -> str:
     """The cache file name llama.cpp uses: `%016" PRIx64`."""
     return f"{value:016x}"
+
+
+def read_chunks(fd: int, offset: int, size: int, buffer: bytearray, stop: threading.Event) -> Iterator[int]:
+    """Read `size` bytes at `offset` into `buffer` a chunk at a time; yields how many bytes of it are
+    filled. Raises HashCancelled between chunks once `stop` is set, OSError if the file ends early."""
+    view = memoryview(buffer)
+    done = 0
+    while done < size:
+        if stop.is_set():
+            raise HashCancelled(f"offset {offset}")
+        want = min(len(buffer), size - done)
+        got = os.preadv(fd, [view[:want]], offset + done)
+        if got <= 0:
+            raise OSError(f"the file ended {size - done} bytes early at offset {offset + done}")
+        yield got
+        done += got
+
+
+def hash_range(fd: int, offset: int, size: int, fnv: Fnv1a, buffer: bytearray, stop: threading.Event) -> int:
+    """The FNV-1a of `size` bytes of an open file at `offset`, as llama.cpp computes a tensor's."""
+    state = OFFSET_BASIS
+    for got in read_chunks(fd, offset, size, buffer, stop):
+        state = fnv.update(buffer, got, state)
+    return state
