@@ -26,6 +26,7 @@ from llamafleet.common.changes import ChangeFeed
 from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.common.llamacpp.build import BuildEvent, BuildOptions, BuildOutcome, current_manifest, run_build
 from llamafleet.common.llamacpp.install import InstallError, Manifest, adopt_install
+from llamafleet.common.llamacpp.patches import REFERENCE_ENTRIES_PATCH
 from llamafleet.common.process import line_buffered
 from llamafleet.common.restart import RestartPolicy
 from llamafleet.common.units import format_size
@@ -184,7 +185,7 @@ class Agent:
             self._stagings.add(stop)
             work = asyncio.ensure_future(asyncio.to_thread(
                 stage, model, ranges, self.settings.cache_path / "rpc", self._fnv, stop,
-                hashes=self._stage_hashes))  # type: ignore[arg-type]
+                hashes=self._stage_hashes, references=self.reads_reference_entries))  # type: ignore[arg-type]
             try:
                 result = await asyncio.shield(work)
             except asyncio.CancelledError:
@@ -195,10 +196,15 @@ class Agent:
                 raise
             finally:
                 self._stagings.discard(stop)
-        log.info("staged %s: %d entries written (%d rewritten), %d present, %d below the threshold, %s in %.2fs",
-                 model.name, result.staged, result.rewritten, result.present, result.skipped_small,
-                 format_size(result.bytes_written), result.seconds)
+        log.info("staged %s: %d entries written (%d as references, %d rewritten), %d present, %d below the "
+                 "threshold, %s in %.2fs", model.name, result.staged, result.referenced, result.rewritten,
+                 result.present, result.skipped_small, format_size(result.bytes_written), result.seconds)
         return result
+
+    @property
+    def reads_reference_entries(self) -> bool:
+        """Whether this agent's rpc-server reads `<hash>.ref` entries (patches/llama.cpp/0003)."""
+        return self._build is not None and REFERENCE_ENTRIES_PATCH in self._build.patch_names
 
     def stop_staging(self) -> None:
         """Tell a staging thread to give up between chunks (the agent is stopping)."""

@@ -118,7 +118,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     @maps_errors
     async def StageTensors(self, request: pb.StageTensorsRequest, context: grpc.aio.ServicerContext) -> pb.StageTensorsResponse:
-        ranges = [ByteRange(r.offset, r.size) for r in request.ranges]
+        ranges = [ByteRange(r.offset, r.size, r.fnv1a if r.HasField("fnv1a") else None) for r in request.ranges]
         try:
             result = await self.agent.stage_tensors(request.sha256, ranges)
         except OSError as exc:
@@ -129,7 +129,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         return pb.StageTensorsResponse(
             staged=result.staged, present=result.present, skipped_small=result.skipped_small,
             rewritten=result.rewritten, bytes_written=result.bytes_written, cached_bytes=result.cached_bytes,
-            seconds=result.seconds, entries=list(result.entries))
+            seconds=result.seconds, entries=list(result.entries), referenced=result.referenced)
 
     async def Build(self, request: pb.BuildRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BuildResponse]:
         cuda = {pb.CUDA_MODE_ON: True, pb.CUDA_MODE_OFF: False}.get(request.cuda)

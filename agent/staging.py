@@ -12,6 +12,14 @@ Every entry is written to a hidden temp file in the cache dir, fsynced and renam
 rpc-server never sees half an entry (it checks no size: a truncated file would be served as the
 tensor). An entry that exists with the wrong size is rewritten for the same reason. Entries of
 the right size are trusted (checking their content is cache hygiene's sampled check, later).
+
+With an rpc-server built with patches/llama.cpp/0003 (`references=True`), a missing entry is
+written as a reference instead: `<name>.ref`, a few lines naming the model file, the span and
+the file's size and mtime, which the server reads the span from. Nothing is copied, so staging a
+share costs its hashing only (none when the controller sends the hashes it computed for the
+coordinator), and the cache holds no second copy of the model. A torn reference (a crash while
+writing one) is a malformed one, i.e. a cache miss, so references are renamed into place
+without fsync. A full entry of the wrong size would shadow the reference and is removed.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ class StagingRefused(LlamafleetError):
 class ByteRange:
     offset: int
     size: int
+    fnv1a: int | None = None  # the range's hash when the caller knows it (the controller computed it)
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ class StageResult:
     cached_bytes: int = 0
     seconds: float = 0.0
     entries: tuple[str, ...] = ()
+    referenced: int = 0  # of `staged`: written as references to the model file (no bytes copied)
 
 
 def check_request(sha256: str, ranges: Sequence[ByteRange]) -> None:
@@ -117,14 +127,44 @@ def _copy_range(fd: int, r: ByteRange, target: Path, buffer: bytearray, stop: th
         os.close(dir_fd)
 
 
+REFERENCE_SUFFIX = ".ref"
+
+
+def reference_text(model: ModelFile, r: ByteRange) -> str:
+    """What patches/llama.cpp/0003's rpc-server reads from `<entry>.ref`."""
+    if "\n" in model.path:
+        raise StagingRefused(f"{model.name}: a path with a newline cannot be written into a reference entry")
+    return f"llama-rpc-ref 1\n{model.path}\n{r.offset} {r.size} {model.size_bytes} {model.mtime_ns}\n"
+
+
+def _write_reference(target: Path, text: str) -> None:
+    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".stage-{target.name}-")
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+
+
+def _reference_present(target: Path, text: str) -> bool:
+    try:
+        return target.read_text() == text
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def stage(model: ModelFile, ranges: Sequence[ByteRange], cache_dir: Path, fnv: Fnv1a,
           stop: threading.Event | None = None, threshold: int = HASH_THRESHOLD,
           chunk_bytes: int = CHUNK_BYTES, hashes: dict[tuple[FileKey, int, int], int] | None = None,
-          on_entry: Callable[[str], None] = lambda _: None) -> StageResult:
+          on_entry: Callable[[str], None] = lambda _: None, references: bool = False) -> StageResult:
     """Write the missing cache entries for `ranges` of `model` into `cache_dir` (blocking: run it in a thread).
 
     `hashes`: remembered FNV-1a per (file version, offset, size), so staging a model again costs a
-    stat per entry instead of reading the file."""
+    stat per entry instead of reading the file. `references`: the rpc-server reads reference
+    entries (patch 0003): write those instead of copies."""
     stop = stop or threading.Event()
     check_ranges(model, ranges)
     started = time.monotonic()
@@ -132,9 +172,12 @@ def stage(model: ModelFile, ranges: Sequence[ByteRange], cache_dir: Path, fnv: F
     if FileKey.of(Path(model.path)) != model.key:
         raise StagingRefused(f"{model.name} changed since it was hashed: staging waits for the next rescan")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    staged = present = skipped = rewritten = written = cached = 0
+    staged = present = skipped = rewritten = written = cached = referenced = 0
     entries: list[str] = []
-    buffer = bytearray(min(chunk_bytes, max((r.size for r in ranges), default=1)))
+    known = all(r.fnv1a is not None for r in ranges if r.size > threshold)
+    # With every hash given and references to write, nothing of the file is read: no buffer.
+    largest = 1 if known and references else max((r.size for r in ranges), default=1)
+    buffer = bytearray(min(chunk_bytes, largest))
     fd = os.open(model.path, os.O_RDONLY)
     try:
         for r in ranges:
@@ -142,7 +185,7 @@ def stage(model: ModelFile, ranges: Sequence[ByteRange], cache_dir: Path, fnv: F
                 skipped += 1
                 continue
             memo = (model.key, r.offset, r.size)
-            value = hashes.get(memo) if hashes is not None else None
+            value = r.fnv1a if r.fnv1a is not None else hashes.get(memo) if hashes is not None else None
             if value is None:
                 value = hash_range(fd, r.offset, r.size, fnv, buffer, stop)
                 if hashes is not None:
@@ -156,6 +199,19 @@ def stage(model: ModelFile, ranges: Sequence[ByteRange], cache_dir: Path, fnv: F
                 existing = None
             if existing == r.size:
                 present += 1
+            elif references:
+                reference = cache_dir / (name + REFERENCE_SUFFIX)
+                text = reference_text(model, r)
+                if existing is None and _reference_present(reference, text):
+                    present += 1
+                else:
+                    if existing is not None:
+                        target.unlink(missing_ok=True)  # the server would read it before the reference
+                        rewritten += 1
+                    _write_reference(reference, text)
+                    staged += 1
+                    referenced += 1
+                    on_entry(name)
             else:
                 _copy_range(fd, r, target, buffer, stop)
                 if FileKey.of(Path(model.path)) != model.key:
@@ -172,4 +228,4 @@ def stage(model: ModelFile, ranges: Sequence[ByteRange], cache_dir: Path, fnv: F
     finally:
         os.close(fd)
     return StageResult(staged, present, skipped, rewritten, written, cached, time.monotonic() - started,
-                       tuple(entries))
+                       tuple(entries), referenced)

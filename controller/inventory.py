@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -282,9 +282,13 @@ class Inventory:
         return stopped.rpc_server
 
     async def stage_tensors(self, address: str, sha256: str, ranges: list[tuple[int, int]],
-                            timeout_s: float) -> pb.StageTensorsResponse:
-        """Ask a node's agent to write the rpc cache entries of (offset, size) ranges of its copy of a model."""
-        request = pb.StageTensorsRequest(sha256=sha256, ranges=[pb.ByteRange(offset=o, size=n) for o, n in ranges])
+                            timeout_s: float, known: Mapping[tuple[int, int], int] | None = None) -> pb.StageTensorsResponse:
+        """Ask a node's agent to write the rpc cache entries of (offset, size) ranges of its copy of a model;
+        `known`: the FNV-1a of ranges the controller computed already (the agent then need not read them)."""
+        known = known or {}
+        request = pb.StageTensorsRequest(sha256=sha256, ranges=[
+            pb.ByteRange(offset=o, size=n, fnv1a=known[(o, n)]) if (o, n) in known else pb.ByteRange(offset=o, size=n)
+            for o, n in ranges])
         reply: pb.StageTensorsResponse = await self._call(address, "StageTensors", request, timeout_s)
         return reply
 

@@ -27,6 +27,7 @@ import os
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from llamafleet.common.digests import FileKey, HashCancelled
@@ -40,6 +41,21 @@ FORMAT_LINE = "llama-rpc-tensor-hashes 1"
 WORKERS = min(8, os.cpu_count() or 1)
 CHUNK_BYTES = 16 * 1024 * 1024
 FILES_KEPT = 64  # hash files of other model versions past this many are removed, oldest first
+
+
+@dataclass(frozen=True)
+class HashFile:
+    path: Path  # for $LLAMA_RPC_TENSOR_HASHES
+    values: dict[tuple[int, int], int]  # (file offset, size) → FNV-1a, for the agents' pre-staging
+
+
+def parse(text: str) -> dict[tuple[int, int], int]:
+    """The tensor lines of a hash file (the header lines are llama.cpp's to check)."""
+    values = {}
+    for line in text.splitlines()[2:]:
+        offset, size, value = line.split()
+        values[(int(offset), int(size))] = int(value, 16)
+    return values
 
 
 def hash_file_name(key: FileKey) -> str:
@@ -60,7 +76,7 @@ class TensorHashes:
         self.threshold = threshold
         self._fnv = fnv or Fnv1a(state_dir / "fnv1a")
         self._workers = workers
-        self._pending: dict[FileKey, asyncio.Future[Path | None]] = {}
+        self._pending: dict[FileKey, asyncio.Future[HashFile | None]] = {}
         self._failed: dict[FileKey, str] = {}
         self._stop = threading.Event()
         self.last_seconds = 0.0  # how long the last computation took (for `ps` and the bench)
@@ -68,12 +84,16 @@ class TensorHashes:
     def path_for(self, model: Path) -> Path:
         return self.directory / hash_file_name(FileKey.of(model))
 
-    async def ensure(self, model: Path, header: GGUFHeader) -> Path | None:
+    async def ensure(self, model: Path, header: GGUFHeader) -> HashFile | None:
         """The hash file for `model`, computed first if it is missing; None when it cannot be made."""
         key = await asyncio.to_thread(FileKey.of, model)
         target = self.directory / hash_file_name(key)
-        if await asyncio.to_thread(target.is_file):
-            return target
+        try:
+            return HashFile(target, parse(await asyncio.to_thread(target.read_text)))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            log.warning("recomputing %s: %s", target, exc)
         if key in self._failed or self._stop.is_set():
             return None
         pending = self._pending.get(key)
@@ -84,7 +104,7 @@ class TensorHashes:
         # Shielded: a load that is cancelled leaves the computation to the next one.
         return await asyncio.shield(pending)
 
-    def _compute_logged(self, key: FileKey, header: GGUFHeader, target: Path) -> Path | None:
+    def _compute_logged(self, key: FileKey, header: GGUFHeader, target: Path) -> HashFile | None:
         try:
             return self._compute(key, header, target)
         except HashCancelled:
@@ -95,7 +115,7 @@ class TensorHashes:
             log.warning("no pre-computed tensor hashes for %s (the coordinator hashes them itself): %s", key.path, why)
             return None
 
-    def _compute(self, key: FileKey, header: GGUFHeader, target: Path) -> Path | None:
+    def _compute(self, key: FileKey, header: GGUFHeader, target: Path) -> HashFile | None:
         started = time.monotonic()
         self._fnv.ensure()
         tensors = sorted({(header.data_offset + t.offset, t.n_bytes) for t in header.tensors
@@ -126,7 +146,7 @@ class TensorHashes:
         log.info("pre-computed %d tensor hashes (%.1f GB) of %s in %.2fs", len(ranges),
                  sum(size for _, size, _ in ranges) / 1e9, key.path, self.last_seconds)
         self._prune(keep=target)
-        return target
+        return HashFile(target, {(offset, size): value for offset, size, value in ranges})
 
     def _prune(self, keep: Path) -> None:
         files = sorted((p for p in self.directory.glob("*.txt") if p != keep), key=lambda p: p.stat().st_mtime)

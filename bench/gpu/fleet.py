@@ -267,7 +267,7 @@ def agent_status(address: str, token_file: Path) -> dict[str, Any]:
 
 
 def start_agent(spec: AgentSpec, llama: LlamaCpp, workdir: Path, token_file: Path, memory_limit: str,
-                rpc_cache: bool, logdir: Path) -> Proc:
+                rpc_cache: bool, logdir: Path, extra_args: Sequence[str] = ()) -> Proc:
     """`llamafleet-agent serve` adopting `llama`; waits until its rpc-server is running."""
     state = workdir / f"{spec.name}-state"
     cache = workdir / f"{spec.name}-cache"
@@ -280,6 +280,7 @@ def start_agent(spec: AgentSpec, llama: LlamaCpp, workdir: Path, token_file: Pat
     ]
     if memory_limit:
         argv += ["--memory-limit", memory_limit]
+    argv += list(extra_args)
     proc = start(spec.name, argv, logdir)
 
     def running() -> bool:

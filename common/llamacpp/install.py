@@ -17,7 +17,12 @@ from pathlib import Path
 
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.llamacpp.banner import RpcBanner
-from llamafleet.common.llamacpp.patches import HASHES_MARKER, PRECOMPUTED_HASHES_PATCH
+from llamafleet.common.llamacpp.patches import (
+    HASHES_MARKER,
+    PRECOMPUTED_HASHES_PATCH,
+    REFERENCE_ENTRIES_PATCH,
+    REFERENCE_MARKER,
+)
 from llamafleet.common.llamacpp.probe import probe_rpc_server
 
 MANIFEST_NAME = "manifest.json"
@@ -170,7 +175,10 @@ def adopt_install(directory: Path) -> Manifest:
         return dataclasses.replace(read_manifest(directory), adopted=True)
     banner = probe_rpc_server(rpc_server)
     # A build of our patched tree made by hand: its llama-server reads pre-computed hashes.
-    found = [{"name": PRECOMPUTED_HASHES_PATCH, "sha256": ""}] if binary_mentions(llama_server, HASHES_MARKER) else []
+    # (sha256 "": recognised by a string compiled in, not recorded by a llamafleet build).
+    found = [{"name": name, "sha256": ""} for name, binary, marker in (
+        (PRECOMPUTED_HASHES_PATCH, llama_server, HASHES_MARKER), (REFERENCE_ENTRIES_PATCH, rpc_server, REFERENCE_MARKER))
+        if binary_mentions(binary, marker)]
     return Manifest(
         key="adopted", commit=None, source_id=f"adopted:{directory}", source=str(directory),
         cmake_flags=[], backends=backend_names(banner, cuda=False),

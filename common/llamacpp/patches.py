@@ -34,6 +34,9 @@ _NAME = re.compile(r"^\d{4}-[a-z0-9][a-z0-9.-]*\.patch$")
 PRECOMPUTED_HASHES_PATCH = "0002-model-loader-precomputed-rpc-hashes.patch"
 # A string that patch compiles into llama-server: how a build made by hand is recognised.
 HASHES_MARKER = b"LLAMA_RPC_TENSOR_HASHES"
+# The rpc-server reads reference entries (`<hash>.ref`): agents pre-stage without copying.
+REFERENCE_ENTRIES_PATCH = "0003-rpc-server-reference-entries.patch"
+REFERENCE_MARKER = b"llama-rpc-ref 1"
 
 
 class PatchError(LlamafleetError):

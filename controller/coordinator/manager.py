@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from llamafleet.controller.placement.plan import DeviceAssignment, Plan
 from llamafleet.controller.planner import Planner, plan_to_json
 from llamafleet.controller.prestage import node_ranges
 from llamafleet.controller.store import Store
-from llamafleet.controller.tensor_hashes import TensorHashes
+from llamafleet.controller.tensor_hashes import HashFile, TensorHashes
 from llamafleet.proto.v1 import agent_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -165,28 +165,35 @@ class CoordinatorManager:
     async def place(self, model: str, ctx: int) -> CoordinatorSpec:
         resolved, plan, spec = await self._place(model, ctx)
         try:
-            # Outside the placement lock: staging and hashing read files for seconds to minutes,
+            # Outside the placement lock: hashing and staging read files for seconds to minutes,
             # and other models' placements need not wait for them (this plan is booked already).
-            # The workers stage their shares while this host hashes the tensors for the coordinator.
-            _, hashes = await asyncio.gather(self._prestage_never_failing(model, resolved, plan),
-                                             self._tensor_hashes(model, resolved))
+            # The tensor hashes first (all cores of this host, once per model file): the workers
+            # then name their entries without reading their copy at all.
+            hashes = await self._tensor_hashes(model, resolved, plan)
+            await self._prestage_never_failing(model, resolved, plan, hashes.values if hashes else {})
         except asyncio.CancelledError:
             self.release(model)  # the deployment never saw the spec: nobody else would release it
             raise
-        return dataclasses.replace(spec, tensor_hashes=hashes) if hashes is not None else spec
+        build = self.planner.coordinator
+        if hashes is None or build is None or PRECOMPUTED_HASHES_PATCH not in build.patch_names:
+            return spec
+        return dataclasses.replace(spec, tensor_hashes=hashes.path)
 
-    async def _prestage_never_failing(self, model: str, resolved: ResolvedModel, plan: Plan) -> None:
+    async def _prestage_never_failing(self, model: str, resolved: ResolvedModel, plan: Plan,
+                                      known: Mapping[tuple[int, int], int]) -> None:
         try:
-            await self._prestage(model, resolved, plan)
+            await self._prestage(model, resolved, plan, known)
         except Exception as exc:  # noqa: BLE001 - staging never fails a load, whatever it raised
             log.error("pre-staging %s failed unexpectedly: %r; loading over the network", model, exc, exc_info=exc)
             self.runtime.events("stage.failed", model, f"pre-staging failed: {exc!r}")
 
-    async def _tensor_hashes(self, model: str, resolved: ResolvedModel) -> Path | None:
-        """The pre-computed tensor hashes file for a patched coordinator (see controller/tensor_hashes.py);
-        None for a stock one, or when it cannot be made: the coordinator then hashes, as stock does."""
+    async def _tensor_hashes(self, model: str, resolved: ResolvedModel, plan: Plan) -> HashFile | None:
+        """The model's pre-computed tensor hashes (see controller/tensor_hashes.py), when someone uses
+        them: a patched coordinator, or holders that pre-stage. None otherwise, or when they cannot
+        be made: the coordinator and the agents then hash, as without them."""
         build = self.planner.coordinator
-        if self.tensor_hashes is None or build is None or PRECOMPUTED_HASHES_PATCH not in build.patch_names:
+        patched = build is not None and PRECOMPUTED_HASHES_PATCH in build.patch_names
+        if self.tensor_hashes is None or not (patched or plan.holders):
             return None
         try:
             return await self.tensor_hashes.ensure(resolved.path, self.planner.header(resolved.path))
@@ -269,7 +276,8 @@ class CoordinatorManager:
         await self._reported(a.node, a.endpoint, lambda r: r.generation >= started.generation)
         return started.generation
 
-    async def _prestage(self, model: str, resolved: ResolvedModel, plan: Plan) -> None:
+    async def _prestage(self, model: str, resolved: ResolvedModel, plan: Plan,
+                        known: Mapping[tuple[int, int], int] | None = None) -> None:
         """Have every holder in the plan write the rpc cache entries of its share (see controller/prestage.py).
 
         Never fails the load: a node that cannot stage gets the bytes over the network, as without it."""
@@ -285,19 +293,21 @@ class CoordinatorManager:
             return
         started = time.monotonic()
         nodes = [node for node in plan.holders if ranges.get(node)]
-        done = await asyncio.gather(*(self._stage_node(model, node, sha, ranges[node]) for node in nodes))
+        done = await asyncio.gather(*(self._stage_node(model, node, sha, ranges[node], known) for node in nodes))
         results = dict(zip(nodes, done, strict=True))
         self._prestaged[model] = {"bytes": sum(r.get("cached_bytes", 0) for r in results.values()),
                                   "seconds": round(time.monotonic() - started, 3), "nodes": results}
 
-    async def _stage_node(self, model: str, node: str, sha: str, ranges: list[tuple[int, int]]) -> dict[str, Any]:
+    async def _stage_node(self, model: str, node: str, sha: str, ranges: list[tuple[int, int]],
+                          known: Mapping[tuple[int, int], int] | None = None) -> dict[str, Any]:
         try:
-            reply = await self.inventory.stage_tensors(node, sha, ranges, STAGE_TIMEOUT_S)
+            reply = await self.inventory.stage_tensors(node, sha, ranges, STAGE_TIMEOUT_S, known)
         except LlamafleetError as exc:
             log.warning("pre-staging %s on %s failed; its share goes over the network: %s", model, node, exc.message)
             self.runtime.events("stage.failed", node, f"pre-staging {model} failed: {exc.message}", model=model)
             return {"error": exc.message}
         doc = {"staged": reply.staged, "present": reply.present, "rewritten": reply.rewritten,
+               "referenced": reply.referenced,
                "skipped_small": reply.skipped_small, "bytes_written": reply.bytes_written,
                "cached_bytes": reply.cached_bytes, "seconds": round(reply.seconds, 3)}
         rewritten = f", {reply.rewritten} rewritten (wrong size)" if reply.rewritten else ""
@@ -431,6 +441,8 @@ class CoordinatorManager:
                 # there): the coordinator sends none of them.
                 "prestaged_bytes": self._prestaged.get(d.model, {}).get("bytes", 0),
                 "prestage": self._prestaged.get(d.model),
+                # The pre-computed tensor hashes a patched coordinator was given (None: it hashes itself).
+                "tensor_hashes": str(d.spec.tensor_hashes) if d.spec and d.spec.tensor_hashes else None,
                 "in_flight": d.active,
                 "queued": self.queue_depth(d.model),
                 "expires_at_unix": expires,

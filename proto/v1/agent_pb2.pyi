@@ -317,12 +317,14 @@ class BuildResponse(_message.Message):
     def __init__(self, progress: _Optional[_Union[BuildProgress, _Mapping]] = ..., result: _Optional[_Union[BuildResult, _Mapping]] = ...) -> None: ...
 
 class ByteRange(_message.Message):
-    __slots__ = ("offset", "size")
+    __slots__ = ("offset", "size", "fnv1a")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
+    FNV1A_FIELD_NUMBER: _ClassVar[int]
     offset: int
     size: int
-    def __init__(self, offset: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+    fnv1a: int
+    def __init__(self, offset: _Optional[int] = ..., size: _Optional[int] = ..., fnv1a: _Optional[int] = ...) -> None: ...
 
 class StageTensorsRequest(_message.Message):
     __slots__ = ("sha256", "ranges")
@@ -333,7 +335,7 @@ class StageTensorsRequest(_message.Message):
     def __init__(self, sha256: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ...) -> None: ...
 
 class StageTensorsResponse(_message.Message):
-    __slots__ = ("staged", "present", "skipped_small", "bytes_written", "seconds", "rewritten", "entries", "cached_bytes")
+    __slots__ = ("staged", "present", "skipped_small", "bytes_written", "seconds", "rewritten", "entries", "cached_bytes", "referenced")
     STAGED_FIELD_NUMBER: _ClassVar[int]
     PRESENT_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_SMALL_FIELD_NUMBER: _ClassVar[int]
@@ -342,6 +344,7 @@ class StageTensorsResponse(_message.Message):
     REWRITTEN_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     CACHED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REFERENCED_FIELD_NUMBER: _ClassVar[int]
     staged: int
     present: int
     skipped_small: int
@@ -350,4 +353,5 @@ class StageTensorsResponse(_message.Message):
     rewritten: int
     entries: _containers.RepeatedScalarFieldContainer[str]
     cached_bytes: int
-    def __init__(self, staged: _Optional[int] = ..., present: _Optional[int] = ..., skipped_small: _Optional[int] = ..., bytes_written: _Optional[int] = ..., seconds: _Optional[float] = ..., rewritten: _Optional[int] = ..., entries: _Optional[_Iterable[str]] = ..., cached_bytes: _Optional[int] = ...) -> None: ...
+    referenced: int
+    def __init__(self, staged: _Optional[int] = ..., present: _Optional[int] = ..., skipped_small: _Optional[int] = ..., bytes_written: _Optional[int] = ..., seconds: _Optional[float] = ..., rewritten: _Optional[int] = ..., entries: _Optional[_Iterable[str]] = ..., cached_bytes: _Optional[int] = ..., referenced: _Optional[int] = ...) -> None: ...

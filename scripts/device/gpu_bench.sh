@@ -7,6 +7,8 @@
 #   bash scripts/device/gpu_bench.sh streams  # bench/gpu/streams_bench.py (issue 13; needs setup's outputs)
 #   bash scripts/device/gpu_bench.sh streams-all  # setup (packing left to the end), streams, then
 #                                                 # pack the build if the budget still allows
+#   bash scripts/device/gpu_bench.sh loads     # bench/gpu/load_bench.py (issues 15, 16; needs setup's outputs)
+#   bash scripts/device/gpu_bench.sh loads-all # setup without packing, then loads
 #
 # It needs what scripts/device/prepare.sh put in the checkout's ignored folders: .whl/ (wheels
 # for Python 3.12, llamafleet's own among them) and .devsrc/ (the trimmed llama.cpp source), and
@@ -77,12 +79,17 @@ restore_binaries() {
 }
 
 build() {
-  say "llamafleet-agent build ${BENCH_BUILD_FLAGS:---cuda}"
+  local patch_flag=""
+  if ! command -v patch > /dev/null && ! command -v git > /dev/null; then
+    say "neither patch nor git is on this machine: building stock llama.cpp (--no-patches)"
+    patch_flag=--no-patches
+  fi
+  say "llamafleet-agent build ${BENCH_BUILD_FLAGS:---cuda} $patch_flag"
   local t0 status
   t0=$(date +%s)
   set +e
   # shellcheck disable=SC2086 # BENCH_BUILD_FLAGS is a list of flags
-  llamafleet-agent build --source "${BENCH_SOURCE:-.devsrc/llama-src.tar.gz:$SRC_SUBDIR}" ${BENCH_BUILD_FLAGS:---cuda} \
+  llamafleet-agent build --source "${BENCH_SOURCE:-.devsrc/llama-src.tar.gz:$SRC_SUBDIR}" ${BENCH_BUILD_FLAGS:---cuda} $patch_flag \
     --jobs "$(nproc)" --state-dir "$STATE" > "$WORK/build.out" 2>&1
   status=$?
   set -e
@@ -219,6 +226,15 @@ streams() {
     --memory-limit "${BENCH_STREAMS_MEMORY_LIMIT:-7GiB}" "${extra[@]}"
 }
 
+loads() {
+  install_wheels
+  local install
+  install=$(cat "$WORK/install-dir")
+  say "load benchmark (local vs llamafleet cold/warm, pre-computed hashes vs stock hashing)"
+  PYTHONUNBUFFERED=1 python3 bench/gpu/load_bench.py --llama-cpp "$install" --model "$MODEL" \
+    --out "$OUT" --workdir "$WORK/loads" --memory-limit "${BENCH_MEMORY_LIMIT:-6GiB}" --setup-json "$OUT/setup.json"
+}
+
 pack_late() {
   # After the measurement: pack the build with what is left of the budget (optional).
   local left
@@ -245,6 +261,11 @@ case "$MODE" in
     streams || say "streams_bench.py exited $?"
     pack_late
     ;;
-  *) echo "usage: $0 all|setup|bench|streams|streams-all" >&2; exit 2 ;;
+  loads) loads ;;
+  loads-all)
+    SKIP_PACK=1 setup
+    loads || say "load_bench.py exited $?"
+    ;;
+  *) echo "usage: $0 all|setup|bench|streams|streams-all|loads|loads-all" >&2; exit 2 ;;
 esac
 say "done"

@@ -172,3 +172,43 @@ def test_a_file_rewritten_in_place_while_staging_leaves_no_entry(tmp_path: Path,
     with pytest.raises(StagingRefused, match="changed while it was being staged"):
         stage(model, [ByteRange(0, 500)], tmp_path / "rpc", fnv, threshold=THRESHOLD)
     assert list((tmp_path / "rpc").iterdir()) == []
+
+
+def test_references_name_the_span_and_copy_nothing(tmp_path: Path, fnv: Fnv1a) -> None:
+    data = os.urandom(3000)
+    model = model_file(tmp_path / "m.gguf", data)
+    ranges = [ByteRange(0, 1000), ByteRange(1000, 2000)]
+    result = stage(model, ranges, tmp_path / "rpc", fnv, threshold=THRESHOLD, references=True)
+    assert result.staged == result.referenced == 2 and result.bytes_written == 0 and result.cached_bytes == 3000
+    names = [entry_name(fnv1a_python(data[:1000])), entry_name(fnv1a_python(data[1000:]))]
+    assert list(result.entries) == names
+    assert sorted(p.name for p in (tmp_path / "rpc").iterdir()) == sorted(f"{n}.ref" for n in names)
+    assert (tmp_path / "rpc" / f"{names[1]}.ref").read_text() == (
+        f"llama-rpc-ref 1\n{model.path}\n1000 2000 3000 {model.mtime_ns}\n")
+    again = stage(model, ranges, tmp_path / "rpc", fnv, threshold=THRESHOLD, references=True)
+    assert again.present == 2 and again.staged == 0
+
+
+def test_a_reference_replaces_a_truncated_full_entry_that_would_shadow_it(tmp_path: Path, fnv: Fnv1a) -> None:
+    data = os.urandom(1000)
+    model = model_file(tmp_path / "m.gguf", data)
+    (tmp_path / "rpc").mkdir()
+    name = entry_name(fnv1a_python(data))
+    (tmp_path / "rpc" / name).write_bytes(data[:10])  # what a crashed rpc-server leaves behind
+    result = stage(model, [ByteRange(0, 1000)], tmp_path / "rpc", fnv, threshold=THRESHOLD, references=True)
+    assert result.rewritten == 1 and result.referenced == 1
+    assert not (tmp_path / "rpc" / name).exists() and (tmp_path / "rpc" / f"{name}.ref").exists()
+
+
+def test_hashes_the_controller_sent_spare_reading_the_file(tmp_path: Path, fnv: Fnv1a,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    data = os.urandom(1000)
+    model = model_file(tmp_path / "m.gguf", data)
+
+    def no_reads(*args: object) -> int:
+        raise AssertionError("read the file")
+
+    monkeypatch.setattr(staging_module, "hash_range", no_reads)
+    known = fnv1a_python(data)
+    result = stage(model, [ByteRange(0, 1000, known)], tmp_path / "rpc", fnv, threshold=THRESHOLD, references=True)
+    assert result.entries == (entry_name(known),) and result.referenced == 1

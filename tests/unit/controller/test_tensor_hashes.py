@@ -39,9 +39,9 @@ def _model(tmp_path: Path) -> Path:
 def test_every_tensor_above_the_threshold_is_hashed_as_llama_cpp_would(tmp_path: Path, fnv: Fnv1a) -> None:
     path = _model(tmp_path)
     hashes = TensorHashes(tmp_path / "state", fnv, workers=3, threshold=100_000)
-    out = asyncio.run(hashes.ensure(path, read_gguf_header(path)))
-    assert out is not None and out.parent == tmp_path / "state" / "tensor-hashes"
-    lines = out.read_text().splitlines()
+    made = asyncio.run(hashes.ensure(path, read_gguf_header(path)))
+    assert made is not None and made.path.parent == tmp_path / "state" / "tensor-hashes"
+    lines = made.path.read_text().splitlines()
     key = FileKey.of(path)
     assert lines[:2] == [FORMAT_LINE, f"{key.size} {key.mtime_ns}"]
     data = path.read_bytes()
@@ -50,20 +50,25 @@ def test_every_tensor_above_the_threshold_is_hashed_as_llama_cpp_would(tmp_path:
     assert expected, "the fixture has tensors above the threshold"
     got = [tuple(line.split()) for line in lines[2:]]
     assert got == [(str(o), str(n), f"{fnv1a_python(data[o:o + n]):016x}") for o, n in expected]
+    assert made.values == {(o, n): fnv1a_python(data[o:o + n]) for o, n in expected}
+    # Read back by a later load: the same values, from the file.
+    assert asyncio.run(TensorHashes(tmp_path / "state", fnv, threshold=100_000).ensure(
+        path, read_gguf_header(path))) == made
 
 
 def test_a_second_load_reads_the_file_and_a_changed_model_gets_a_new_one(tmp_path: Path, fnv: Fnv1a) -> None:
     path = _model(tmp_path)
     hashes = TensorHashes(tmp_path / "state", fnv, threshold=100_000)
-    first = asyncio.run(hashes.ensure(path, read_gguf_header(path)))
-    assert first is not None
+    made = asyncio.run(hashes.ensure(path, read_gguf_header(path)))
+    assert made is not None
+    first = made.path
     mtime = first.stat().st_mtime_ns
-    assert asyncio.run(hashes.ensure(path, read_gguf_header(path))) == first
+    assert asyncio.run(hashes.ensure(path, read_gguf_header(path))) == made
     assert first.stat().st_mtime_ns == mtime  # not computed again
     os.utime(path, ns=(mtime, mtime + 1_000_000_000))
     second = asyncio.run(hashes.ensure(path, read_gguf_header(path)))
-    assert second is not None and second != first
-    assert second.read_text().splitlines()[1].endswith(str(FileKey.of(path).mtime_ns))
+    assert second is not None and second.path != first
+    assert second.path.read_text().splitlines()[1].endswith(str(FileKey.of(path).mtime_ns))
 
 
 def test_concurrent_loads_share_one_computation(tmp_path: Path, fnv: Fnv1a, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,7 +83,7 @@ def test_concurrent_loads_share_one_computation(tmp_path: Path, fnv: Fnv1a, monk
 
     monkeypatch.setattr(hashes, "_compute", counting)
 
-    async def both() -> list[Path | None]:
+    async def both() -> list[object]:
         header = read_gguf_header(path)
         return list(await asyncio.gather(hashes.ensure(path, header), hashes.ensure(path, header)))
 
