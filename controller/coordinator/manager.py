@@ -311,6 +311,8 @@ class CoordinatorManager:
                "skipped_small": reply.skipped_small, "bytes_written": reply.bytes_written,
                "cached_bytes": reply.cached_bytes, "seconds": round(reply.seconds, 3)}
         rewritten = f", {reply.rewritten} rewritten (wrong size)" if reply.rewritten else ""
+        if reply.referenced:
+            rewritten += f", {reply.referenced} of them references to the node's copy (nothing copied)"
         self.runtime.events("stage", node, f"pre-staged {model}: {reply.staged} entries written{rewritten}, "
                             f"{reply.present} present, {reply.cached_bytes} bytes in the cache in {reply.seconds:.2f}s",
                             model=model, **doc)

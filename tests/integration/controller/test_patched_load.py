@@ -8,15 +8,19 @@ pre-computed hash."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import ollama
 import pytest
 
+from llamafleet.common.fnv import Fnv1a, entry_name
 from llamafleet.common.llamacpp.install import Manifest
-from llamafleet.common.llamacpp.patches import PRECOMPUTED_HASHES_PATCH
+from llamafleet.common.llamacpp.patches import PRECOMPUTED_HASHES_PATCH, REFERENCE_ENTRIES_PATCH
+from llamafleet.controller.gguf import read_gguf_header
 from tests.integration.agent.harness import wait_for
 from tests.integration.controller.harness import Fleet, running_fleet
+from tests.integration.controller.test_prestage import cache_dir, holders_confirmed, saved_lines
 
 pytestmark = pytest.mark.integration
 LIMITS = ("260MiB", "300MiB")
@@ -53,7 +57,7 @@ def stock_tokens(tmp_path_factory: pytest.TempPathFactory, stock_llama_cpp: Mani
 
 
 def test_the_builds_under_test_are_what_they_say(llama_cpp: Manifest, stock_llama_cpp: Manifest) -> None:
-    assert PRECOMPUTED_HASHES_PATCH in llama_cpp.patch_names
+    assert PRECOMPUTED_HASHES_PATCH in llama_cpp.patch_names and REFERENCE_ENTRIES_PATCH in llama_cpp.patch_names
     assert stock_llama_cpp.patches == []
     assert llama_cpp.rpc_protocol_version == stock_llama_cpp.rpc_protocol_version
 
@@ -92,3 +96,66 @@ def test_a_hash_file_that_does_not_match_the_model_is_ignored(tmp_path: Path, ll
         assert raw_tokens(fleet) == stock_tokens
         log = coordinator_log(fleet)
         assert "does not describe" in log and USED not in log
+
+
+def _output_entry(test_model: Path) -> tuple[str, int, int]:
+    """(cache entry name, file offset, size) of gemma's one tensor above the threshold."""
+    header = read_gguf_header(test_model)
+    embd = next(t for t in header.tensors if t.name == "token_embd.weight")
+    offset = header.data_offset + embd.offset
+    with test_model.open("rb") as handle:
+        handle.seek(offset)
+        data = handle.read(embd.n_bytes)
+    return entry_name(_fnv(data)), offset, embd.n_bytes
+
+
+def _fnv(data: bytes) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        return Fnv1a(Path(tmp)).hash(data)
+
+
+def test_a_holder_with_a_patched_rpc_server_stages_a_reference_and_the_load_reads_it(
+        tmp_path: Path, llama_cpp: Manifest, test_model: Path, stock_tokens: str) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "gemma.gguf").symlink_to(test_model)
+    name, offset, size = _output_entry(test_model)
+    with running_fleet(tmp_path / "fleet", llama_cpp, test_model, memory_limit=LIMITS,
+                       agent_args=((), ("--models-dir", str(store)))) as fleet:
+        holder = fleet.agents[1]
+        holders_confirmed(fleet)
+        assert raw_tokens(fleet) == stock_tokens
+        cache = cache_dir(holder)
+        assert sorted(p.name for p in cache.iterdir()) == [f"{name}.ref"]  # no copy of the 170 MB tensor
+        reference = (cache / f"{name}.ref").read_text().splitlines()
+        assert reference[0] == "llama-rpc-ref 1" and reference[2].startswith(f"{offset} {size} ")
+        assert saved_lines(holder) == []  # the rpc-server read the span itself: nothing came over the wire
+        [loaded] = fleet.ps()
+        node = loaded["prestage"]["nodes"][holder.address]
+        assert (node["staged"], node["referenced"], node["bytes_written"]) == (1, 1, 0)
+        assert loaded["prestaged_bytes"] == size
+
+
+def test_a_stale_reference_is_a_cache_miss_and_a_good_one_a_hit(tmp_path: Path, llama_cpp: Manifest,
+                                                                test_model: Path, stock_tokens: str) -> None:
+    """The rpc-server's side of patch 0003, with no staging: references written by hand."""
+    name, offset, size = _output_entry(test_model)
+    stat = test_model.stat()
+    with running_fleet(tmp_path / "fleet", llama_cpp, test_model, memory_limit=LIMITS) as fleet:
+        last = fleet.agents[1]
+        cache = cache_dir(last)
+        cache.mkdir(parents=True, exist_ok=True)
+        path = test_model.resolve()
+        # As if the model file had been replaced since the reference was written (another mtime).
+        (cache / f"{name}.ref").write_text(
+            f"llama-rpc-ref 1\n{path}\n{offset} {size} {stat.st_size} {stat.st_mtime_ns + 1}\n")
+        assert raw_tokens(fleet) == stock_tokens
+        assert len(saved_lines(last)) == 1  # a miss: the bytes came over the network and were saved
+        (cache / name).unlink()
+        (cache / f"{name}.ref").write_text(
+            f"llama-rpc-ref 1\n{path}\n{offset} {size} {stat.st_size} {stat.st_mtime_ns}\n")
+        assert fleet.cli("stop", "gemma").returncode == 0
+        wait_for(lambda: not fleet.ps(), 30, "gemma unloaded")
+        before = len(saved_lines(last))
+        assert raw_tokens(fleet) == stock_tokens
+        assert len(saved_lines(last)) == before and not (cache / name).exists()  # a hit: served from the GGUF

@@ -73,9 +73,12 @@ def store_with_gemma(root: Path, model: Path) -> tuple[str, ...]:
 
 
 def test_staged_entries_are_what_rpc_server_writes_and_the_tokens_match(tmp_path: Path, llama_cpp: Manifest,
+                                                                        stock_llama_cpp: Manifest,
                                                                         test_model: Path) -> None:
+    # Stock rpc-servers: the agents copy the bytes (patched ones get references, test_patched_load.py).
     # 1. Nobody holds the file: a load over the network, as before; rpc-server writes its entries.
-    with running_fleet(tmp_path / "network", llama_cpp, test_model, memory_limit=LIMITS) as fleet:
+    with running_fleet(tmp_path / "network", llama_cpp, test_model, memory_limit=LIMITS,
+                       agent_llama_cpp=stock_llama_cpp) as fleet:
         over_network = raw_tokens(fleet)
         [loaded] = fleet.ps()
         assert loaded["prestaged_bytes"] == 0 and loaded["assignments"][-1]["node"] == fleet.agents[1].address
@@ -87,7 +90,7 @@ def test_staged_entries_are_what_rpc_server_writes_and_the_tokens_match(tmp_path
     # 2. Agent 1 holds the file, agent 0 does not: agent 1 stages, agent 0 gets its bytes as before.
     holder_args = store_with_gemma(tmp_path / "store", test_model)
     with running_fleet(tmp_path / "staged", llama_cpp, test_model, memory_limit=LIMITS,
-                       agent_args=((), holder_args)) as fleet:
+                       agent_args=((), holder_args), agent_llama_cpp=stock_llama_cpp) as fleet:
         holder, other = fleet.agents[1], fleet.agents[0]
         holders_confirmed(fleet)
         assert entries(holder) == {}
@@ -134,7 +137,7 @@ def test_staged_entries_are_what_rpc_server_writes_and_the_tokens_match(tmp_path
 
 
 def test_a_truncated_entry_is_rewritten_by_the_next_staging(tmp_path: Path, llama_cpp: Manifest,
-                                                           test_model: Path) -> None:
+                                                           stock_llama_cpp: Manifest, test_model: Path) -> None:
     header = read_gguf_header(test_model)
     embd = next(t for t in header.tensors if t.name == "token_embd.weight")
     with test_model.open("rb") as handle:
@@ -142,7 +145,7 @@ def test_a_truncated_entry_is_rewritten_by_the_next_staging(tmp_path: Path, llam
         expected = handle.read(embd.n_bytes)
     holder_args = store_with_gemma(tmp_path / "store", test_model)
     with running_fleet(tmp_path / "fleet", llama_cpp, test_model, memory_limit=LIMITS,
-                       agent_args=((), holder_args)) as fleet:
+                       agent_args=((), holder_args), agent_llama_cpp=stock_llama_cpp) as fleet:
         holder = fleet.agents[1]
         holders_confirmed(fleet)
         first = raw_tokens(fleet)
