@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                 return False
             plan = http_json("POST", f"{url}/llamafleet/v1/plan", {"model": MODEL_NAME, "ctx": args.ctx})
             results["plan"] = plan
-            return plan.get("fits") and len(plan.get("holders", [])) == len(AGENTS)
+            # Every node of the plan holds the file (once all sides have hashed it).
+            return bool(plan.get("fits")) and len(plan.get("holders", [])) == len({a["node"] for a in plan["assignments"]})
 
         held_s = wait_until(holders, "both agents confirmed as holders (sha256 on all sides)", 240, controller, 1.0)
         results["holders_confirmed_s"] = round(held_s, 1)
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
               results["runs"]["llamafleet"]["load_warm_s"], flush=True)
         save()
         hashes = sorted((args.workdir / "controller-state" / "tensor-hashes").glob("*.txt"))
-        endpoints = [spec.rpc_endpoint for spec in AGENTS]
+        endpoints = list(plan["backends"])
         rpc = ["--rpc", ",".join(endpoints), "--tensor-split", ",".join(str(n) for n in plan["tensor_split"]),
                "--device", ",".join(f"RPC{i}" for i in range(len(endpoints)))]
         env = {k: v for k, v in os.environ.items() if k != "LLAMA_RPC_TENSOR_HASHES"}
