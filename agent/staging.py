@@ -10,8 +10,10 @@ those bytes.
 
 Every entry is written to a hidden temp file in the cache dir, fsynced and renamed: the
 rpc-server never sees half an entry (it checks no size: a truncated file would be served as the
-tensor). An entry that exists with the wrong size is rewritten for the same reason. Entries of
-the right size are trusted (checking their content is cache hygiene's sampled check, later).
+tensor). An entry that exists with the wrong size is rewritten for the same reason, and so is one
+of the right size whose content does not hash to its name (corrupted): an entry counts as
+present only once it is verified, which `verified` (agent/rpc_cache.py's record of checked
+entries by size and mtime) spares for an entry checked before.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from llamafleet.agent.fnv import OFFSET_BASIS, Fnv1a, entry_name
 from llamafleet.agent.models import ModelFile
+from llamafleet.agent.rpc_cache import CacheWorkStopped, check_entry
 from llamafleet.common.digests import FileKey
 from llamafleet.common.errors import LlamafleetError, UsageError
 
@@ -62,6 +65,7 @@ class StageResult:
     cached_bytes: int = 0
     seconds: float = 0.0
     entries: tuple[str, ...] = ()
+    sizes: tuple[int, ...] = ()  # of `entries`, in the same order
 
 
 def check_request(sha256: str, ranges: Sequence[ByteRange]) -> None:
@@ -143,15 +147,41 @@ def _copy_range(fd: int, r: ByteRange, target: Path, buffer: bytearray, stop: th
         os.close(dir_fd)
 
 
+def _intact(target: Path, size: int, verified: dict[str, tuple[int, int]], buffer: bytearray,
+            fnv: Fnv1a, stop: threading.Event) -> bool:
+    """Is the entry at `target` `size` bytes that hash to its name? Hashed only when `verified`
+    holds no check of this version of it; a good check is added there."""
+    try:
+        stat = target.stat()
+    except FileNotFoundError:
+        return False
+    if stat.st_size != size:
+        return False
+    if verified.get(target.name) == (stat.st_size, stat.st_mtime_ns):
+        return True
+    try:
+        checked = check_entry(target, fnv, buffer, stop)
+    except CacheWorkStopped:
+        raise StagingCancelled from None
+    if checked is None or not checked[0] or checked[1].st_size != size:
+        return False
+    verified[target.name] = (checked[1].st_size, checked[1].st_mtime_ns)
+    return True
+
+
 def stage(model: ModelFile, ranges: Sequence[ByteRange], cache_dir: Path, fnv: Fnv1a,
           stop: threading.Event | None = None, threshold: int = HASH_THRESHOLD,
           chunk_bytes: int = CHUNK_BYTES, hashes: dict[tuple[FileKey, int, int], int] | None = None,
-          on_entry: Callable[[str], None] = lambda _: None) -> StageResult:
-    """Write the missing cache entries for `ranges` of `model` into `cache_dir` (blocking: run it in a thread).
+          on_entry: Callable[[str], None] = lambda _: None,
+          verified: dict[str, tuple[int, int]] | None = None) -> StageResult:
+    """Write the missing (or bad) cache entries for `ranges` of `model` into `cache_dir` (blocking: run it in a thread).
 
     `hashes`: remembered FNV-1a per (file version, offset, size), so staging a model again costs a
-    stat per entry instead of reading the file."""
+    stat per entry instead of reading the file. `verified`: entry name → (size, mtime_ns) of
+    checked entries (updated with what this call checks and writes); without it every present
+    entry is hashed."""
     stop = stop or threading.Event()
+    verified = {} if verified is None else verified
     check_ranges(model, ranges)
     started = time.monotonic()
     fnv.ensure()  # FnvUnavailable before any file work
@@ -160,6 +190,7 @@ def stage(model: ModelFile, ranges: Sequence[ByteRange], cache_dir: Path, fnv: F
     cache_dir.mkdir(parents=True, exist_ok=True)
     staged = present = skipped = rewritten = written = cached = 0
     entries: list[str] = []
+    sizes: list[int] = []
     buffer = bytearray(min(chunk_bytes, max((r.size for r in ranges), default=1)))
     fd = os.open(model.path, os.O_RDONLY)
     try:
@@ -175,12 +206,10 @@ def stage(model: ModelFile, ranges: Sequence[ByteRange], cache_dir: Path, fnv: F
                     hashes[memo] = value
             name = entry_name(value)
             entries.append(name)
+            sizes.append(r.size)
             target = cache_dir / name
-            try:
-                existing = target.stat().st_size
-            except FileNotFoundError:
-                existing = None
-            if existing == r.size:
+            existing = target.exists()
+            if _intact(target, r.size, verified, buffer, fnv, stop):
                 present += 1
             else:
                 _copy_range(fd, r, target, buffer, stop)
@@ -190,12 +219,14 @@ def stage(model: ModelFile, ranges: Sequence[ByteRange], cache_dir: Path, fnv: F
                     target.unlink(missing_ok=True)
                     raise StagingRefused(f"{model.name} changed while it was being staged: staging waits "
                                          "for the next rescan")
+                written_stat = target.stat()
+                verified[name] = (written_stat.st_size, written_stat.st_mtime_ns)  # the bytes we hashed
                 staged += 1
-                rewritten += existing is not None
+                rewritten += existing
                 written += r.size
                 on_entry(name)
             cached += r.size
     finally:
         os.close(fd)
     return StageResult(staged, present, skipped, rewritten, written, cached, time.monotonic() - started,
-                       tuple(entries))
+                       tuple(entries), tuple(sizes))
