@@ -262,14 +262,18 @@ class CoordinatorManager:
             return
         started = time.monotonic()
         nodes = [node for node in plan.holders if ranges.get(node)]
-        done = await asyncio.gather(*(self._stage_node(model, node, sha, ranges[node]) for node in nodes))
+        # Which of its rpc-servers each node's share is for: the agent keeps those entries from
+        # eviction while that rpc-server serves the coordinator about to start.
+        slots = {a.node: a.rpc_index for a in plan.assignments}
+        done = await asyncio.gather(*(self._stage_node(model, node, sha, ranges[node], slots[node]) for node in nodes))
         results = dict(zip(nodes, done, strict=True))
         self._prestaged[model] = {"bytes": sum(r.get("cached_bytes", 0) for r in results.values()),
                                   "seconds": round(time.monotonic() - started, 3), "nodes": results}
 
-    async def _stage_node(self, model: str, node: str, sha: str, ranges: list[tuple[int, int]]) -> dict[str, Any]:
+    async def _stage_node(self, model: str, node: str, sha: str, ranges: list[tuple[int, int]],
+                          rpc_index: int) -> dict[str, Any]:
         try:
-            reply = await self.inventory.stage_tensors(node, sha, ranges, STAGE_TIMEOUT_S)
+            reply = await self.inventory.stage_tensors(node, sha, ranges, STAGE_TIMEOUT_S, rpc_index)
         except LlamafleetError as exc:
             log.warning("pre-staging %s on %s failed; its share goes over the network: %s", model, node, exc.message)
             self.runtime.events("stage.failed", node, f"pre-staging {model} failed: {exc.message}", model=model)
@@ -277,7 +281,7 @@ class CoordinatorManager:
         doc = {"staged": reply.staged, "present": reply.present, "rewritten": reply.rewritten,
                "skipped_small": reply.skipped_small, "bytes_written": reply.bytes_written,
                "cached_bytes": reply.cached_bytes, "seconds": round(reply.seconds, 3)}
-        rewritten = f", {reply.rewritten} rewritten (wrong size)" if reply.rewritten else ""
+        rewritten = f", {reply.rewritten} rewritten (truncated or corrupted)" if reply.rewritten else ""
         self.runtime.events("stage", node, f"pre-staged {model}: {reply.staged} entries written{rewritten}, "
                             f"{reply.present} present, {reply.cached_bytes} bytes in the cache in {reply.seconds:.2f}s",
                             model=model, **doc)
