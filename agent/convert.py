@@ -5,6 +5,7 @@ from __future__ import annotations
 from llamafleet.agent.core import AgentSnapshot
 from llamafleet.agent.devices import DeviceInfo
 from llamafleet.agent.models import ModelFile
+from llamafleet.agent.rpc_cache import CacheSummary
 from llamafleet.agent.supervisor import RpcServerSnapshot, RpcState
 from llamafleet.common.llamacpp.build import BuildEvent
 from llamafleet.common.llamacpp.install import Manifest
@@ -75,8 +76,17 @@ def model_file_to_proto(model: ModelFile) -> pb.ModelFile:
                         error=model.error)
 
 
+def cache_summary_to_proto(summary: CacheSummary) -> pb.RpcCacheSummary:
+    return pb.RpcCacheSummary(
+        cache_dir=summary.cache_dir, used_bytes=summary.used_bytes, max_bytes=summary.max_bytes,
+        entries=summary.entries, models=summary.models, in_use_bytes=summary.in_use_bytes,
+        unverified=summary.unverified, corrupt_removed=summary.corrupt_removed, evictions=summary.evictions,
+        evicted_bytes=summary.evicted_bytes, checked_at_unix_ms=summary.checked_at_unix_ms, error=summary.error,
+    )
+
+
 def status_to_proto(snap: AgentSnapshot) -> pb.AgentStatus:
-    return pb.AgentStatus(
+    status = pb.AgentStatus(
         node=pb.NodeIdentity(
             node_id=snap.node.node_id, hostname=snap.node.hostname,
             agent_version=snap.node.agent_version, started_at_unix_ms=snap.node.started_at_unix_ms,
@@ -92,6 +102,9 @@ def status_to_proto(snap: AgentSnapshot) -> pb.AgentStatus:
         models_omitted=snap.models_omitted,
         models_dir=snap.models_dir,
     )
+    if snap.rpc_cache is not None:
+        status.rpc_cache.CopyFrom(cache_summary_to_proto(snap.rpc_cache))
+    return status
 
 
 def build_event_to_proto(event: BuildEvent) -> pb.BuildResponse:

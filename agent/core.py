@@ -15,14 +15,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from llamafleet.agent.cache_keeper import CacheKeeper
 from llamafleet.common.fnv import Fnv1a
 from llamafleet.agent.devices import DeviceInfo, DeviceProvider, HostMemoryInfo, HostProvider, NvmlProvider
 from llamafleet.agent.models import ModelFile, ModelIndex
 from llamafleet.agent.node import NodeIdentity
+from llamafleet.agent.rpc_cache import CacheSummary, RpcCache, SlotUse, process_started_ms
 from llamafleet.agent.settings import AgentSettings
 from llamafleet.agent.staging import ByteRange, StageResult, StagingRefused, check_request, find_model, stage
 from llamafleet.agent.supervisor import RpcLaunch, RpcServerSnapshot, RpcServerSupervisor, RpcState
 from llamafleet.common.changes import ChangeFeed
+from llamafleet.common.digests import FileKey
 from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.common.llamacpp.build import BuildEvent, BuildOptions, BuildOutcome, current_manifest, run_build
 from llamafleet.common.llamacpp.install import InstallError, Manifest, adopt_install
@@ -54,6 +57,7 @@ class AgentSnapshot:
     models: tuple[ModelFile, ...] = ()
     models_omitted: int = 0
     models_dir: str = ""
+    rpc_cache: CacheSummary | None = None  # None with --no-rpc-cache
 
     @property
     def rpc_server(self) -> RpcServerSnapshot:
@@ -96,9 +100,14 @@ class Agent:
         self._fnv = Fnv1a(settings.state_path / "fnv1a")
         # One staging at a time: they compete for the same disk, and a queue is fairer than a refusal.
         self._staging = asyncio.Lock()
-        self._stage_hashes: dict[tuple[object, int, int], int] = {}
+        self._stage_hashes: dict[tuple[FileKey, int, int], int] = {}
         self._stop_staging = threading.Event()
         self._stagings: set[threading.Event] = set()  # the stop of every staging under way
+        self.rpc_cache = RpcCache(settings.cache_path / "rpc", settings.state_path)
+        # The daemon runs it (None with --no-rpc-cache: the rpc-servers then write no entries).
+        self.cache_keeper = (CacheKeeper(self.rpc_cache, self._fnv, settings.rpc_cache_max, settings.rpc_cache_check_s,
+                                         self._running_slots, on_change=self.changes.bump)
+                             if settings.rpc_cache else None)
 
     @property
     def supervisor(self) -> RpcServerSupervisor:
@@ -165,9 +174,35 @@ class Agent:
 
     # ---- pre-staging ---------------------------------------------------------------------------
 
-    async def stage_tensors(self, sha256: str, ranges: list[ByteRange]) -> StageResult:
-        """Write the rpc tensor cache entries for `ranges` of the model file with `sha256` (see staging.py)."""
+    def _running_slots(self) -> dict[int, tuple[int, int]]:
+        """(generation, pid) of every running rpc-server, by slot: whose staged models are in use."""
+        return {s.index: (s.generation, s.pid) for s in (sup.snapshot() for sup in self.supervisors)
+                if s.state == RpcState.RUNNING}
+
+    def _stage_and_record(self, model: ModelFile, ranges: list[ByteRange], stop: threading.Event,
+                          slot: int | None, serving: tuple[int, int] | None) -> StageResult:
+        """Stage under the cache's lock (nothing is evicted meanwhile) and record what the model
+        uses; `serving`: (generation, pid) of the slot's rpc-server when it runs (blocking)."""
+        with self.rpc_cache.transaction() as state:
+            result = stage(model, ranges, self.rpc_cache.cache_dir, self._fnv, stop, hashes=self._stage_hashes,
+                           verified=state.verified, references=self.reads_reference_entries)
+            use = None
+            if serving is not None and (started := process_started_ms(serving[1])) is not None:
+                use = SlotUse(model.sha256, serving[0], serving[1], started)
+            state.record_stage(model.sha256, model.name, dict(zip(result.entries, result.sizes, strict=True)),
+                               int(time.time() * 1000), slot, use)
+            state.corrupt_removed += result.rewritten
+        return result
+
+    async def stage_tensors(self, sha256: str, ranges: list[ByteRange],
+                            rpc_server_index: int | None = None) -> StageResult:
+        """Write the rpc tensor cache entries for `ranges` of the model file with `sha256` (see staging.py).
+
+        `rpc_server_index`: the slot whose coordinator will use them; the keeper never evicts
+        them while that rpc-server runs the generation it runs now (rpc_cache.py)."""
         check_request(sha256, ranges)
+        if rpc_server_index is not None:
+            self.supervisor_at(rpc_server_index)  # INVALID_ARGUMENT beyond --max-rpc-servers
         if not self.settings.rpc_cache:
             raise StagingRefused("this agent runs its rpc-servers without the tensor cache (--no-rpc-cache): "
                                  "there is nothing to stage into")
@@ -183,9 +218,12 @@ class Agent:
             if self._stop_staging.is_set():
                 stop.set()
             self._stagings.add(stop)
+            serving = None
+            if rpc_server_index is not None:
+                snap = self.supervisors[rpc_server_index].snapshot()
+                serving = (snap.generation, snap.pid) if snap.state == RpcState.RUNNING else None
             work = asyncio.ensure_future(asyncio.to_thread(
-                stage, model, ranges, self.settings.cache_path / "rpc", self._fnv, stop,
-                hashes=self._stage_hashes, references=self.reads_reference_entries))  # type: ignore[arg-type]
+                self._stage_and_record, model, ranges, stop, rpc_server_index, serving))
             try:
                 result = await asyncio.shield(work)
             except asyncio.CancelledError:
@@ -196,6 +234,8 @@ class Agent:
                 raise
             finally:
                 self._stagings.discard(stop)
+                if self.cache_keeper is not None:
+                    self.cache_keeper.kick()  # the cap, now that this model's entries are there
         log.info("staged %s: %d entries written (%d as references, %d rewritten), %d present, %d below the "
                  "threshold, %s in %.2fs", model.name, result.staged, result.referenced, result.rewritten,
                  result.present, result.skipped_small, format_size(result.bytes_written), result.seconds)
@@ -211,6 +251,8 @@ class Agent:
         self._stop_staging.set()
         for stop in self._stagings:
             stop.set()
+        if self.cache_keeper is not None:
+            self.cache_keeper.stop()
 
     # ---- status ------------------------------------------------------------------------------
 
@@ -228,6 +270,7 @@ class Agent:
             models=self.models.files if self.models else (),
             models_omitted=self.models.omitted if self.models else 0,
             models_dir=str(self.models.root) if self.models else "",
+            rpc_cache=self.cache_keeper.summary if self.cache_keeper else None,
         )
 
     def status_line(self) -> str:

@@ -118,9 +118,12 @@ async def serve(settings: AgentSettings, notifier: Notifier | None = None) -> No
                         for i, s in enumerate(agent.supervisors)]
     # The model store's rescans and hashes run beside the supervisors (its threads stop with it).
     background = [asyncio.create_task(agent.models.run(), name="models dir")] if agent.models else []
+    if agent.cache_keeper is not None:
+        # Verifies and bounds the rpc tensor cache; it logs and retries its own failures.
+        background.append(asyncio.create_task(agent.cache_keeper.run(), name="rpc cache keeper"))
     stop = asyncio.Event()
-    # A supervisor or the model store only ends when cancelled; if one dies of a bug, the agent
-    # must not linger half alive (it exits with the error, and systemd restarts it).
+    # A supervisor, the model store or the cache keeper only ends when cancelled; if one dies of
+    # a bug, the agent must not linger half alive (it exits with the error, and systemd restarts it).
     for task in (*supervisor_tasks, *background):
         task.add_done_callback(lambda task: task.cancelled() or stop.set())
     loop = asyncio.get_running_loop()

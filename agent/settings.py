@@ -18,6 +18,18 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 MAX_RPC_SERVERS = 16
 
 
+def parse_cache_max(value: object) -> int | None:
+    """The rpc cache cap: a SIZE; `0` or `none` for no cap; `auto` (None) for the default."""
+    word = value.strip().lower() if isinstance(value, str) else value
+    if word in (None, "", "auto"):
+        return None
+    if word in ("none", "unlimited"):
+        return 0
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r} (examples: 50GiB, 0 or none for no cap, auto)")
+    return parse_size(value)
+
+
 def split_host_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -44,6 +56,11 @@ class AgentSettings:
     rpc_threads: int = setting(0, help="rpc-server CPU threads (0: its default)")
     devices: tuple[str, ...] = setting((), help="rpc-server devices, e.g. CUDA0,CUDA1 (default: all)")
     rpc_cache: bool = setting(True, help="rpc-server local tensor cache (-c)")
+    rpc_cache_max: int | None = setting(None, parse=parse_cache_max,
+                                        help="cap on the rpc tensor cache: SIZE, 0/none for no cap "
+                                             "(default auto: half of the cache's filesystem)")
+    rpc_cache_check_s: float = setting(300.0, help="how often the cache keeper verifies new rpc cache entries "
+                                                   "and enforces the cap (also after every staging)")
     rpc_autostart: bool = setting(True, help="start the rpc-server with the agent")
     rpc_allow_wildcard: bool = setting(False, help="allow rpc_host 0.0.0.0 (rpc-server has no authentication)")
     memory_limit: int = setting(0, parse=parse_size, help="cap on memory advertised per device (0: none)")
@@ -81,6 +98,8 @@ class AgentSettings:
             raise ValueError("rpc_threads must be >= 0 and restart_max_failures >= 1")
         if self.models_rescan_s <= 0:
             raise ValueError("models_rescan_s must be > 0")
+        if self.rpc_cache_check_s <= 0:
+            raise ValueError("rpc_cache_check_s must be > 0")
         if self.heartbeat_interval_s <= 0 or self.restart_backoff_initial_s <= 0:
             raise ValueError("heartbeat_interval_s and restart_backoff_initial_s must be > 0")
         if bool(self.tls_cert) != bool(self.tls_key):

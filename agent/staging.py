@@ -10,8 +10,10 @@ those bytes.
 
 Every entry is written to a hidden temp file in the cache dir, fsynced and renamed: the
 rpc-server never sees half an entry (it checks no size: a truncated file would be served as the
-tensor). An entry that exists with the wrong size is rewritten for the same reason. Entries of
-the right size are trusted (checking their content is cache hygiene's sampled check, later).
+tensor). An entry that exists with the wrong size is rewritten for the same reason, and so is one
+of the right size whose content does not hash to its name (corrupted): an entry counts as
+present only once it is verified, which `verified` (agent/rpc_cache.py's record of checked
+entries by size and mtime) spares for an entry checked before.
 
 With an rpc-server built with patches/llama.cpp/0003 (`references=True`), a missing entry is
 written as a reference instead: `<name>.ref`, a few lines naming the model file, the span and
@@ -19,7 +21,7 @@ the file's size and mtime, which the server reads the span from. Nothing is copi
 share costs its hashing only (none when the controller sends the hashes it computed for the
 coordinator), and the cache holds no second copy of the model. A torn reference (a crash while
 writing one) is a malformed one, i.e. a cache miss, so references are renamed into place
-without fsync. A full entry of the wrong size would shadow the reference and is removed.
+without fsync. A full entry that is not intact would shadow the reference and is removed.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamafleet.common.fnv import Fnv1a, entry_name, hash_range, read_chunks
 from llamafleet.agent.models import ModelFile
-from llamafleet.common.digests import FileKey
+from llamafleet.agent.rpc_cache import REFERENCE_SUFFIX, CacheWorkStopped, check_entry
+from llamafleet.common.digests import FileKey, HashCancelled
 from llamafleet.common.errors import LlamafleetError, UsageError
+from llamafleet.common.fnv import Fnv1a, entry_name, hash_range, read_chunks
 
 # llama.cpp: `size > HASH_THRESHOLD` with HASH_THRESHOLD = 10 MiB; smaller payloads are always sent.
 HASH_THRESHOLD = 10 * 1024 * 1024
@@ -67,6 +70,7 @@ class StageResult:
     cached_bytes: int = 0
     seconds: float = 0.0
     entries: tuple[str, ...] = ()
+    sizes: tuple[int, ...] = ()  # of `entries`, in the same order
     referenced: int = 0  # of `staged`: written as references to the model file (no bytes copied)
 
 
@@ -127,9 +131,6 @@ def _copy_range(fd: int, r: ByteRange, target: Path, buffer: bytearray, stop: th
         os.close(dir_fd)
 
 
-REFERENCE_SUFFIX = ".ref"
-
-
 def reference_text(model: ModelFile, r: ByteRange) -> str:
     """What patches/llama.cpp/0003's rpc-server reads from `<entry>.ref`."""
     if "\n" in model.path:
@@ -156,16 +157,42 @@ def _reference_present(target: Path, text: str) -> bool:
         return False
 
 
+def _intact(target: Path, size: int, verified: dict[str, tuple[int, int]], buffer: bytearray,
+            fnv: Fnv1a, stop: threading.Event) -> bool:
+    """Is the entry at `target` `size` bytes that hash to its name? Hashed only when `verified`
+    holds no check of this version of it; a good check is added there."""
+    try:
+        stat = target.stat()
+    except FileNotFoundError:
+        return False
+    if stat.st_size != size:
+        return False
+    if verified.get(target.name) == (stat.st_size, stat.st_mtime_ns):
+        return True
+    try:
+        checked = check_entry(target, fnv, buffer, stop)
+    except CacheWorkStopped:
+        raise HashCancelled from None
+    if checked is None or not checked[0] or checked[1].st_size != size:
+        return False
+    verified[target.name] = (checked[1].st_size, checked[1].st_mtime_ns)
+    return True
+
+
 def stage(model: ModelFile, ranges: Sequence[ByteRange], cache_dir: Path, fnv: Fnv1a,
           stop: threading.Event | None = None, threshold: int = HASH_THRESHOLD,
           chunk_bytes: int = CHUNK_BYTES, hashes: dict[tuple[FileKey, int, int], int] | None = None,
-          on_entry: Callable[[str], None] = lambda _: None, references: bool = False) -> StageResult:
-    """Write the missing cache entries for `ranges` of `model` into `cache_dir` (blocking: run it in a thread).
+          on_entry: Callable[[str], None] = lambda _: None,
+          verified: dict[str, tuple[int, int]] | None = None, references: bool = False) -> StageResult:
+    """Write the missing (or bad) cache entries for `ranges` of `model` into `cache_dir` (blocking: run it in a thread).
 
     `hashes`: remembered FNV-1a per (file version, offset, size), so staging a model again costs a
-    stat per entry instead of reading the file. `references`: the rpc-server reads reference
-    entries (patch 0003): write those instead of copies."""
+    stat per entry instead of reading the file. `verified`: entry name → (size, mtime_ns) of
+    checked entries (updated with what this call checks and writes); without it every present
+    entry is hashed. `references`: the rpc-server reads reference entries (patch 0003): write
+    those instead of copies."""
     stop = stop or threading.Event()
+    verified = {} if verified is None else verified
     check_ranges(model, ranges)
     started = time.monotonic()
     fnv.ensure()  # FnvUnavailable before any file work
@@ -174,10 +201,8 @@ def stage(model: ModelFile, ranges: Sequence[ByteRange], cache_dir: Path, fnv: F
     cache_dir.mkdir(parents=True, exist_ok=True)
     staged = present = skipped = rewritten = written = cached = referenced = 0
     entries: list[str] = []
-    known = all(r.fnv1a is not None for r in ranges if r.size > threshold)
-    # With every hash given and references to write, nothing of the file is read: no buffer.
-    largest = 1 if known and references else max((r.size for r in ranges), default=1)
-    buffer = bytearray(min(chunk_bytes, largest))
+    sizes: list[int] = []
+    buffer = bytearray(min(chunk_bytes, max((r.size for r in ranges), default=1)))
     fd = os.open(model.path, os.O_RDONLY)
     try:
         for r in ranges:
@@ -192,20 +217,18 @@ def stage(model: ModelFile, ranges: Sequence[ByteRange], cache_dir: Path, fnv: F
                     hashes[memo] = value
             name = entry_name(value)
             entries.append(name)
+            sizes.append(r.size)
             target = cache_dir / name
-            try:
-                existing = target.stat().st_size
-            except FileNotFoundError:
-                existing = None
-            if existing == r.size:
+            existing = target.exists()
+            if _intact(target, r.size, verified, buffer, fnv, stop):
                 present += 1
             elif references:
                 reference = cache_dir / (name + REFERENCE_SUFFIX)
                 text = reference_text(model, r)
-                if existing is None and _reference_present(reference, text):
+                if not existing and _reference_present(reference, text):
                     present += 1
                 else:
-                    if existing is not None:
+                    if existing:
                         target.unlink(missing_ok=True)  # the server would read it before the reference
                         rewritten += 1
                     _write_reference(reference, text)
@@ -220,12 +243,14 @@ def stage(model: ModelFile, ranges: Sequence[ByteRange], cache_dir: Path, fnv: F
                     target.unlink(missing_ok=True)
                     raise StagingRefused(f"{model.name} changed while it was being staged: staging waits "
                                          "for the next rescan")
+                written_stat = target.stat()
+                verified[name] = (written_stat.st_size, written_stat.st_mtime_ns)  # the bytes we hashed
                 staged += 1
-                rewritten += existing is not None
+                rewritten += existing
                 written += r.size
                 on_entry(name)
             cached += r.size
     finally:
         os.close(fd)
     return StageResult(staged, present, skipped, rewritten, written, cached, time.monotonic() - started,
-                       tuple(entries), referenced)
+                       tuple(entries), tuple(sizes), referenced)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from llamafleet.agent.rpc_cache import summary_line
 from llamafleet.common.cli import (
     build_command,
     run_main,
@@ -111,6 +112,8 @@ def nodes(controller: str, as_json: bool) -> None:
         if doc.get("models_omitted"):
             click.echo(f"{'':<24}{doc['models_omitted']} more file(s) in {doc['models_dir']} not indexed "
                        "(over 1,000 files, or a name over 255 characters)")
+        if (cache := doc.get("rpc_cache")) and cache["cache_dir"]:
+            click.echo(f"{'':<24}rpc cache {summary_line(cache)}")
 
 
 @cli.group()

@@ -196,7 +196,7 @@ class Inventory:
                                    "error": record.error, "last_seen_unix_ms": record.last_seen_unix_ms}
             status = message_to_json(record.status) if record.status is not None else {}
             for key in ("node", "build", "rpc_server", "rpc_servers", "devices", "host", "memory_limit_bytes",
-                        "models", "models_omitted", "models_dir"):
+                        "models", "models_omitted", "models_dir", "rpc_cache"):
                 doc[key] = status.get(key)
             out.append(doc)
         return out
@@ -282,13 +282,15 @@ class Inventory:
         return stopped.rpc_server
 
     async def stage_tensors(self, address: str, sha256: str, ranges: list[tuple[int, int]],
-                            timeout_s: float, known: Mapping[tuple[int, int], int] | None = None) -> pb.StageTensorsResponse:
-        """Ask a node's agent to write the rpc cache entries of (offset, size) ranges of its copy of a model;
+                            timeout_s: float, rpc_server_index: int | None = None,
+                            known: Mapping[tuple[int, int], int] | None = None) -> pb.StageTensorsResponse:
+        """Ask a node's agent to write the rpc cache entries of (offset, size) ranges of its copy of a
+        model; `rpc_server_index`: the slot whose coordinator uses them (kept from eviction meanwhile);
         `known`: the FNV-1a of ranges the controller computed already (the agent then need not read them)."""
         known = known or {}
         request = pb.StageTensorsRequest(sha256=sha256, ranges=[
             pb.ByteRange(offset=o, size=n, fnv1a=known[(o, n)]) if (o, n) in known else pb.ByteRange(offset=o, size=n)
-            for o, n in ranges])
+            for o, n in ranges], rpc_server_index=rpc_server_index)
         reply: pb.StageTensorsResponse = await self._call(address, "StageTensors", request, timeout_s)
         return reply
 

@@ -293,15 +293,19 @@ class CoordinatorManager:
             return
         started = time.monotonic()
         nodes = [node for node in plan.holders if ranges.get(node)]
-        done = await asyncio.gather(*(self._stage_node(model, node, sha, ranges[node], known) for node in nodes))
+        # Which of its rpc-servers each node's share is for: the agent keeps those entries from
+        # eviction while that rpc-server serves the coordinator about to start.
+        slots = {a.node: a.rpc_index for a in plan.assignments}
+        done = await asyncio.gather(*(self._stage_node(model, node, sha, ranges[node], slots[node], known)
+                                      for node in nodes))
         results = dict(zip(nodes, done, strict=True))
         self._prestaged[model] = {"bytes": sum(r.get("cached_bytes", 0) for r in results.values()),
                                   "seconds": round(time.monotonic() - started, 3), "nodes": results}
 
     async def _stage_node(self, model: str, node: str, sha: str, ranges: list[tuple[int, int]],
-                          known: Mapping[tuple[int, int], int] | None = None) -> dict[str, Any]:
+                          rpc_index: int, known: Mapping[tuple[int, int], int] | None = None) -> dict[str, Any]:
         try:
-            reply = await self.inventory.stage_tensors(node, sha, ranges, STAGE_TIMEOUT_S, known)
+            reply = await self.inventory.stage_tensors(node, sha, ranges, STAGE_TIMEOUT_S, rpc_index, known)
         except LlamafleetError as exc:
             log.warning("pre-staging %s on %s failed; its share goes over the network: %s", model, node, exc.message)
             self.runtime.events("stage.failed", node, f"pre-staging {model} failed: {exc.message}", model=model)
@@ -310,7 +314,7 @@ class CoordinatorManager:
                "referenced": reply.referenced,
                "skipped_small": reply.skipped_small, "bytes_written": reply.bytes_written,
                "cached_bytes": reply.cached_bytes, "seconds": round(reply.seconds, 3)}
-        rewritten = f", {reply.rewritten} rewritten (wrong size)" if reply.rewritten else ""
+        rewritten = f", {reply.rewritten} rewritten (truncated or corrupted)" if reply.rewritten else ""
         if reply.referenced:
             rewritten += f", {reply.referenced} of them references to the node's copy (nothing copied)"
         self.runtime.events("stage", node, f"pre-staged {model}: {reply.staged} entries written{rewritten}, "

@@ -191,7 +191,7 @@ class HostMemory(_message.Message):
     def __init__(self, total_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("node", "build", "rpc_server", "devices", "host", "observed_at_unix_ms", "memory_limit_bytes", "rpc_servers", "models", "models_omitted", "models_dir")
+    __slots__ = ("node", "build", "rpc_server", "devices", "host", "observed_at_unix_ms", "memory_limit_bytes", "rpc_servers", "models", "models_omitted", "models_dir", "rpc_cache")
     NODE_FIELD_NUMBER: _ClassVar[int]
     BUILD_FIELD_NUMBER: _ClassVar[int]
     RPC_SERVER_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +203,7 @@ class AgentStatus(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     MODELS_OMITTED_FIELD_NUMBER: _ClassVar[int]
     MODELS_DIR_FIELD_NUMBER: _ClassVar[int]
+    RPC_CACHE_FIELD_NUMBER: _ClassVar[int]
     node: NodeIdentity
     build: LlamaCppBuild
     rpc_server: RpcServerStatus
@@ -214,7 +215,36 @@ class AgentStatus(_message.Message):
     models: _containers.RepeatedCompositeFieldContainer[ModelFile]
     models_omitted: int
     models_dir: str
-    def __init__(self, node: _Optional[_Union[NodeIdentity, _Mapping]] = ..., build: _Optional[_Union[LlamaCppBuild, _Mapping]] = ..., rpc_server: _Optional[_Union[RpcServerStatus, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., host: _Optional[_Union[HostMemory, _Mapping]] = ..., observed_at_unix_ms: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., rpc_servers: _Optional[_Iterable[_Union[RpcServerStatus, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ..., models_omitted: _Optional[int] = ..., models_dir: _Optional[str] = ...) -> None: ...
+    rpc_cache: RpcCacheSummary
+    def __init__(self, node: _Optional[_Union[NodeIdentity, _Mapping]] = ..., build: _Optional[_Union[LlamaCppBuild, _Mapping]] = ..., rpc_server: _Optional[_Union[RpcServerStatus, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., host: _Optional[_Union[HostMemory, _Mapping]] = ..., observed_at_unix_ms: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., rpc_servers: _Optional[_Iterable[_Union[RpcServerStatus, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ..., models_omitted: _Optional[int] = ..., models_dir: _Optional[str] = ..., rpc_cache: _Optional[_Union[RpcCacheSummary, _Mapping]] = ...) -> None: ...
+
+class RpcCacheSummary(_message.Message):
+    __slots__ = ("cache_dir", "used_bytes", "max_bytes", "entries", "models", "in_use_bytes", "unverified", "corrupt_removed", "evictions", "evicted_bytes", "checked_at_unix_ms", "error")
+    CACHE_DIR_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    IN_USE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UNVERIFIED_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    cache_dir: str
+    used_bytes: int
+    max_bytes: int
+    entries: int
+    models: int
+    in_use_bytes: int
+    unverified: int
+    corrupt_removed: int
+    evictions: int
+    evicted_bytes: int
+    checked_at_unix_ms: int
+    error: str
+    def __init__(self, cache_dir: _Optional[str] = ..., used_bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., entries: _Optional[int] = ..., models: _Optional[int] = ..., in_use_bytes: _Optional[int] = ..., unverified: _Optional[int] = ..., corrupt_removed: _Optional[int] = ..., evictions: _Optional[int] = ..., evicted_bytes: _Optional[int] = ..., checked_at_unix_ms: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()
@@ -327,12 +357,14 @@ class ByteRange(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., size: _Optional[int] = ..., fnv1a: _Optional[int] = ...) -> None: ...
 
 class StageTensorsRequest(_message.Message):
-    __slots__ = ("sha256", "ranges")
+    __slots__ = ("sha256", "ranges", "rpc_server_index")
     SHA256_FIELD_NUMBER: _ClassVar[int]
     RANGES_FIELD_NUMBER: _ClassVar[int]
+    RPC_SERVER_INDEX_FIELD_NUMBER: _ClassVar[int]
     sha256: str
     ranges: _containers.RepeatedCompositeFieldContainer[ByteRange]
-    def __init__(self, sha256: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ...) -> None: ...
+    rpc_server_index: int
+    def __init__(self, sha256: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ..., rpc_server_index: _Optional[int] = ...) -> None: ...
 
 class StageTensorsResponse(_message.Message):
     __slots__ = ("staged", "present", "skipped_small", "bytes_written", "seconds", "rewritten", "entries", "cached_bytes", "referenced")

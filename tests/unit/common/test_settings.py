@@ -94,3 +94,26 @@ def test_the_controller_example_config_is_valid_and_says_the_defaults() -> None:
     example = Path(__file__).resolve().parents[3] / "controller" / "controller.example.toml"
     from_file = load_settings(ControllerSettings, flags={}, config_file=example, environ={})
     assert from_file == load_settings(ControllerSettings, flags={}, environ={})
+
+
+def test_the_rpc_cache_cap_from_a_flag_the_environment_or_the_file(tmp_path: Path) -> None:
+    assert load_settings(AgentSettings, flags={}, environ={}).rpc_cache_max is None  # auto: half the filesystem
+    assert load_settings(AgentSettings, flags={"rpc_cache_max": "50GiB"}, environ={}).rpc_cache_max == 50 * 2**30
+    for no_cap in ("0", "none", "unlimited"):
+        assert load_settings(AgentSettings, flags={}, environ={"LLAMAFLEET_RPC_CACHE_MAX": no_cap}).rpc_cache_max == 0
+    config = tmp_path / "c.toml"
+    config.write_text('rpc_cache_max = "auto"\nrpc_cache_check_s = 60\n')
+    from_file = load_settings(AgentSettings, flags={}, config_file=config, environ={})
+    assert from_file.rpc_cache_max is None and from_file.rpc_cache_check_s == 60
+    config.write_text("rpc_cache_max = 1000\n")
+    assert load_settings(AgentSettings, flags={}, config_file=config, environ={}).rpc_cache_max == 1000
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ({"rpc_cache_max": "lots"}, "invalid rpc_cache_max from --rpc-cache-max: not a size"),
+    ({"rpc_cache_max": "-5GiB"}, "invalid rpc_cache_max from --rpc-cache-max: not a size"),
+    ({"rpc_cache_check_s": "0"}, "rpc_cache_check_s must be > 0"),
+])
+def test_a_bad_rpc_cache_setting_is_one_line(flags: dict[str, str], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        load_settings(AgentSettings, flags=flags, environ={})

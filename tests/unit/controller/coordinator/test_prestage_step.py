@@ -22,10 +22,13 @@ SHA = "ab" * 32
 class FakeInventory:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, list[tuple[int, int]]]] = []
+        self.slots: dict[str, int | None] = {}
 
     async def stage_tensors(self, address: str, sha256: str, ranges: list[tuple[int, int]],
-                            timeout_s: float) -> pb.StageTensorsResponse:
+                            timeout_s: float, rpc_server_index: int | None = None,
+                            known: object = None) -> pb.StageTensorsResponse:
         self.calls.append((address, sha256, ranges))
+        self.slots[address] = rpc_server_index
         if address == "broken":
             raise AgentCallError("agent at broken: FAILED_PRECONDITION: no C compiler")
         return pb.StageTensorsResponse(staged=1, bytes_written=100, cached_bytes=100, seconds=0.5)
@@ -41,7 +44,8 @@ def manager(holders_sha: str | None) -> tuple[CoordinatorManager, FakeInventory,
 
 
 def plan(holders: list[str]) -> Plan:
-    assignments = [DeviceAssignment(n, f"{n}:1", "CPU", i, 1, 0, 0, 0, 0, 0) for i, n in enumerate(("ok", "broken", "none"))]
+    assignments = [DeviceAssignment(n, f"{n}:{50052 + slot}", "CPU", i, 1, 0, 0, 0, 0, 0, rpc_index=slot)
+                   for i, (n, slot) in enumerate((("ok", 2), ("broken", 0), ("none", 1)))]
     return Plan("m", cast(Any, None), True, assignments, holders=holders)
 
 
@@ -69,3 +73,9 @@ def test_nothing_is_asked_while_the_sha256_is_unknown() -> None:
     made, inventory, events = manager(None)
     asyncio.run(made._prestage("m", RESOLVED, plan(["ok"])))
     assert inventory.calls == [] and events == [] and made._prestaged["m"]["bytes"] == 0
+
+
+def test_each_holder_is_told_which_of_its_rpc_servers_the_share_is_for() -> None:
+    made, inventory, _ = manager(SHA)
+    asyncio.run(made._prestage("m", RESOLVED, plan(["ok", "broken"])))
+    assert inventory.slots == {"ok": 2, "broken": 0}
