@@ -26,7 +26,8 @@ pytestmark = pytest.mark.integration
 LIMITS = ("260MiB", "300MiB")
 GREEDY = {"temperature": 0, "seed": 1, "num_predict": 16}
 PROMPT = "The capital of France is a city where"
-USED = "tensors set through pre-computed RPC hashes"
+# A hash no tensor of gemma has: written into a hash file, it shows whether the file was used.
+FAKE = "00000000deadbeef"
 
 
 def raw_tokens(fleet: Fleet) -> str:
@@ -51,7 +52,6 @@ def stock_tokens(tmp_path_factory: pytest.TempPathFactory, stock_llama_cpp: Mani
     """What stock llama.cpp answers, split over the same two rpc-servers."""
     with running_fleet(tmp_path_factory.mktemp("stock"), stock_llama_cpp, test_model, memory_limit=LIMITS) as fleet:
         tokens = raw_tokens(fleet)
-        assert USED not in coordinator_log(fleet)
         assert not hash_files(fleet), "a stock coordinator gets no hashes"
     return tokens
 
@@ -64,13 +64,25 @@ def test_the_builds_under_test_are_what_they_say(llama_cpp: Manifest, stock_llam
 
 def test_a_patched_coordinator_uses_the_hashes_and_gives_the_stock_tokens(tmp_path: Path, llama_cpp: Manifest,
                                                                            test_model: Path, stock_tokens: str) -> None:
+    name, _, _ = _output_entry(test_model)
     with running_fleet(tmp_path, llama_cpp, test_model, memory_limit=LIMITS) as fleet:
         assert raw_tokens(fleet) == stock_tokens
-        log = coordinator_log(fleet)
-        assert "1 pre-computed tensor hashes from" in log, log[-3000:]
-        assert f"1 {USED}" in log
         [hashes] = hash_files(fleet)
-        assert hashes.read_text().startswith("llama-rpc-tensor-hashes 1\n")
+        assert fleet.ps()[0]["tensor_hashes"] == str(hashes)
+        text = hashes.read_text()
+        assert text.startswith("llama-rpc-tensor-hashes 1\n") and f" {name}\n" in text
+        last = fleet.agents[1]
+        assert (cache_dir(last) / name).exists()  # saved by the rpc-server: nobody held the file
+        # Proof that the coordinator asks by the hash it is given instead of hashing the bytes: the
+        # entry is there, but under another hash the rpc-server has none, so it gets the bytes again
+        # (and saves them by their own hash: a server never files bytes under a name it was told).
+        saved = len(saved_lines(last))
+        hashes.write_text(text.replace(f" {name}\n", f" {FAKE}\n"))
+        assert fleet.cli("stop", "gemma").returncode == 0
+        wait_for(lambda: not fleet.ps(), 30, "gemma unloaded")
+        assert raw_tokens(fleet) == stock_tokens  # a miss costs the transfer, never a wrong tensor
+        assert len(saved_lines(last)) == saved + 1
+        assert not (cache_dir(last) / FAKE).exists()
 
 
 @pytest.mark.parametrize("mix", ["patched coordinator, stock rpc-servers", "stock coordinator, patched rpc-servers"])
@@ -79,23 +91,25 @@ def test_patched_and_stock_builds_work_together(tmp_path: Path, llama_cpp: Manif
     controller, agents = (llama_cpp, stock_llama_cpp) if mix.startswith("patched") else (stock_llama_cpp, llama_cpp)
     with running_fleet(tmp_path, controller, test_model, memory_limit=LIMITS, agent_llama_cpp=agents) as fleet:
         assert raw_tokens(fleet) == stock_tokens
-        assert (f"1 {USED}" in coordinator_log(fleet)) == (controller is llama_cpp)
+        assert bool(fleet.ps()[0]["tensor_hashes"]) == (controller is llama_cpp)
 
 
 def test_a_hash_file_that_does_not_match_the_model_is_ignored(tmp_path: Path, llama_cpp: Manifest,
                                                               test_model: Path, stock_tokens: str) -> None:
+    name, _, _ = _output_entry(test_model)
     with running_fleet(tmp_path, llama_cpp, test_model, memory_limit=LIMITS) as fleet:
         assert raw_tokens(fleet) == stock_tokens
+        saved = len(saved_lines(fleet.agents[1]))
         [hashes] = hash_files(fleet)
-        lines = hashes.read_text().splitlines()
+        lines = hashes.read_text().replace(f" {name}", f" {FAKE}").splitlines()
         size, mtime = lines[1].split()
         # As if the model had been replaced since the file was made (same size, another mtime).
         hashes.write_text("\n".join([lines[0], f"{size} {int(mtime) + 1}", *lines[2:]]) + "\n")
         assert fleet.cli("stop", "gemma").returncode == 0
         wait_for(lambda: not fleet.ps(), 30, "gemma unloaded")
         assert raw_tokens(fleet) == stock_tokens
-        log = coordinator_log(fleet)
-        assert "does not describe" in log and USED not in log
+        assert "does not describe" in coordinator_log(fleet)
+        assert len(saved_lines(fleet.agents[1])) == saved  # hashed itself: the right hash, a cache hit
 
 
 def _output_entry(test_model: Path) -> tuple[str, int, int]:
