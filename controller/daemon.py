@@ -203,6 +203,7 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
                       log_root=settings.state_path / "logs" / "coordinators", session=session,
                       policy=RestartPolicy(start_timeout_s=settings.load_timeout_s), events=events.record)
     tensor_hashes = TensorHashes(settings.state_path)
+    planner.tensor_hashes = tensor_hashes
     manager = CoordinatorManager(planner, inventory, store, runtime, settings.keep_alive, settings.prompt_cache_mib,
                                  tensor_hashes)
     metrics = ControllerMetrics(inventory, manager)

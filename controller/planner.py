@@ -15,6 +15,7 @@ from llamafleet.controller.holders import Holders, ModelDigests, find_holders
 from llamafleet.controller.inventory import Inventory
 from llamafleet.controller.models import ModelStore, ResolvedModel
 from llamafleet.controller.placement.plan import Headroom, Plan, make_plan
+from llamafleet.controller.tensor_hashes import TensorHashes
 
 MAX_CTX = 1 << 24
 # With auto slots, at most this many: past 8 streams a GPU's aggregate decode barely grows
@@ -30,6 +31,7 @@ class Planner:
         """`parallel`: request slots per coordinator; 0 is auto (as many as fit, up to `max_parallel`).
         `digests`: the controller's model hashes, to find the nodes that hold a model (None: nobody does)."""
         self.digests = digests
+        self.tensor_hashes: TensorHashes | None = None  # set by the daemon
         self.models = models
         self.inventory = inventory
         self.coordinator = coordinator
@@ -72,6 +74,9 @@ class Planner:
         views = [v.reserving(reserved or {}) for v in self.inventory.node_views(load)]
         holders = (find_holders(resolved.path, views, self.digests) if self.digests is not None
                    else Holders.none(""))
+        if holders.addresses and self.tensor_hashes is not None:
+            # Their pre-staging (and a patched coordinator) will want the tensor hashes: start now.
+            self.tensor_hashes.prefetch(resolved.path, header)
 
         def place(slots: int, max_nodes: int | None = None) -> Plan:
             made = make_plan(model, estimate_memory(header, ctx or self.default_ctx, slots), views, protocol,

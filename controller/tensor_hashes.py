@@ -76,7 +76,10 @@ class TensorHashes:
         self.threshold = threshold
         self._fnv = fnv or Fnv1a(state_dir / "fnv1a")
         self._workers = workers
-        self._pending: dict[FileKey, asyncio.Future[HashFile | None]] = {}
+        # One computation at a time (each uses `workers` threads itself); a second request for the
+        # same file version waits for the first.
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensor-hashes")
+        self._pending: dict[FileKey, concurrent.futures.Future[HashFile | None]] = {}
         self._failed: dict[FileKey, str] = {}
         self._stop = threading.Event()
         self.last_seconds = 0.0  # how long the last computation took (for `ps` and the bench)
@@ -94,15 +97,32 @@ class TensorHashes:
             pass
         except (OSError, ValueError) as exc:
             log.warning("recomputing %s: %s", target, exc)
+        pending = self._submit(key, header, target)
+        if pending is None:
+            return None
+        # Shielded: a load that is cancelled leaves the computation to the next one.
+        return await asyncio.shield(asyncio.wrap_future(pending))
+
+    def prefetch(self, model: Path, header: GGUFHeader) -> None:
+        """Start computing the hashes in the background if they are not there yet (e.g. when the
+        planner first sees nodes that hold the model), so that its first load need not wait."""
+        try:
+            key = FileKey.of(model)
+        except OSError:
+            return
+        target = self.directory / hash_file_name(key)
+        if not target.is_file():
+            self._submit(key, header, target)
+
+    def _submit(self, key: FileKey, header: GGUFHeader, target: Path) -> concurrent.futures.Future[HashFile | None] | None:
         if key in self._failed or self._stop.is_set():
             return None
         pending = self._pending.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(asyncio.to_thread(self._compute_logged, key, header, target))
+            pending = self._pool.submit(self._compute_logged, key, header, target)
             self._pending[key] = pending
             pending.add_done_callback(lambda _: self._pending.pop(key, None))
-        # Shielded: a load that is cancelled leaves the computation to the next one.
-        return await asyncio.shield(pending)
+        return pending
 
     def _compute_logged(self, key: FileKey, header: GGUFHeader, target: Path) -> HashFile | None:
         try:
@@ -156,3 +176,4 @@ class TensorHashes:
     def close(self) -> None:
         """Stops a computation under way at its next chunk (the controller is stopping)."""
         self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             llamafleet_bin("llamafleet"), "serve", "--listen", f"{LOOPBACK}:{CONTROLLER_PORT}", "--token-file",
             str(token), "--models-dir", str(store), "--llama-cpp", str(args.llama_cpp), "--state-dir",
             str(args.workdir / "controller-state"), "--default-ctx", str(args.ctx),
+            # One slot, as the local and hand-started loads have: the same KV cache to allocate.
+            "--parallel", "1",
             *[a for spec in AGENTS for a in ("--agent", spec.address)]], logdir)
 
         def holders() -> bool:
