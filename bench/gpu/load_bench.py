@@ -68,16 +68,27 @@ def server_args(summary: dict[str, Any], ctx: int) -> list[str]:
             "--no-webui"]
 
 
+# Lines of a llama-server log at -lv 4 that mark the phases of a load (each starts with a timestamp).
+TIMELINE = ("load_model", "load_tensors", "pre-computed", "llama_context", "kv_cache", "graph_reserve", "warm",
+            "model loaded", "init:", "n_ctx")
+
+
 def hand_load(llama: LlamaCpp, model: Path, args: list[str], logdir: Path, name: str,
-              env: dict[str, str] | None = None) -> dict[str, Any]:
-    server = start_llama_server(llama, name, model, SERVER_PORT, args, logdir, env)
+              env: dict[str, str] | None = None, timeline: bool = False) -> dict[str, Any]:
+    server = start_llama_server(llama, name, model, SERVER_PORT, [*args, *(["-lv", "4"] if timeline else [])],
+                                logdir, env)
     try:
         cpu = cpu_seconds(server.proc.popen.pid)
     finally:
         server.stop()
     log = server.proc.log.read_text(errors="replace")
     used = [line.strip() for line in log.splitlines() if "pre-computed" in line]
-    return {"load_s": round(server.load_s, 2), "cpu_s": round(cpu, 2), "hash_lines": used[-2:]}
+    result = {"load_s": round(server.load_s, 2), "cpu_s": round(cpu, 2), "hash_lines": used[-2:]}
+    if timeline:
+        # Where the time goes: the timestamped lines of each phase (first 80).
+        result["timeline"] = [line.strip()[:200] for line in log.splitlines()
+                              if line[:1].isdigit() and any(k in line for k in TIMELINE)][:80]
+    return result
 
 
 def generate(url: str, **extra: Any) -> dict[str, Any]:
@@ -122,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "results.md").write_text(markdown(results))
 
     base = server_args(summary, args.ctx)
-    local = [hand_load(llama, args.model, base, logdir, f"local-{i}") for i in range(2)]
+    local = [hand_load(llama, args.model, base, logdir, f"local-{i}", timeline=i == 1) for i in range(2)]
     results["runs"]["local"] = {"loads": local, "load_s": min(r["load_s"] for r in local)}
     print("local loads:", [r["load_s"] for r in local], flush=True)
     save()
@@ -177,10 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         rpc = ["--rpc", ",".join(endpoints), "--tensor-split", ",".join(str(n) for n in plan["tensor_split"]),
                "--device", ",".join(f"RPC{i}" for i in range(len(endpoints)))]
         env = {k: v for k, v in os.environ.items() if k != "LLAMA_RPC_TENSOR_HASHES"}
-        results["runs"]["hand_stock_hashing"] = hand_load(llama, args.model, base + rpc, logdir, "hand-stock", env)
+        results["runs"]["hand_stock_hashing"] = hand_load(llama, args.model, base + rpc, logdir, "hand-stock", env,
+                                                          timeline=True)
         if hashes:
             results["runs"]["hand_hashes"] = hand_load(llama, args.model, base + rpc, logdir, "hand-hashes",
-                                                       env | {"LLAMA_RPC_TENSOR_HASHES": str(hashes[-1])})
+                                                       env | {"LLAMA_RPC_TENSOR_HASHES": str(hashes[-1])},
+                                                       timeline=True)
         else:
             results["errors"]["hand_hashes"] = "the controller made no tensor hashes file"
     except BenchError as exc:
