@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -293,6 +293,39 @@ class Inventory:
             for o, n in ranges], rpc_server_index=rpc_server_index)
         reply: pb.StageTensorsResponse = await self._call(address, "StageTensors", request, timeout_s)
         return reply
+
+    async def prepare_push(self, address: str, name: str, sha256: str, size_bytes: int,
+                           timeout_s: float) -> pb.PrepareModelPushResponse:
+        """Ask a node whether it holds a model file already, and from which byte a push of it resumes."""
+        request = pb.PrepareModelPushRequest(name=name, sha256=sha256, size_bytes=size_bytes)
+        reply: pb.PrepareModelPushResponse = await self._call(address, "PrepareModelPush", request, timeout_s)
+        return reply
+
+    async def push_model(self, address: str, header: pb.PushModelHeader, data: AsyncIterable[bytes],
+                         sent: Callable[[int], None]) -> pb.PushModelResponse:
+        """Stream a model file's bytes (from `header.offset`) into a node's models dir; `sent` is told
+        each chunk's size once gRPC has taken it. No deadline: a large file takes minutes, and the
+        channel's keepalive notices a peer that went away."""
+        target = self._target(address)
+        if not target.token:
+            raise AgentCallError(f"agent at {address}: {target.missing}")
+        channel = aio_channel(target, _CHANNEL_OPTIONS)
+        try:
+            call = pb_grpc.AgentServiceStub(channel).PushModel(metadata=target.metadata_for(method_path("PushModel")))
+            try:
+                await call.write(pb.PushModelRequest(header=header))
+                async for chunk in data:
+                    await call.write(pb.PushModelRequest(data=chunk))
+                    sent(len(chunk))
+                await call.done_writing()
+            except asyncio.InvalidStateError:
+                pass  # the agent answered before the last byte (a refusal): its status says why, below
+            reply: pb.PushModelResponse = await call
+            return reply
+        except grpc.aio.AioRpcError as exc:
+            raise describe_rpc_error(address, exc) from None
+        finally:
+            await channel.close()  # also cancels the call when we stop part-way (the agent keeps its bytes)
 
     async def _call(self, address: str, method: str, request: Message, timeout_s: float) -> Any:
         """One unary call of the node's agent, with the node's own proof for that method; an

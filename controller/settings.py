@@ -63,6 +63,9 @@ class ControllerSettings:
                                       help="memory of one Ollama pool node (0: trust what the node lists)")
     routes: tuple[str, ...] = setting((), help="MODEL=pool or MODEL=fleet: override the routing",
                                       flag="--route", repeat=True)
+    pull_rate_limit: int = setting(0, parse=parse_size,
+                                   help="most bytes a second `llamafleet pull` sends to each node, e.g. 50MiB "
+                                        "(0: no limit)")
     api_key_file: Path | None = setting(None, parse=parse_path,
                                         help="API keys (one per line) the gateway requires as Bearer tokens")
     admin_key_file: Path | None = setting(None, parse=parse_path,
