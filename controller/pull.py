@@ -274,16 +274,16 @@ class PullManager:
                                                           PREPARE_TIMEOUT_S)
             if prepared.already_held:
                 part.state, part.completed, part.name = "held", pull.size, prepared.model.name or part.name
-                self._events("pull.done", part.node, f"{part.node} holds {pull.model} already (as {part.name}): "
-                             "nothing sent", model=pull.model, name=part.name, held=True, sent_bytes=0)
+                self._events("pull.done", part.node, f"holds {pull.model} already (as {part.name}): nothing sent",
+                             model=pull.model, name=part.name, held=True, sent_bytes=0)
                 return
             offset = part.resumed_from = part.completed = prepared.have_bytes
             part.state = "sending"
             pull.changes.bump()
             resuming = f", resuming at {format_size(offset)}" if offset else ""
-            self._events("pull", part.node, f"pulling {pull.model} into {part.node} as {part.name}: "
-                         f"{format_size(pull.size - offset)} to send{resuming}", model=pull.model, name=part.name,
-                         sha256=pull.sha256, total=pull.size, resumed_from=offset)
+            self._events("pull", part.node, f"pulling {pull.model} as {part.name}: {format_size(pull.size - offset)} "
+                         f"to send{resuming}", model=pull.model, name=part.name, sha256=pull.sha256, total=pull.size,
+                         resumed_from=offset)
 
             def sent(count: int) -> None:
                 part.sent += count
@@ -294,10 +294,10 @@ class PullManager:
                 reply = await self._inventory.push_model(part.node, header, data, sent)
             part.state, part.name, part.completed = "done", reply.model.name or part.name, pull.size
             part.seconds = time.monotonic() - started
-            self._events("pull.done", part.node, f"pulled {pull.model} into {part.node} as {part.name}: "
-                         f"{format_size(part.sent)} sent{resuming} in {part.seconds:.1f}s, sha256 verified",
-                         model=pull.model, name=part.name, path=reply.model.path, held=False, sent_bytes=part.sent,
-                         resumed_from=offset, seconds=round(part.seconds, 3))
+            self._events("pull.done", part.node, f"pulled {pull.model} as {part.name}: {format_size(part.sent)} "
+                         f"sent{resuming} in {part.seconds:.1f}s, sha256 verified", model=pull.model, name=part.name,
+                         path=reply.model.path, held=False, sent_bytes=part.sent, resumed_from=offset,
+                         seconds=round(part.seconds, 3))
             self._stage_later(pull.model, part.node, pull.path, pull.sha256)
         except LlamafleetError as exc:
             self._fail(pull, part, exc.message)
@@ -314,7 +314,7 @@ class PullManager:
     def _fail(self, pull: Pull, part: NodePull, message: str) -> None:
         part.state, part.error = "failed", message
         log.warning("pulling %s into %s failed: %s", pull.model, part.node, message)
-        self._events("pull.failed", part.node, f"pulling {pull.model} into {part.node} failed: {message}",
+        self._events("pull.failed", part.node, f"pulling {pull.model} failed: {message}",
                      model=pull.model, name=part.name, sent_bytes=part.sent, completed=part.completed)
 
     async def _read(self, path: Path, offset: int, size: int) -> AsyncIterator[bytes]:
