@@ -134,6 +134,7 @@ def test_a_pull_makes_the_node_hold_a_byte_identical_ready_file_and_stages_it(tm
         # Refusals: one line each, the right exit code, nothing sent.
         no_dir = fleet.cli("pull", "gemma", "--node", bare.address)
         assert no_dir.returncode == 1 and no_dir.stderr.startswith("error: ") and "has no models dir" in no_dir.stderr
+        assert post(fleet, "/llamafleet/v1/pull", {"model": "gemma", "nodes": [bare.address]})[0] == 409
         unknown = fleet.cli("pull", "gemma", "--node", "10.9.9.9:1")
         assert unknown.returncode == 1 and "no node 10.9.9.9:1" in unknown.stderr
         missing = fleet.cli("pull", "nothing-here")
@@ -156,7 +157,8 @@ def test_an_interrupted_pull_resumes_and_the_result_verifies(tmp_path: Path, lla
     store.mkdir()
     total = test_model.stat().st_size
     with running_fleet(tmp_path / "fleet", llama_cpp, test_model, agents=1, memory_limit="900MiB",
-                       controller_args=("--pull-rate-limit", RATE), agent_args=(("--models-dir", str(store)),)) as fleet:
+                       controller_args=("--pull-rate-limit", RATE),
+                       agent_args=(("--models-dir", str(store)),)) as fleet:
         [agent] = fleet.agents
 
         def pulling() -> subprocess.Popen[str]:
