@@ -17,6 +17,9 @@ Refused before a byte is written, each with one line: a name that is not NAME or
 (letters, digits, '.', '_', '-'; no '..', no hidden or absolute names), a different file already
 at DIR/NAME.gguf (never overwritten), a push of the same name under way (one at a time per
 file), and less free space than the bytes still to come (statvfs of the target's directory).
+
+The partial is locked (POSIX lockf, which NFS carries) while a push writes it, so agents that
+share one models dir (a NAS mount) cannot interleave their bytes: the second is refused as busy.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -155,15 +159,33 @@ def _read_record(path: Path) -> tuple[str, int] | None:
         return None
 
 
-def kept_bytes(target: Target, offer: Offer) -> int:
-    """How many bytes of exactly this file an interrupted push left (0: none, or of another file)."""
+def kept_bytes(target: Target, offer: Offer, fd: int | None = None) -> int:
+    """How many bytes of exactly this file an interrupted push left (0: none, or of another file);
+    `fd`: the partial, open (and locked) already."""
     if _read_record(target.record) != (offer.sha256, offer.size_bytes):
         return 0
     try:
-        size = os.lstat(target.partial).st_size
+        size = os.fstat(fd).st_size if fd is not None else os.lstat(target.partial).st_size
     except FileNotFoundError:
         return 0
     return size if size <= offer.size_bytes else 0
+
+
+def _lock(fd: int, target: Target) -> None:
+    """Hold the partial for this push: another agent writing into a models dir shared with this
+    one (an NFS mount) is refused instead of interleaving its bytes with ours."""
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EAGAIN):
+            raise PushBusy(f"another process is writing {target.partial} (a models dir shared with another "
+                           "node?): pull again once it is done") from None
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            # A file system without locks: pushes from one agent are still one at a time.
+            log.warning("cannot lock %s (%s): two nodes pulling into one shared models dir would collide",
+                        target.partial, exc.strerror)
+            return
+        raise
 
 
 class _Partial:
@@ -196,21 +218,25 @@ class _Partial:
             self.fd = -1
 
     def discard(self) -> None:
+        """Delete what arrived and its record (while still holding the lock), then close."""
+        self.target.partial.unlink(missing_ok=True)
+        self.target.record.unlink(missing_ok=True)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        self.target.partial.unlink(missing_ok=True)
-        self.target.record.unlink(missing_ok=True)
 
     def finish(self) -> FileKey:
-        """Put the complete, verified file in place as NAME.gguf (durably); its key."""
-        self.close()
+        """Put the complete, verified file in place as NAME.gguf (durably, still holding the lock); its key."""
+        os.fsync(self.fd)
         if os.path.lexists(self.target.final):
             raise NameTaken(f"{self.target.final} appeared while the file arrived: not overwritten")
         os.replace(self.target.partial, self.target.final)
         _sync_dir(self.target.final.parent)
         self.target.record.unlink(missing_ok=True)
-        return FileKey.of(self.target.final)
+        key = FileKey.of(self.target.final)
+        os.close(self.fd)
+        self.fd = -1
+        return key
 
 
 def _sync_dir(directory: Path) -> None:
@@ -383,17 +409,21 @@ class Receiver:
                               "(ask PrepareModelPush again)")
         self._check_room(offer, target, offset, self._free_at(target))
         target.final.parent.mkdir(parents=True, exist_ok=True)
-        if offset == 0:
-            # Old bytes first, then the record of the new file: never a record over another's bytes.
-            target.partial.unlink(missing_ok=True)
-            _write_record(target, offer)
-            fd = os.open(target.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-            return _Partial(target, fd, hashlib.sha256(), 0)
-        fd = os.open(target.partial, os.O_RDWR | os.O_NOFOLLOW)
+        fd = os.open(target.partial, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
+            _lock(fd, target)
+            # Under the lock, again: another writer may have changed it since the look above.
+            if offset > kept_bytes(target, offer, fd):
+                raise PushRefused(f"cannot resume {offer.name} at byte {offset}: its kept bytes changed meanwhile "
+                                  "(ask PrepareModelPush again)")
             os.ftruncate(fd, offset)
+            if offset == 0:
+                # The old bytes go before the record names the new file: never a record over another's bytes.
+                _write_record(target, offer)
+                digest = hashlib.sha256()
+            else:
+                digest = _hash_prefix(fd, offset, (self._stop, stop))
             os.lseek(fd, offset, os.SEEK_SET)
-            digest = _hash_prefix(fd, offset, (self._stop, stop))
         except BaseException:
             os.close(fd)
             raise

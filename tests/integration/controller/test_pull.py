@@ -252,6 +252,26 @@ def test_a_pull_whose_sha256_does_not_match_is_refused_and_leaves_nothing(tmp_pa
         assert ready_models(first) == [("gemma", GEMMA_SHA256)]  # what the first got is the real file
 
 
+def test_nodes_sharing_one_models_dir_never_interleave_their_bytes(tmp_path: Path, llama_cpp: Manifest,
+                                                                  test_model: Path) -> None:
+    shared = tmp_path / "nas"  # what two workers mounting one NAS share see
+    shared.mkdir()
+    args = ("--models-dir", str(shared), "--models-rescan-s", "1")
+    with running_fleet(tmp_path / "fleet", llama_cpp, test_model, memory_limit="900MiB",
+                       controller_args=("--pull-rate-limit", RATE), agent_args=(args, args)) as fleet:
+        result = fleet.cli("pull", "gemma", "--json")
+        assert result.returncode == 1
+        parts = sorted(json.loads(result.stdout)["nodes"], key=lambda part: part["status"])
+        assert [part["status"] for part in parts] == ["done", "failed"]
+        assert "ABORTED: another process is writing" in parts[1]["error"] and parts[1]["sent_bytes"] < 2**21
+        assert filecmp.cmp(shared / "gemma.gguf", test_model, shallow=False) and hidden(shared) == []
+        # The other node finds the file at its next rescan: both hold it, nothing is left to pull.
+        for agent in fleet.agents:
+            wait_for(lambda: ready_models(agent) == [("gemma", GEMMA_SHA256)], 60, "the shared file listed ready")
+        wait_for(lambda: "nothing to do: 2 node(s)" in fleet.cli("pull", "gemma").stdout, 30,
+                 "the controller to see both holders", interval_s=0.5)
+
+
 @contextmanager
 def small_file_system(path: Path, size: str) -> Iterator[None]:
     path.mkdir()

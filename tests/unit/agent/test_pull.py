@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -270,3 +273,31 @@ def test_a_listing_taken_before_the_file_arrived_does_not_forget_it(tmp_path: Pa
         assert [(m.name, m.state) for m in index.files] == [("gemma", "ready")]
 
     asyncio.run(run())
+
+
+def test_a_partial_another_process_writes_is_refused_as_busy(tmp_path: Path) -> None:
+    """Two agents sharing one models dir (an NFS mount): the second may not interleave its bytes."""
+    index, receiver = setup(tmp_path)
+    offer = Offer("gemma", SHA, len(PAYLOAD))
+    target = Target.of(index.root, "gemma")
+    target.partial.write_bytes(b"")
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        fd = os.open({str(target.partial)!r}, os.O_RDWR)
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        print("locked", flush=True)
+        sys.stdin.read()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+
+        async def run() -> None:
+            with pytest.raises(PushBusy, match="another process is writing .*shared with another node"):
+                await receiver.receive(offer, 0, stream(pieces(PAYLOAD)))
+
+        asyncio.run(run())
+    finally:
+        holder.communicate("")
+    assert target.partial.read_bytes() == b""  # untouched
+    asyncio.run(receiver.receive(offer, 0, stream(pieces(PAYLOAD))))  # free again once it let go
+    assert (index.root / "gemma.gguf").read_bytes() == PAYLOAD
