@@ -162,9 +162,8 @@ def test_an_interrupted_pull_resumes_and_the_result_verifies(tmp_path: Path, lla
         [agent] = fleet.agents
 
         def pulling() -> subprocess.Popen[str]:
-            env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMAFLEET_")}
             return subprocess.Popen(fleet.cli_argv("pull", "gemma"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, env=env)
+                                    text=True)
 
         def grows_past(size: int) -> int:
             return wait_for(lambda: (n := partial_size(store)) > size and n, 60, f"the partial past {size} bytes",
