@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from llamafleet.agent.cache_keeper import CacheKeeper
@@ -20,7 +20,7 @@ from llamafleet.common.fnv import Fnv1a
 from llamafleet.agent.devices import DeviceInfo, DeviceProvider, HostMemoryInfo, HostProvider, NvmlProvider
 from llamafleet.agent.models import ModelFile, ModelIndex
 from llamafleet.agent.node import NodeIdentity
-from llamafleet.agent.pull import Offer, Prepared, PushRefused, Received, Receiver
+from llamafleet.agent.pull import Offer, Prepared, Push, PushRefused, Received, Receiver
 from llamafleet.agent.rpc_cache import CacheSummary, RpcCache, SlotUse, process_started_ms
 from llamafleet.agent.settings import AgentSettings
 from llamafleet.agent.staging import ByteRange, StageResult, StagingRefused, check_request, find_model, stage
@@ -266,10 +266,10 @@ class Agent:
         offer.check()
         return await self._receiver().prepare(offer)
 
-    async def receive_push(self, offer: Offer, offset: int, chunks: AsyncIterable[bytes]) -> Received:
-        """Write `chunks` (the file's bytes from `offset`) into the models dir, verified, listed READY."""
+    async def begin_push(self, offer: Offer, offset: int) -> Push | Received:
+        """Open a push of `offer` at `offset` (a Push to fill), or say the file is held already."""
         offer.check()
-        return await self._receiver().receive(offer, offset, chunks)
+        return await self._receiver().begin(offer, offset)
 
     def _receiver(self) -> Receiver:
         if self.receiver is None:

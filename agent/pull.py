@@ -315,38 +315,36 @@ class Receiver:
         self._check_room(offer, target, have, free)
         return Prepared(have, None, free)
 
-    async def receive(self, offer: Offer, offset: int, chunks: AsyncIterable[bytes]) -> Received:
+    async def begin(self, offer: Offer, offset: int) -> Push | Received:
+        """Open the push of `offer` at `offset`: a Push to fill, or the file held already (nothing to
+        receive). Every refusal happens here, before the caller sends a byte."""
         offer.check()
         if offer.name in self._active:
             raise PushBusy(f"a pull of {offer.name} into this agent is already under way")
         self._active.add(offer.name)
-        started = time.monotonic()
         target = Target.of(self.index.root, offer.name)
+        push: Push | None = None
         try:
             held = await self._held(offer)
             if held is not None:
-                return Received(held, 0, True, time.monotonic() - started)
+                return Received(held, 0, True, 0.0)
             stop = threading.Event()
             partial = await _in_thread(self._open, target, offer, offset, stop, stop=stop)
-            try:
-                await self._fill(partial, offer, chunks)
-                digest = partial.digest.hexdigest()
-                if digest != offer.sha256:
-                    await _in_thread(partial.discard)
-                    raise DigestMismatch(f"{offer.name}: the bytes received have sha256 {digest[:12]}…, not "
-                                         f"{offer.sha256[:12]}… as announced: nothing was kept")
-                model = await self.index.adopt(offer.name, offer.sha256, partial.finish)
-            finally:
-                await _in_thread(partial.close)
+            push = Push(self, offer, offset, target, partial)
+            return push
         except OSError as exc:
             raise _os_failure(offer.name, target.final.parent, exc) from None
         finally:
-            self._active.discard(offer.name)
-        seconds = time.monotonic() - started
-        log.info("received %s (%s%s) in %.1f s: sha256 %s… verified, listed as %s", offer.name,
-                 format_size(offer.size_bytes), f", resumed at byte {offset}" if offset else "", seconds,
-                 offer.sha256[:12], model.path)
-        return Received(model, offer.size_bytes - offset, False, seconds)
+            if push is None:
+                self._active.discard(offer.name)
+
+    async def receive(self, offer: Offer, offset: int, chunks: AsyncIterable[bytes]) -> Received:
+        """`begin`, then the push's `receive`: for a caller that answers nothing in between."""
+        push = await self.begin(offer, offset)
+        return push if isinstance(push, Received) else await push.receive(chunks)
+
+    def _ended(self, name: str) -> None:
+        self._active.discard(name)
 
     async def _fill(self, partial: _Partial, offer: Offer, chunks: AsyncIterable[bytes]) -> None:
         stream = aiter(chunks)
@@ -428,6 +426,51 @@ class Receiver:
             os.close(fd)
             raise
         return _Partial(target, fd, digest, offset)
+
+
+class Push:
+    """One file being received: open (and locked) at its offset until `receive` or `end`."""
+
+    def __init__(self, receiver: Receiver, offer: Offer, offset: int, target: Target, partial: _Partial) -> None:
+        self.offer = offer
+        self.offset = offset
+        self._receiver = receiver
+        self._target = target
+        self._partial = partial
+        self._started = time.monotonic()
+        self._open = True
+
+    async def receive(self, chunks: AsyncIterable[bytes]) -> Received:
+        """Write `chunks` (the file from the offset on), verify the whole file, put it in place and
+        list it READY. Ends the push whatever happens: what arrived is kept unless it is wrong."""
+        offer, partial = self.offer, self._partial
+        try:
+            await self._receiver._fill(partial, offer, chunks)
+            digest = partial.digest.hexdigest()
+            if digest != offer.sha256:
+                await _in_thread(partial.discard)
+                raise DigestMismatch(f"{offer.name}: the bytes received have sha256 {digest[:12]}…, not "
+                                     f"{offer.sha256[:12]}… as announced: nothing was kept")
+            model = await self._receiver.index.adopt(offer.name, offer.sha256, partial.finish)
+        except OSError as exc:
+            raise _os_failure(offer.name, self._target.final.parent, exc) from None
+        finally:
+            await self.end()
+        seconds = time.monotonic() - self._started
+        log.info("received %s (%s%s) in %.1f s: sha256 %s… verified, listed as %s", offer.name,
+                 format_size(offer.size_bytes), f", resumed at byte {self.offset}" if self.offset else "", seconds,
+                 offer.sha256[:12], model.path)
+        return Received(model, offer.size_bytes - self.offset, False, seconds)
+
+    async def end(self) -> None:
+        """Keep what arrived (synced, closed, unlocked) and free the name for the next push. Idempotent."""
+        if not self._open:
+            return
+        self._open = False
+        try:
+            await _in_thread(self._partial.close)
+        finally:
+            self._receiver._ended(self.offer.name)
 
 
 def _unchanged(model: ModelFile) -> bool:

@@ -34,6 +34,7 @@ from llamafleet.agent.pull import (
     PushInterrupted,
     PushRefused,
     PushStopped,
+    Received,
 )
 from llamafleet.agent.staging import ByteRange, StagingRefused
 from llamafleet.agent.settings import AgentSettings
@@ -160,24 +161,28 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             reply.model.CopyFrom(model_file_to_proto(prepared.held))
         return reply
 
-    @maps_errors
     async def PushModel(self, requests: AsyncIterator[pb.PushModelRequest],
-                        context: grpc.aio.ServicerContext) -> pb.PushModelResponse:
-        first = await anext(aiter(requests), None)
-        if first is None or first.WhichOneof("part") != "header":
-            raise UsageError("the first PushModel message must be the header")
-        header = first.header
-
-        async def data() -> AsyncIterator[bytes]:
-            async for message in requests:
-                if message.WhichOneof("part") != "data":
-                    raise UsageError("only the first PushModel message may be a header")
-                yield message.data
-
-        received = await self.agent.receive_push(Offer(header.name, header.sha256, header.size_bytes),
-                                                 header.offset, data())
-        return pb.PushModelResponse(model=model_file_to_proto(received.model), received_bytes=received.received_bytes,
-                                    already_held=received.already_held, seconds=received.seconds)
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.PushModelResponse]:
+        try:
+            first = await anext(aiter(requests), None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise UsageError("the first PushModel message must be the header")
+            header = first.header
+            push = await self.agent.begin_push(Offer(header.name, header.sha256, header.size_bytes), header.offset)
+            if isinstance(push, Received):
+                received = push
+            else:
+                try:
+                    yield pb.PushModelResponse(accepted=pb.PushModelAccepted(offset=push.offset))
+                    received = await push.receive(_data(requests))
+                finally:
+                    await push.end()  # the caller went away after `accepted`: the file's turn is free again
+        except LlamafleetError as exc:
+            # Same mapping as the unary calls; the caller reads it before it sends a byte, or at the end.
+            await context.abort(status_code_for(exc), _details(exc))
+        yield pb.PushModelResponse(done=pb.PushModelDone(
+            model=model_file_to_proto(received.model), received_bytes=received.received_bytes,
+            already_held=received.already_held, seconds=received.seconds))
 
     async def Build(self, request: pb.BuildRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BuildResponse]:
         cuda = {pb.CUDA_MODE_ON: True, pb.CUDA_MODE_OFF: False}.get(request.cuda)
@@ -199,6 +204,13 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             # Same mapping as the unary calls; a stream aborts after the progress it sent.
             await context.abort(status_code_for(exc), _details(exc))
         yield pb.BuildResponse(result=pb.BuildResult(build=build_to_proto(outcome.manifest), cached=outcome.cached))
+
+
+async def _data(requests: AsyncIterator[pb.PushModelRequest]) -> AsyncIterator[bytes]:
+    async for message in requests:
+        if message.WhichOneof("part") != "data":
+            raise UsageError("only the first PushModel message may be a header")
+        yield message.data
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
@@ -274,8 +286,10 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str,
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
             stream, handler.request_deserializer, handler.response_serializer)
+    if handler.stream_stream:
+        # A two-way stream (PushModel) is refused before a single message of it is read.
+        return grpc.stream_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
     if handler.stream_unary:
-        # A client stream (PushModel) is refused before a single message of it is read.
         return grpc.stream_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
     return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
 

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -301,27 +301,35 @@ class Inventory:
         reply: pb.PrepareModelPushResponse = await self._call(address, "PrepareModelPush", request, timeout_s)
         return reply
 
-    async def push_model(self, address: str, header: pb.PushModelHeader, data: AsyncIterable[bytes],
-                         sent: Callable[[int], None]) -> pb.PushModelResponse:
-        """Stream a model file's bytes (from `header.offset`) into a node's models dir; `sent` is told
-        each chunk's size once gRPC has taken it. No deadline: a large file takes minutes, and the
-        channel's keepalive notices a peer that went away."""
+    async def push_model(self, address: str, header: pb.PushModelHeader, data: Callable[[int], AsyncIterator[bytes]],
+                         sent: Callable[[int], None]) -> pb.PushModelDone:
+        """Stream a model file into a node's models dir: the header, then, once the agent accepted it,
+        `data(offset)`; `sent` is told each chunk's size once gRPC has taken it. No deadline: a large
+        file takes minutes, and the channel's keepalive notices a peer that went away."""
         target = self._target(address)
         if not target.token:
             raise AgentCallError(f"agent at {address}: {target.missing}")
         channel = aio_channel(target, _CHANNEL_OPTIONS)
         try:
             call = pb_grpc.AgentServiceStub(channel).PushModel(metadata=target.metadata_for(method_path("PushModel")))
+            await call.write(pb.PushModelRequest(header=header))
+            answer = await call.read()
+            if answer is grpc.aio.EOF:
+                raise AgentCallError(f"agent at {address} ended the push without an answer")
+            if answer.WhichOneof("event") == "done":  # held already: nothing to send
+                return answer.done
             try:
-                await call.write(pb.PushModelRequest(header=header))
-                async for chunk in data:
-                    await call.write(pb.PushModelRequest(data=chunk))
-                    sent(len(chunk))
+                async with contextlib.aclosing(data(answer.accepted.offset)) as chunks:
+                    async for chunk in chunks:
+                        await call.write(pb.PushModelRequest(data=chunk))
+                        sent(len(chunk))
                 await call.done_writing()
             except asyncio.InvalidStateError:
-                pass  # the agent answered before the last byte (a refusal): its status says why, below
-            reply: pb.PushModelResponse = await call
-            return reply
+                pass  # the agent ended the push before the last byte: its status says why, below
+            answer = await call.read()
+            if answer is grpc.aio.EOF or answer.WhichOneof("event") != "done":
+                raise AgentCallError(f"agent at {address} ended the push without saying it was done")
+            return answer.done
         except grpc.aio.AioRpcError as exc:
             raise describe_rpc_error(address, exc) from None
         finally:

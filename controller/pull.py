@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import errno
 import functools
 import logging
@@ -45,11 +44,12 @@ from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.common.units import format_size
 from llamafleet.controller.coordinator.manager import STAGE_TIMEOUT_S
 from llamafleet.controller.events import EventSink, no_events
-from llamafleet.controller.gguf import read_gguf_header
+from llamafleet.controller.gguf import GGUFHeader, read_gguf_header
 from llamafleet.controller.holders import ModelDigests
 from llamafleet.controller.inventory import Inventory
 from llamafleet.controller.models import ModelStore, parse_model_name
 from llamafleet.controller.prestage import every_large_tensor
+from llamafleet.controller.tensor_hashes import TensorHashes
 from llamafleet.proto.v1 import agent_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -163,8 +163,11 @@ class Pull:
 
 class PullManager:
     def __init__(self, models: ModelStore, inventory: Inventory, digests: ModelDigests,
-                 events: EventSink = no_events, rate_limit: int = 0) -> None:
-        """`rate_limit`: most bytes a second sent to each node (0: as fast as the link goes)."""
+                 events: EventSink = no_events, rate_limit: int = 0, tensor_hashes: TensorHashes | None = None) -> None:
+        """`rate_limit`: most bytes a second sent to each node (0: as fast as the link goes);
+        `tensor_hashes`: the controller's FNV-1a of the model's tensors, so a node names the entries
+        it stages after a pull without reading its new copy again."""
+        self._tensor_hashes = tensor_hashes
         self._models = models
         self._inventory = inventory
         self._digests = digests
@@ -273,9 +276,7 @@ class PullManager:
             prepared = await self._inventory.prepare_push(part.node, part.name, pull.sha256, pull.size,
                                                           PREPARE_TIMEOUT_S)
             if prepared.already_held:
-                part.state, part.completed, part.name = "held", pull.size, prepared.model.name or part.name
-                self._events("pull.done", part.node, f"holds {pull.model} already (as {part.name}): nothing sent",
-                             model=pull.model, name=part.name, held=True, sent_bytes=0)
+                self._held(pull, part, prepared.model.name)
                 return
             offset = part.resumed_from = part.completed = prepared.have_bytes
             part.state = "sending"
@@ -290,8 +291,11 @@ class PullManager:
                 part.completed += count
 
             header = pb.PushModelHeader(name=part.name, sha256=pull.sha256, size_bytes=pull.size, offset=offset)
-            async with contextlib.aclosing(self._read(pull.path, offset, pull.size)) as data:
-                reply = await self._inventory.push_model(part.node, header, data, sent)
+            reply = await self._inventory.push_model(part.node, header, functools.partial(self._read, pull.path,
+                                                                                         size=pull.size), sent)
+            if reply.already_held:  # it arrived by another way meanwhile (a models dir shared with another node)
+                self._held(pull, part, reply.model.name)
+                return
             part.state, part.name, part.completed = "done", reply.model.name or part.name, pull.size
             part.seconds = time.monotonic() - started
             self._events("pull.done", part.node, f"pulled {pull.model} as {part.name}: {format_size(part.sent)} "
@@ -310,6 +314,11 @@ class PullManager:
         finally:
             part.seconds = time.monotonic() - started
             pull.changes.bump()
+
+    def _held(self, pull: Pull, part: NodePull, name: str) -> None:
+        part.state, part.completed, part.name = "held", pull.size, name or part.name
+        self._events("pull.done", part.node, f"holds {pull.model} already (as {part.name}): nothing sent",
+                     model=pull.model, name=part.name, held=True, sent_bytes=0)
 
     def _fail(self, pull: Pull, part: NodePull, message: str) -> None:
         part.state, part.error = "failed", message
@@ -358,12 +367,14 @@ class PullManager:
     async def _stage(self, model: str, node: str, path: Path, sha256: str) -> None:
         """Have `node` write the rpc cache entries of every large tensor of the file it now holds."""
         try:
-            ranges = every_large_tensor(await asyncio.to_thread(read_gguf_header, path))
+            header = await asyncio.to_thread(read_gguf_header, path)
+            ranges = every_large_tensor(header)
             if not ranges:
                 log.info("%s has no tensor above the hash threshold: nothing to stage on %s", model, node)
                 return
-            replies = [await self._inventory.stage_tensors(node, sha256, ranges[i:i + MAX_RANGES], STAGE_TIMEOUT_S)
-                       for i in range(0, len(ranges), MAX_RANGES)]
+            known = await self._known_hashes(model, path, header)
+            replies = [await self._inventory.stage_tensors(node, sha256, ranges[i:i + MAX_RANGES], STAGE_TIMEOUT_S,
+                                                           known) for i in range(0, len(ranges), MAX_RANGES)]
         except LlamafleetError as exc:
             self._stage_failed(model, node, exc.message)
             return
@@ -371,11 +382,24 @@ class PullManager:
             self._stage_failed(model, node, f"cannot read {path}: {exc.strerror or exc}")
             return
         doc = {key: sum(getattr(r, key) for r in replies)
-               for key in ("staged", "present", "rewritten", "bytes_written", "cached_bytes")}
+               for key in ("staged", "present", "rewritten", "referenced", "bytes_written", "cached_bytes")}
         seconds = round(sum(r.seconds for r in replies), 3)
-        self._events("stage", node, f"staged {model} after its pull: {doc['staged']} entries written, {doc['present']} "
-                     f"present, {format_size(doc['cached_bytes'])} in the rpc cache in {seconds:.2f}s: loading it "
-                     f"onto {node} sends none of those bytes", model=model, after_pull=True, seconds=seconds, **doc)
+        references = f" ({doc['referenced']} as references to its copy)" if doc["referenced"] else ""
+        self._events("stage", node, f"staged {model} after its pull: {doc['staged']} entries written{references}, "
+                     f"{doc['present']} present, {format_size(doc['cached_bytes'])} in the rpc cache in "
+                     f"{seconds:.2f}s: loading it onto {node} sends none of those bytes", model=model, after_pull=True,
+                     seconds=seconds, **doc)
+
+    async def _known_hashes(self, model: str, path: Path, header: GGUFHeader) -> dict[tuple[int, int], int]:
+        """The tensors' FNV-1a if the controller has or can make them (it only saves the node a read)."""
+        if self._tensor_hashes is None:
+            return {}
+        try:
+            hashes = await self._tensor_hashes.ensure(path, header)
+        except Exception as exc:  # noqa: BLE001 - the hashes only save time; staging goes on without them
+            log.error("pre-computing tensor hashes of %s failed unexpectedly: %r", model, exc, exc_info=exc)
+            return {}
+        return hashes.values if hashes is not None else {}
 
     def _stage_failed(self, model: str, node: str, message: str) -> None:
         log.warning("staging %s on %s after its pull failed: %s", model, node, message)

@@ -430,7 +430,13 @@ class PushModelRequest(_message.Message):
     data: bytes
     def __init__(self, header: _Optional[_Union[PushModelHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
-class PushModelResponse(_message.Message):
+class PushModelAccepted(_message.Message):
+    __slots__ = ("offset",)
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    def __init__(self, offset: _Optional[int] = ...) -> None: ...
+
+class PushModelDone(_message.Message):
     __slots__ = ("model", "received_bytes", "already_held", "seconds")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -441,3 +447,11 @@ class PushModelResponse(_message.Message):
     already_held: bool
     seconds: float
     def __init__(self, model: _Optional[_Union[ModelFile, _Mapping]] = ..., received_bytes: _Optional[int] = ..., already_held: _Optional[bool] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class PushModelResponse(_message.Message):
+    __slots__ = ("accepted", "done")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    accepted: PushModelAccepted
+    done: PushModelDone
+    def __init__(self, accepted: _Optional[_Union[PushModelAccepted, _Mapping]] = ..., done: _Optional[_Union[PushModelDone, _Mapping]] = ...) -> None: ...

@@ -74,7 +74,7 @@ class AgentServiceStub:
                 request_serializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.PrepareModelPushRequest.SerializeToString,
                 response_deserializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.PrepareModelPushResponse.FromString,
                 _registered_method=True)
-        self.PushModel = channel.stream_unary(
+        self.PushModel = channel.stream_stream(
                 '/llamafleet.v1.AgentService/PushModel',
                 request_serializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.PushModelRequest.SerializeToString,
                 response_deserializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.PushModelResponse.FromString,
@@ -140,9 +140,12 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PushModel(self, request_iterator, context):
-        """Receives a model file into the --models-dir (`llamafleet pull`): the first message is the
-        header, every later one the file's next bytes. Answers once the file is verified by sha256,
-        in place as DIR/NAME.gguf and listed READY; a wrong sha256 is DATA_LOSS and leaves nothing.
+        """Receives a model file into the --models-dir (`llamafleet pull`). The caller sends the header
+        and waits: the agent answers `accepted` once the file is open at the offset (or `done` when
+        it holds the file already, or a refusal), so no byte is sent into a refused push. Then every
+        message is the file's next bytes, and the agent answers `done` once the file is verified by
+        sha256, in place as DIR/NAME.gguf and listed READY. A wrong sha256 is DATA_LOSS and leaves
+        nothing. (Two-way because a client stream learns of a refusal only after its last byte.)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,7 +194,7 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     request_deserializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.PrepareModelPushRequest.FromString,
                     response_serializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.PrepareModelPushResponse.SerializeToString,
             ),
-            'PushModel': grpc.stream_unary_rpc_method_handler(
+            'PushModel': grpc.stream_stream_rpc_method_handler(
                     servicer.PushModel,
                     request_deserializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.PushModelRequest.FromString,
                     response_serializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.PushModelResponse.SerializeToString,
@@ -434,7 +437,7 @@ class AgentService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_unary(
+        return grpc.experimental.stream_stream(
             request_iterator,
             target,
             '/llamafleet.v1.AgentService/PushModel',

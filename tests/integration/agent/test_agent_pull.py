@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,16 +22,37 @@ SHA = hashlib.sha256(PAYLOAD).hexdigest()
 MIB = 1024 * 1024
 
 
-def push(agent: RunningAgent, header: pb.PushModelHeader, data: bytes, metadata: list[tuple[str, str]] | None = None,
-         first: pb.PushModelRequest | None = None) -> pb.PushModelResponse:
-    def messages() -> Iterator[pb.PushModelRequest]:
-        yield first or pb.PushModelRequest(header=header)
-        for start in range(0, len(data), MIB):
-            yield pb.PushModelRequest(data=data[start:start + MIB])
+class Pusher:
+    """Pushes as the controller does: the header, the agent's answer, and the bytes only once it accepted."""
 
-    reply: pb.PushModelResponse = agent.stub.PushModel(messages(), metadata=agent.metadata if metadata is None
-                                                       else metadata, timeout=30)
-    return reply
+    def __init__(self, agent: RunningAgent) -> None:
+        self.agent = agent
+        self.sent = 0  # data messages the last push sent
+
+    def __call__(self, header: pb.PushModelHeader, data: bytes, metadata: list[tuple[str, str]] | None = None,
+                 first: pb.PushModelRequest | None = None) -> pb.PushModelDone:
+        answered, accepted = threading.Event(), []
+        self.sent = 0
+
+        def messages() -> Iterator[pb.PushModelRequest]:
+            yield first or pb.PushModelRequest(header=header)
+            answered.wait(30)
+            for start in range(0, len(data), MIB) if accepted else ():
+                self.sent += 1
+                yield pb.PushModelRequest(data=data[start:start + MIB])
+
+        answers = self.agent.stub.PushModel(messages(), metadata=self.agent.metadata if metadata is None else metadata,
+                                            timeout=30)
+        try:
+            answer = next(answers)
+            if answer.WhichOneof("event") == "done":
+                return answer.done
+            assert answer.accepted.offset == header.offset
+            accepted.append(True)
+        finally:
+            answered.set()
+        done: pb.PushModelDone = next(answers).done
+        return done
 
 
 def refused(call: object) -> grpc.RpcError:
@@ -45,12 +67,14 @@ def test_a_push_lands_ready_and_every_refusal_is_one_line_with_its_code(tmp_path
     with running_agent(tmp_path / "agent", llama_cpp.install_dir,
                        extra_args=("--models-dir", str(store), "--no-rpc-autostart")) as agent:
         header = pb.PushModelHeader(name="tiny/model", sha256=SHA, size_bytes=len(PAYLOAD))
+        push = Pusher(agent)
 
         # Every call needs the node credential: a client stream is refused before it is read.
         for metadata in ([], [("authorization", "Bearer wrong")],
                          [("authorization", make_proof(agent.token, method_path("PrepareModelPush")))]):
-            error = refused(lambda: push(agent, header, PAYLOAD, metadata))
+            error = refused(lambda: push(header, PAYLOAD, metadata))
             assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
+            assert push.sent == 0
         assert list(store.iterdir()) == []
 
         # Names outside the index's grammar, bad digests and sizes: INVALID_ARGUMENT, before anything.
@@ -58,14 +82,14 @@ def test_a_push_lands_ready_and_every_refusal_is_one_line_with_its_code(tmp_path
             bad = pb.PrepareModelPushRequest(name=name, sha256=SHA, size_bytes=len(PAYLOAD))
             error = refused(lambda: agent.stub.PrepareModelPush(bad, metadata=agent.metadata, timeout=10))
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "invalid model file name" in error.details()
-            error = refused(lambda: push(agent, pb.PushModelHeader(name=name, sha256=SHA, size_bytes=len(PAYLOAD)),
+            error = refused(lambda: push(pb.PushModelHeader(name=name, sha256=SHA, size_bytes=len(PAYLOAD)),
                                          PAYLOAD))
-            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and push.sent == 0  # refused before any byte
         error = refused(lambda: agent.stub.PrepareModelPush(pb.PrepareModelPushRequest(name="x", sha256="abc",
                                                                                        size_bytes=1),
                                                             metadata=agent.metadata, timeout=10))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "sha256 must be 64" in error.details()
-        error = refused(lambda: push(agent, header, PAYLOAD, first=pb.PushModelRequest(data=b"no header")))
+        error = refused(lambda: push(header, PAYLOAD, first=pb.PushModelRequest(data=b"no header")))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "must be the header" in error.details()
 
         # More than the disk holds (the real statvfs of the store): RESOURCE_EXHAUSTED, naming both.
@@ -76,7 +100,7 @@ def test_a_push_lands_ready_and_every_refusal_is_one_line_with_its_code(tmp_path
         assert error.details().endswith(" free") and "\n" not in error.details()
 
         # Bytes that are not the file announced: DATA_LOSS, and nothing usable is left.
-        error = refused(lambda: push(agent, header, PAYLOAD[:-1] + b"\x00"))
+        error = refused(lambda: push(header, PAYLOAD[:-1] + b"\x00"))
         assert error.code() == grpc.StatusCode.DATA_LOSS and "nothing was kept" in error.details()
         assert [p.name for p in store.rglob("*") if p.is_file()] == []
         assert agent.status().models == []
@@ -86,8 +110,8 @@ def test_a_push_lands_ready_and_every_refusal_is_one_line_with_its_code(tmp_path
                                                                           size_bytes=len(PAYLOAD)),
                                                metadata=agent.metadata, timeout=10)
         assert (prepared.have_bytes, prepared.already_held) == (0, False) and prepared.free_bytes > len(PAYLOAD)
-        reply = push(agent, header, PAYLOAD)
-        assert (reply.received_bytes, reply.already_held) == (len(PAYLOAD), False)
+        reply = push(header, PAYLOAD)
+        assert (reply.received_bytes, reply.already_held) == (len(PAYLOAD), False) and push.sent == 3
         assert (reply.model.name, reply.model.sha256, reply.model.state) == ("tiny/model", SHA,
                                                                              pb.MODEL_FILE_STATE_READY)
         assert (store / "tiny" / "model.gguf").read_bytes() == PAYLOAD
@@ -100,14 +124,20 @@ def test_a_push_lands_ready_and_every_refusal_is_one_line_with_its_code(tmp_path
         other = pb.PrepareModelPushRequest(name="tiny/model", sha256="0" * 64, size_bytes=10)
         error = refused(lambda: agent.stub.PrepareModelPush(other, metadata=agent.metadata, timeout=10))
         assert error.code() == grpc.StatusCode.ALREADY_EXISTS and "already holds another file" in error.details()
+        error = refused(lambda: push(pb.PushModelHeader(name="tiny/model", sha256="0" * 64, size_bytes=10),
+                                     b"0123456789"))
+        assert error.code() == grpc.StatusCode.ALREADY_EXISTS and push.sent == 0
+        # Held already (under another name): the answer is `done` at once, and nothing is sent.
+        held = push(pb.PushModelHeader(name="again", sha256=SHA, size_bytes=len(PAYLOAD)), PAYLOAD)
+        assert held.already_held and held.model.name == "tiny/model" and push.sent == 0
 
 
 def test_an_agent_without_a_models_dir_refuses_a_push(tmp_path: Path, llama_cpp: Manifest) -> None:
     with running_agent(tmp_path, llama_cpp.install_dir, extra_args=("--no-rpc-autostart",)) as agent:
         request = pb.PrepareModelPushRequest(name="gemma", sha256=SHA, size_bytes=len(PAYLOAD))
         for call in (lambda: agent.stub.PrepareModelPush(request, metadata=agent.metadata, timeout=10),
-                     lambda: push(agent, pb.PushModelHeader(name="gemma", sha256=SHA, size_bytes=len(PAYLOAD)),
-                                  PAYLOAD)):
+                     lambda: Pusher(agent)(pb.PushModelHeader(name="gemma", sha256=SHA, size_bytes=len(PAYLOAD)),
+                                           PAYLOAD)):
             error = refused(call)
             assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert error.details() == "this agent has no models dir (--models-dir): it has nowhere to keep model files"

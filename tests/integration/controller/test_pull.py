@@ -71,11 +71,14 @@ def post(fleet: Fleet, path: str, body: dict[str, Any]) -> tuple[int, Any]:
 
 
 def test_a_pull_makes_the_node_hold_a_byte_identical_ready_file_and_stages_it(tmp_path: Path, llama_cpp: Manifest,
+                                                                              stock_llama_cpp: Manifest,
                                                                               test_model: Path) -> None:
     store = tmp_path / "store"
     store.mkdir()
+    # Stock rpc-servers: the staging after the pull copies the bytes, which this test compares
+    # (patched ones get references to the file, as test_patched_load.py shows for a load).
     with running_fleet(tmp_path / "fleet", llama_cpp, test_model, memory_limit="900MiB",
-                       agent_args=(("--models-dir", str(store)), ())) as fleet:
+                       agent_args=(("--models-dir", str(store)), ()), agent_llama_cpp=stock_llama_cpp) as fleet:
         receiver, bare = fleet.agents
         wait_for(lambda: fleet.node(receiver.address)["models_dir"], 10, "the node's models dir reported")
 
@@ -113,7 +116,8 @@ def test_a_pull_makes_the_node_hold_a_byte_identical_ready_file_and_stages_it(tm
         # embeddings, which a placement puts on the output device a second time.
         staged = wait_for(lambda: [e for e in events(fleet, "stage") if e["data"].get("after_pull")], 60,
                           "the staging after the pull")
-        assert staged[0]["subject"] == receiver.address and staged[0]["data"]["staged"] == 1
+        assert staged[0]["subject"] == receiver.address
+        assert (staged[0]["data"]["staged"], staged[0]["data"]["referenced"]) == (1, 0)
         header = read_gguf_header(test_model)
         embd = next(t for t in header.tensors if t.name == "token_embd.weight")
         [entry] = (receiver.state_dir.parent / "cache" / "rpc").iterdir()
@@ -269,6 +273,12 @@ def test_nodes_sharing_one_models_dir_never_interleave_their_bytes(tmp_path: Pat
             wait_for(lambda: ready_models(agent) == [("gemma", GEMMA_SHA256)], 60, "the shared file listed ready")
         wait_for(lambda: "nothing to do: 2 node(s)" in fleet.cli("pull", "gemma").stdout, 30,
                  "the controller to see both holders", interval_s=0.5)
+        # The node that pulled staged the model after it; these rpc-servers are patched, so the
+        # entry is a reference to the file (patches/llama.cpp/0003), named by the controller's hashes.
+        [staged] = wait_for(lambda: [e for e in events(fleet, "stage") if e["data"].get("after_pull")], 60,
+                            "the staging after the pull")
+        assert staged["subject"] == parts[0]["node"]
+        assert (staged["data"]["staged"], staged["data"]["referenced"]) == (1, 1)
 
 
 @contextmanager
