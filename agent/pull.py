@@ -2,8 +2,9 @@
 
 The controller asks first (`PrepareModelPush{name, sha256, size}`): the answer says whether a
 file with that sha256 and size is held already (then nothing is sent) and how many bytes of this
-very file an interrupted push left behind (the offset to resume at). `PushModel` then streams a
-header and the bytes from that offset.
+very file an interrupted push left behind (the offset to resume at). `PushModel` then sends a
+header; `Receiver.begin` opens the file at its offset (every refusal happens there, answered
+before the caller sends a byte) and `Push.receive` takes the bytes from that offset on.
 
 On disk a file in transit is `DIR/[FOLDER/].NAME.gguf.partial`, hidden so the index never lists
 it, beside `.NAME.gguf.partial.json`, written before the first byte, which names the sha256 and

@@ -6,9 +6,9 @@ node's own proof (common/node_auth.py): nothing new to open, configure or trust.
 1. `PrepareModelPush{name, sha256, size}`: does the node hold the file already (that sha256 and
    size, under any name)? Then nothing is sent. Otherwise the answer is how many bytes of this
    very file an interrupted pull left there, and the push resumes at that byte.
-2. `PushModel`: a header, then the file from that offset in 1 MiB messages (gRPC refuses messages
-   over 4 MiB by default), read in a thread, at most `--pull-rate-limit` bytes a second per node
-   when set. The agent verifies the sha256 and lists the file READY (agent/pull.py); its next
+2. `PushModel`: a header, and once the agent answers `accepted`, the file from that offset in
+   1 MiB messages (gRPC refuses messages over 4 MiB by default), read in a thread, at most
+   `--pull-rate-limit` bytes a second per node when set. The agent verifies the sha256 and lists the file READY (agent/pull.py); its next
    WatchStatus report makes the node a holder (controller/holders.py).
 3. In the background, the node stages every tensor above llama.cpp's 10 MiB hash threshold into
    its rpc cache (`StageTensors`), so a later placement or failover onto it sends no weight

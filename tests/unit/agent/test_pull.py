@@ -23,6 +23,7 @@ from llamafleet.agent.pull import (
     PushBusy,
     PushInterrupted,
     PushRefused,
+    Received,
     Receiver,
     Target,
     check_name,
@@ -300,4 +301,23 @@ def test_a_partial_another_process_writes_is_refused_as_busy(tmp_path: Path) -> 
         holder.communicate("")
     assert target.partial.read_bytes() == b""  # untouched
     asyncio.run(receiver.receive(offer, 0, stream(pieces(PAYLOAD))))  # free again once it let go
+    assert (index.root / "gemma.gguf").read_bytes() == PAYLOAD
+
+
+def test_a_push_the_caller_abandons_after_it_began_keeps_its_bytes_and_frees_the_name(tmp_path: Path) -> None:
+    index, receiver = setup(tmp_path)
+    offer = Offer("gemma", SHA, len(PAYLOAD))
+
+    async def run() -> None:
+        push = await receiver.begin(offer, 0)
+        assert not isinstance(push, Received)
+        with pytest.raises(PushBusy):
+            await receiver.begin(offer, 0)  # the file's turn is taken while the push is open
+        await push.end()  # the caller went away after `accepted`, before sending a byte
+        await push.end()  # twice is harmless
+        again = await receiver.begin(offer, 0)
+        assert not isinstance(again, Received)
+        await again.receive(stream(pieces(PAYLOAD)))
+
+    asyncio.run(run())
     assert (index.root / "gemma.gguf").read_bytes() == PAYLOAD
