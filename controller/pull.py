@@ -373,8 +373,10 @@ class PullManager:
                 log.info("%s has no tensor above the hash threshold: nothing to stage on %s", model, node)
                 return
             known = await self._known_hashes(model, path, header)
+            # For no coordinator (no rpc-server slot): the cache keeper may evict them like any
+            # model's that no running rpc-server uses, least recently used first.
             replies = [await self._inventory.stage_tensors(node, sha256, ranges[i:i + MAX_RANGES], STAGE_TIMEOUT_S,
-                                                           known) for i in range(0, len(ranges), MAX_RANGES)]
+                                                           known=known) for i in range(0, len(ranges), MAX_RANGES)]
         except LlamafleetError as exc:
             self._stage_failed(model, node, exc.message)
             return
