@@ -20,6 +20,7 @@ from llamafleet.common.fnv import Fnv1a
 from llamafleet.agent.devices import DeviceInfo, DeviceProvider, HostMemoryInfo, HostProvider, NvmlProvider
 from llamafleet.agent.models import ModelFile, ModelIndex
 from llamafleet.agent.node import NodeIdentity
+from llamafleet.agent.pull import Offer, Prepared, Push, PushRefused, Received, Receiver
 from llamafleet.agent.rpc_cache import CacheSummary, RpcCache, SlotUse, process_started_ms
 from llamafleet.agent.settings import AgentSettings
 from llamafleet.agent.staging import ByteRange, StageResult, StagingRefused, check_request, find_model, stage
@@ -97,6 +98,8 @@ class Agent:
         # The model store: None without --models-dir (the daemon runs its rescan loop).
         self.models = (ModelIndex(settings.models_dir, settings.state_path, settings.models_rescan_s,
                                   on_change=self.changes.bump) if settings.models_dir else None)
+        # Pulls write into the models dir: without one there is nowhere to keep a file.
+        self.receiver = Receiver(self.models) if self.models is not None else None
         self._fnv = Fnv1a(settings.state_path / "fnv1a")
         # One staging at a time: they compete for the same disk, and a queue is fairer than a refusal.
         self._staging = asyncio.Lock()
@@ -246,13 +249,32 @@ class Agent:
         """Whether this agent's rpc-server reads `<hash>.ref` entries (patches/llama.cpp/0003)."""
         return self._build is not None and REFERENCE_ENTRIES_PATCH in self._build.patch_names
 
-    def stop_staging(self) -> None:
-        """Tell a staging thread to give up between chunks (the agent is stopping)."""
+    def stop_threads(self) -> None:
+        """Tell staging and pull threads to give up between chunks (the agent is stopping)."""
         self._stop_staging.set()
         for stop in self._stagings:
             stop.set()
         if self.cache_keeper is not None:
             self.cache_keeper.stop()
+        if self.receiver is not None:
+            self.receiver.stop()
+
+    # ---- pulls (agent/pull.py) -----------------------------------------------------------------
+
+    async def prepare_push(self, offer: Offer) -> Prepared:
+        """Whether `offer` is held already, and where a push of it resumes."""
+        offer.check()
+        return await self._receiver().prepare(offer)
+
+    async def begin_push(self, offer: Offer, offset: int) -> Push | Received:
+        """Open a push of `offer` at `offset` (a Push to fill), or say the file is held already."""
+        offer.check()
+        return await self._receiver().begin(offer, offset)
+
+    def _receiver(self) -> Receiver:
+        if self.receiver is None:
+            raise PushRefused("this agent has no models dir (--models-dir): it has nowhere to keep model files")
+        return self.receiver
 
     # ---- status ------------------------------------------------------------------------------
 

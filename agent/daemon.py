@@ -143,7 +143,7 @@ async def serve(settings: AgentSettings, notifier: Notifier | None = None) -> No
         log.info("stopping: rpc-server first, then the gRPC server")
         notifier.stopping()
     finally:
-        agent.stop_staging()  # a staging thread would otherwise read and write until it is done
+        agent.stop_threads()  # a staging or pull thread would otherwise read and write until it is done
         for task in (informer, joining, *background, *supervisor_tasks):
             task.cancel()
         for task in (informer, joining, *background, *supervisor_tasks):

@@ -13,6 +13,9 @@ Hashing: a file is reported at once with state `hashing`; its sha256 is computed
 one file at a time (the disk is the bottleneck; two at once would only seek), and remembered in
 STATE/model-digests.json by (path, size, mtime_ns), so a restart does not read the file again. A
 rescan every `rescan_s` (and at start) picks up added, removed and replaced files.
+
+A file the agent received itself (agent/pull.py) is already verified: `adopt` puts it in place
+and lists it READY at once, without waiting for a rescan or reading it again.
 """
 
 from __future__ import annotations
@@ -107,6 +110,9 @@ class ModelIndex:
         self._errors: dict[FileKey, str] = {}
         self._files: tuple[ModelFile, ...] = ()
         self._stop = threading.Event()  # tells a hash thread to give up (the agent is stopping)
+        # Held while a listing is taken and applied, and while `adopt` puts a file in place: a
+        # listing made before the file arrived must not be applied after it (and forget its digest).
+        self._listing = asyncio.Lock()
 
     @property
     def files(self) -> tuple[ModelFile, ...]:
@@ -130,15 +136,16 @@ class ModelIndex:
 
     async def refresh(self) -> None:
         """One rescan, then the hash of every file not known yet, publishing after each step."""
-        result = await asyncio.to_thread(scan, self.root, self.max_files)
-        if result.omitted and result.omitted != self._scan.omitted:
-            log.warning("models dir %s: %d file(s) not indexed (more than %d files, or a name longer than %d "
-                        "characters)", self.root, result.omitted, self.max_files, MAX_NAME_CHARS)
-        self._scan = result
-        present = {key for _, key in result.found}
-        self._errors = {k: v for k, v in self._errors.items() if k in present}
-        self._cache.keep_only(present)
-        self._publish()
+        async with self._listing:
+            result = await asyncio.to_thread(scan, self.root, self.max_files)
+            if result.omitted and result.omitted != self._scan.omitted:
+                log.warning("models dir %s: %d file(s) not indexed (more than %d files, or a name longer than %d "
+                            "characters)", self.root, result.omitted, self.max_files, MAX_NAME_CHARS)
+            self._scan = result
+            present = {key for _, key in result.found}
+            self._errors = {k: v for k, v in self._errors.items() if k in present}
+            self._cache.keep_only(present)
+            self._publish()
         for _, key in result.found:
             if self._cache.get(key) is not None:
                 continue  # an unreadable file is tried again on every rescan: a chmod fixes it
@@ -154,6 +161,26 @@ class ModelIndex:
                     await asyncio.to_thread(self._cache.save)
             self._publish()
         await asyncio.to_thread(self._cache.save)
+
+    async def adopt(self, name: str, sha256: str, put_in_place: Callable[[], FileKey]) -> ModelFile:
+        """List a file whose sha256 is known (it was verified as it arrived) as READY at once.
+
+        `put_in_place` (run in a thread) renames it to its indexed path and returns its key; no
+        listing runs meanwhile, so none can see the file before its digest is known."""
+        async with self._listing:
+            key = await asyncio.to_thread(put_in_place)
+            self._cache.put(key, sha256)
+            found = sorted([(n, k) for n, k in self._scan.found if n != name] + [(name, key)])
+            past_bound = max(len(found) - self.max_files, 0)
+            self._scan = ScanResult(tuple(found[:self.max_files]), self._scan.omitted + past_bound)
+            self._publish()
+        try:
+            await asyncio.to_thread(self._cache.save)
+        except OSError as exc:
+            # The file is in place and listed; only a restart would hash it again.
+            log.warning("cannot save the digest of %s: %s", key.path, exc)
+        return next((f for f in self._files if f.name == name),
+                    ModelFile(name, key.path, key.size, key.mtime_ns, sha256, "ready"))
 
     def _hash(self, key: FileKey) -> str | None:
         sha = sha256_file(Path(key.path), self._stop)

@@ -17,6 +17,7 @@ from grpc_health.v1.health import aio as health_aio
 from llamafleet.agent.convert import (
     build_event_to_proto,
     build_to_proto,
+    model_file_to_proto,
     rpc_server_to_proto,
     status_to_proto,
 )
@@ -24,6 +25,17 @@ from llamafleet.agent.core import Agent, BuildBusyError
 from llamafleet.agent.credential import Keyring
 from llamafleet.common.digests import HashCancelled
 from llamafleet.common.fnv import FnvUnavailable
+from llamafleet.agent.pull import (
+    DigestMismatch,
+    NameTaken,
+    NotEnoughSpace,
+    Offer,
+    PushBusy,
+    PushInterrupted,
+    PushRefused,
+    PushStopped,
+    Received,
+)
 from llamafleet.agent.staging import ByteRange, StagingRefused
 from llamafleet.agent.settings import AgentSettings
 from llamafleet.common.errors import LlamafleetError, UsageError
@@ -45,6 +57,13 @@ _ERROR_CODES: list[tuple[type[LlamafleetError], grpc.StatusCode]] = [
     (UsageError, grpc.StatusCode.INVALID_ARGUMENT),
     (SourceError, grpc.StatusCode.INVALID_ARGUMENT),
     (BuildBusyError, grpc.StatusCode.ABORTED),
+    (PushBusy, grpc.StatusCode.ABORTED),
+    (PushInterrupted, grpc.StatusCode.ABORTED),
+    (PushStopped, grpc.StatusCode.UNAVAILABLE),
+    (NotEnoughSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (NameTaken, grpc.StatusCode.ALREADY_EXISTS),
+    (DigestMismatch, grpc.StatusCode.DATA_LOSS),
+    (PushRefused, grpc.StatusCode.FAILED_PRECONDITION),
     (StagingRefused, grpc.StatusCode.FAILED_PRECONDITION),
     (FnvUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
     (BuildError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -132,6 +151,39 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             rewritten=result.rewritten, bytes_written=result.bytes_written, cached_bytes=result.cached_bytes,
             seconds=result.seconds, entries=list(result.entries), referenced=result.referenced)
 
+    @maps_errors
+    async def PrepareModelPush(self, request: pb.PrepareModelPushRequest,
+                               context: grpc.aio.ServicerContext) -> pb.PrepareModelPushResponse:
+        prepared = await self.agent.prepare_push(Offer(request.name, request.sha256, request.size_bytes))
+        reply = pb.PrepareModelPushResponse(have_bytes=prepared.have_bytes, already_held=prepared.held is not None,
+                                            free_bytes=prepared.free_bytes)
+        if prepared.held is not None:
+            reply.model.CopyFrom(model_file_to_proto(prepared.held))
+        return reply
+
+    async def PushModel(self, requests: AsyncIterator[pb.PushModelRequest],
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.PushModelResponse]:
+        try:
+            first = await anext(aiter(requests), None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise UsageError("the first PushModel message must be the header")
+            header = first.header
+            push = await self.agent.begin_push(Offer(header.name, header.sha256, header.size_bytes), header.offset)
+            if isinstance(push, Received):
+                received = push
+            else:
+                try:
+                    yield pb.PushModelResponse(accepted=pb.PushModelAccepted(offset=push.offset))
+                    received = await push.receive(_data(requests))
+                finally:
+                    await push.end()  # the caller went away after `accepted`: the file's turn is free again
+        except LlamafleetError as exc:
+            # Same mapping as the unary calls; the caller reads it before it sends a byte, or at the end.
+            await context.abort(status_code_for(exc), _details(exc))
+        yield pb.PushModelResponse(done=pb.PushModelDone(
+            model=model_file_to_proto(received.model), received_bytes=received.received_bytes,
+            already_held=received.already_held, seconds=received.seconds))
+
     async def Build(self, request: pb.BuildRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BuildResponse]:
         cuda = {pb.CUDA_MODE_ON: True, pb.CUDA_MODE_OFF: False}.get(request.cuda)
         options = BuildOptions(source=request.source, state_dir=self.agent.settings.state_path,
@@ -152,6 +204,13 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             # Same mapping as the unary calls; a stream aborts after the progress it sent.
             await context.abort(status_code_for(exc), _details(exc))
         yield pb.BuildResponse(result=pb.BuildResult(build=build_to_proto(outcome.manifest), cached=outcome.cached))
+
+
+async def _data(requests: AsyncIterator[pb.PushModelRequest]) -> AsyncIterator[bytes]:
+    async for message in requests:
+        if message.WhichOneof("part") != "data":
+            raise UsageError("only the first PushModel message may be a header")
+        yield message.data
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
@@ -227,6 +286,11 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str,
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
             stream, handler.request_deserializer, handler.response_serializer)
+    if handler.stream_stream:
+        # A two-way stream (PushModel) is refused before a single message of it is read.
+        return grpc.stream_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
     return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
 
 

@@ -20,6 +20,7 @@ from llamafleet.controller.credentials import Credentials
 from llamafleet.controller.inventory import Inventory, validate_address
 from llamafleet.controller.metrics import ControllerMetrics
 from llamafleet.controller.planner import Planner, plan_to_json
+from llamafleet.controller.pull import PullManager
 from llamafleet.controller.web import error, json_body, string_field
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ def tail_lines(path: Path, count: int, max_bytes: int = 256 * 1024) -> list[str]
 
 
 def make_routes(inventory: Inventory, planner: Planner, manager: CoordinatorManager, router: Router,
-                events: EventLog, metrics: ControllerMetrics, credentials: Credentials) -> web.RouteTableDef:
+                events: EventLog, metrics: ControllerMetrics, credentials: Credentials,
+                pulls: PullManager) -> web.RouteTableDef:
     routes = web.RouteTableDef()
 
     @routes.get("/metrics")
@@ -112,6 +114,7 @@ def make_routes(inventory: Inventory, planner: Planner, manager: CoordinatorMana
             for rpc in [doc["rpc_server"] or {}, *(doc["rpc_servers"] or [])]:
                 if rpc:
                     rpc["model"] = serving.get(rpc.get("endpoint", ""))
+            doc["pulling"] = pulls.into(doc["address"])
         return web.json_response(docs)
 
     @routes.post(f"{PREFIX}/nodes")

@@ -23,6 +23,8 @@ from llamafleet.common.cli import (
     settings_options,
     setup_logging,
 )
+from llamafleet.agent.pull import check_name
+from llamafleet.agent.settings import split_host_port
 from llamafleet.common.agent_client import read_token_file
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.paths import default_state_dir
@@ -114,6 +116,147 @@ def nodes(controller: str, as_json: bool) -> None:
                        "(over 1,000 files, or a name over 255 characters)")
         if (cache := doc.get("rpc_cache")) and cache["cache_dir"]:
             click.echo(f"{'':<24}rpc cache {summary_line(cache)}")
+        for part in doc.get("pulling") or []:
+            click.echo(f"{'':<24}pulling {part['model']} as {part['name']}: {_share(part)}")
+
+
+def _share(part: dict[str, Any]) -> str:
+    """`40% (101.2 MiB of 253.0 MiB)`"""
+    percent = 100 * part["completed"] // part["total"] if part["total"] else 100
+    return f"{percent}% ({format_size(part['completed'])} of {format_size(part['total'])})"
+
+
+@cli.command()
+@CONTROLLER_OPTION
+@JSON_OPTION
+def models(controller: str, as_json: bool) -> None:
+    """List the models the controller serves and the nodes that hold each one."""
+    docs = call(controller, "GET", "/llamafleet/v1/models")
+    if as_json:
+        click.echo(json.dumps(docs, indent=2))
+        return
+    if not docs:
+        click.echo("no models: put GGUF files in --models-dir, or name them with --model NAME=PATH")
+        return
+    click.echo(f"{'MODEL':<28} {'SIZE':>10}  {'SHA256':<12}  HOLDERS")
+    for doc in docs:
+        if doc.get("error"):
+            click.echo(f"{doc['model']:<28} {'?':>10}  {'':<12}  {doc['error']}")
+            continue
+        holders = ", ".join(doc["holders"]) or "-"
+        click.echo(f"{doc['model']:<28} {format_size(doc['size_bytes']):>10}  {(doc['sha256'] or '-')[:12]:<12}  "
+                   f"{holders}")
+        if not doc["holders"] and "computing" in doc.get("holder_note", ""):
+            click.echo(f"{'':<29}{doc['holder_note']}")
+        for part in doc.get("pulling") or []:
+            click.echo(f"{'':<29}pulling into {part['node']}: {_share(part)}")
+
+
+class PullProgress:
+    """A pull's progress on stderr: one redrawn line on a terminal, a line per node and 10% in a log."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.shown: dict[str, tuple[str, int]] = {}
+        self.drawn = False
+
+    def __call__(self, doc: dict[str, Any]) -> None:
+        if doc.get("status") == "hashing":
+            click.echo(f"computing the sha256 of {doc['model']} ({format_size(doc['total'])})…", err=True)
+            return
+        node = doc.get("node")
+        if not node:
+            return
+        self.nodes[node] = doc
+        if self.tty:
+            line = "  ".join(f"{n} {_state_of(d)}" for n, d in self.nodes.items())
+            click.echo(f"\r{line[:160]:<160}", err=True, nl=False)
+            self.drawn = True
+            return
+        tenth = 10 * doc["completed"] // doc["total"] if doc["total"] else 10
+        if self.shown.get(node) != (doc["status"], tenth):
+            self.shown[node] = (doc["status"], tenth)
+            click.echo(f"{node}: {_state_of(doc)}", err=True)
+
+    def end(self) -> None:
+        if self.drawn:
+            click.echo("", err=True)
+
+
+def _state_of(doc: dict[str, Any]) -> str:
+    if doc["status"] == "pulling":
+        resumed = f", resumed at {format_size(doc['resumed_from'])}" if doc.get("resumed_from") else ""
+        return f"pulling {_share(doc)}{resumed}"
+    return doc["status"]
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--node", "nodes", multiple=True, metavar="ADDR",
+              help="A node to pull into (repeatable). Default: every reachable node with a models dir that "
+                   "does not hold the model yet.")
+@click.option("--as", "name", metavar="NAME",
+              help="Its name in the nodes' models dirs, NAME or FOLDER/NAME (default: from MODEL, "
+                   "gemma3:270m → gemma3/270m).")
+@CONTROLLER_OPTION
+@JSON_OPTION
+def pull(model: str, nodes: tuple[str, ...], name: str | None, controller: str, as_json: bool) -> None:
+    """Copy MODEL's GGUF file from the controller into nodes' models dirs.
+
+    Resumable (pull again after an interruption: only the missing bytes are sent), verified by
+    sha256 on the node before it is used. Progress on stderr; a line per node on stdout (--json:
+    the outcome). Exit 0 when every node holds the model (or none needed it), 1 when a node
+    failed or the controller refused, 2 on invalid arguments.
+    """
+    try:
+        parse_model_name(model)
+    except LlamafleetError as exc:
+        raise click.BadParameter(exc.message, param_hint="MODEL") from None
+    if name is not None:
+        try:
+            check_name(name)
+        except LlamafleetError as exc:
+            raise click.BadParameter(exc.message, param_hint="--as") from None
+    for address in nodes:
+        try:
+            split_host_port(address)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--node") from None
+    body: dict[str, Any] = {"model": model, "nodes": list(nodes)} | ({"name": name} if name else {})
+    progress = PullProgress()
+    outcome: dict[str, Any] | None = None
+    try:
+        for doc in stream_json_lines(controller, "/llamafleet/v1/pull", body):
+            if "nodes" in doc:
+                outcome = doc
+            elif "error" in doc and "status" not in doc:
+                raise ControllerError(str(doc["error"]))
+            else:
+                progress(doc)
+    finally:
+        progress.end()
+    if outcome is None:
+        raise ControllerError("the controller ended the pull without saying how it went")
+    if as_json:
+        click.echo(json.dumps(outcome, indent=2))
+    else:
+        _print_outcome(outcome)
+    if outcome["status"] != "success":
+        raise ControllerError(outcome.get("error") or "the pull failed")
+
+
+def _print_outcome(outcome: dict[str, Any]) -> None:
+    if outcome.get("message"):
+        click.echo(outcome["message"])
+    for part in outcome["nodes"]:
+        node, model, name = part["node"], outcome["model"], part["name"]
+        if part["status"] == "held":
+            click.echo(f"{node}: holds {model} already (as {name})")
+        elif part["status"] == "done":
+            resumed = f", resumed at {format_size(part['resumed_from'])}" if part["resumed_from"] else ""
+            click.echo(f"{node}: pulled {model} as {name} ({format_size(part['sent_bytes'])} sent{resumed} in "
+                       f"{part['seconds']:.1f}s, sha256 verified)")
 
 
 @cli.group()

@@ -39,6 +39,8 @@ from llamafleet.controller.models import (
 from llamafleet.controller.holders import ModelDigests
 from llamafleet.controller.placement.plan import Headroom
 from llamafleet.controller.planner import Planner
+from llamafleet.controller.pull import PullManager
+from llamafleet.controller.pull_api import pull_routes
 from llamafleet.controller.settings import ControllerSettings
 from llamafleet.controller.store import Store
 from llamafleet.controller.tensor_hashes import TensorHashes
@@ -157,11 +159,12 @@ def read_http_keys(settings: ControllerSettings) -> HttpKeys:
 
 def make_app(settings: ControllerSettings, keys: HttpKeys, inventory: Inventory, planner: Planner,
              manager: CoordinatorManager, router: Router, dispatcher: Dispatcher, events: EventLog,
-             metrics: ControllerMetrics, credentials: Credentials) -> web.Application:
+             metrics: ControllerMetrics, credentials: Credentials, pulls: PullManager) -> web.Application:
     # The guard is always there: with no key configured at all, control routes still need loopback.
     middlewares = [count_requests(metrics), guard(keys, events.record), errors_as_json]
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_request_bytes)
-    app.add_routes(make_routes(inventory, planner, manager, router, events, metrics, credentials))
+    app.add_routes(make_routes(inventory, planner, manager, router, events, metrics, credentials, pulls))
+    app.add_routes(pull_routes(pulls, planner, inventory))
     app.add_routes(join_routes(credentials, inventory))
     app.add_routes(dashboard_routes())
     app.add_routes(ollama.make_routes(dispatcher, Catalog(), settings.max_request_bytes))
@@ -212,7 +215,8 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
     await pool.start()
     router = Router(planner, pool, routes, settings.ollama_node_memory)
     dispatcher = Dispatcher(manager, router, pool, session, metrics)
-    app = make_app(settings, keys, inventory, planner, manager, router, dispatcher, events, metrics, credentials)
+    pulls = PullManager(models, inventory, digests, events.record, settings.pull_rate_limit, tensor_hashes)
+    app = make_app(settings, keys, inventory, planner, manager, router, dispatcher, events, metrics, credentials, pulls)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     host, port = split_host_port(settings.listen)
@@ -223,6 +227,8 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
         steps: list[tuple[str, float, Callable[[], Awaitable[object]]]] = [
             ("coordinators", STOP_STEP_COORDINATORS_S, manager.close),
             ("HTTP server", STOP_STEP_S, runner.cleanup),
+            # Pulls in flight are cancelled: the nodes keep what arrived, for the next pull to resume.
+            ("pulls", STOP_STEP_S, pulls.close),
             ("Ollama pool", STOP_STEP_S, pool.close),
             ("HTTP client", STOP_STEP_S, session.close),
             ("inventory", STOP_STEP_S, inventory.close),

@@ -3,7 +3,9 @@
 Kinds: `node.ready`, `node.unreachable`, `node.maintenance`, `node.added`, `node.removed`,
 `rpc.restarted` (with the agent's cause), `coordinator.<state>` (starting, ready, stopping,
 stopped, failed, with the cause), `placement` (where a model went), `placement.failed` (why not),
-`auth.refused` (a request the HTTP guard turned away: route, peer, reason; never the key).
+`auth.refused` (a request the HTTP guard turned away: route, peer, reason; never the key),
+`stage`, `stage.failed` (pre-staging: before a load, or after a pull with `after_pull`), `pull`
+(a node's transfer begins), `pull.done` (pulled or held already), `pull.failed` (the cause).
 """
 
 from __future__ import annotations

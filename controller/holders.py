@@ -10,6 +10,7 @@ Until that hash is known, no node counts as a holder, and the plan says it is be
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import threading
@@ -18,10 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamafleet.common.digests import DigestCache, FileKey, HashCancelled, sha256_file
+from llamafleet.common.errors import LlamafleetError
 from llamafleet.controller.placement.nodes import NodeView
 
 log = logging.getLogger(__name__)
 DIGEST_CACHE = "model-digests.json"
+
+
+class DigestUnavailable(LlamafleetError):
+    """The controller cannot hash its model file (unreadable, or it is stopping)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,26 @@ class ModelDigests:
         if key not in self._pending and key not in self._errors and not self._stop.is_set():
             self._pending[key] = self._pool.submit(self._compute, key)
         return None
+
+    def known(self, path: Path) -> str | None:
+        """The file's sha256 if known; never starts a hash (listings must not read every file)."""
+        return self._cache.get(FileKey.of(path))
+
+    async def sha256_of(self, path: Path) -> str:
+        """The file's sha256, waiting for the digest thread to compute it when it is not known."""
+        while (sha := self.digest(path)) is None:
+            key = FileKey.of(path)
+            if key in self._errors:
+                raise DigestUnavailable(self._errors[key])
+            if self._stop.is_set():
+                raise DigestUnavailable("the controller is stopping")
+            pending = self._pending.get(key)
+            if pending is not None:
+                # Its outcome is read from the cache or the errors on the next turn of the loop.
+                await asyncio.wrap_future(pending)
+            else:
+                await asyncio.sleep(0.1)  # hashed while it changed: the next turn hashes it again
+        return sha
 
     def error(self, path: Path) -> str:
         return self._errors.get(FileKey.of(path), "")

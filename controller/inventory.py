@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -293,6 +293,47 @@ class Inventory:
             for o, n in ranges], rpc_server_index=rpc_server_index)
         reply: pb.StageTensorsResponse = await self._call(address, "StageTensors", request, timeout_s)
         return reply
+
+    async def prepare_push(self, address: str, name: str, sha256: str, size_bytes: int,
+                           timeout_s: float) -> pb.PrepareModelPushResponse:
+        """Ask a node whether it holds a model file already, and from which byte a push of it resumes."""
+        request = pb.PrepareModelPushRequest(name=name, sha256=sha256, size_bytes=size_bytes)
+        reply: pb.PrepareModelPushResponse = await self._call(address, "PrepareModelPush", request, timeout_s)
+        return reply
+
+    async def push_model(self, address: str, header: pb.PushModelHeader, data: Callable[[int], AsyncIterator[bytes]],
+                         sent: Callable[[int], None]) -> pb.PushModelDone:
+        """Stream a model file into a node's models dir: the header, then, once the agent accepted it,
+        `data(offset)`; `sent` is told each chunk's size once gRPC has taken it. No deadline: a large
+        file takes minutes, and the channel's keepalive notices a peer that went away."""
+        target = self._target(address)
+        if not target.token:
+            raise AgentCallError(f"agent at {address}: {target.missing}")
+        channel = aio_channel(target, _CHANNEL_OPTIONS)
+        try:
+            call = pb_grpc.AgentServiceStub(channel).PushModel(metadata=target.metadata_for(method_path("PushModel")))
+            await call.write(pb.PushModelRequest(header=header))
+            answer = await call.read()
+            if answer is grpc.aio.EOF:
+                raise AgentCallError(f"agent at {address} ended the push without an answer")
+            if answer.WhichOneof("event") == "done":  # held already: nothing to send
+                return answer.done
+            try:
+                async with contextlib.aclosing(data(answer.accepted.offset)) as chunks:
+                    async for chunk in chunks:
+                        await call.write(pb.PushModelRequest(data=chunk))
+                        sent(len(chunk))
+                await call.done_writing()
+            except asyncio.InvalidStateError:
+                pass  # the agent ended the push before the last byte: its status says why, below
+            answer = await call.read()
+            if answer is grpc.aio.EOF or answer.WhichOneof("event") != "done":
+                raise AgentCallError(f"agent at {address} ended the push without saying it was done")
+            return answer.done
+        except grpc.aio.AioRpcError as exc:
+            raise describe_rpc_error(address, exc) from None
+        finally:
+            await channel.close()  # also cancels the call when we stop part-way (the agent keeps its bytes)
 
     async def _call(self, address: str, method: str, request: Message, timeout_s: float) -> Any:
         """One unary call of the node's agent, with the node's own proof for that method; an

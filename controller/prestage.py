@@ -55,3 +55,11 @@ def node_ranges(header: GGUFHeader, assignments: Sequence[DeviceAssignment],
         if ranges:
             out[node] = list(dict.fromkeys(ranges))
     return out
+
+
+def every_large_tensor(header: GGUFHeader, threshold: int = HASH_THRESHOLD) -> list[tuple[int, int]]:
+    """(absolute file offset, size) of every tensor above `threshold`, each once, in file order.
+
+    What a node that has just pulled the file stages in the background: whatever share a later
+    placement (a failover) gives it, its entries are then in its cache already."""
+    return sorted({(header.data_offset + t.offset, t.n_bytes) for t in header.tensors if t.n_bytes > threshold})

@@ -14,6 +14,7 @@ from llamafleet.common.units import parse_duration, parse_size
 
 DEFAULT_LISTEN = "127.0.0.1:11434"
 PARALLEL_AUTO = 0
+PULL_RATE_MIN = 1024 * 1024
 
 
 def parse_parallel(value: object) -> int:
@@ -63,6 +64,9 @@ class ControllerSettings:
                                       help="memory of one Ollama pool node (0: trust what the node lists)")
     routes: tuple[str, ...] = setting((), help="MODEL=pool or MODEL=fleet: override the routing",
                                       flag="--route", repeat=True)
+    pull_rate_limit: int = setting(0, parse=parse_size,
+                                   help="most bytes a second `llamafleet pull` sends to each node, e.g. 50MiB "
+                                        "(0: no limit)")
     api_key_file: Path | None = setting(None, parse=parse_path,
                                         help="API keys (one per line) the gateway requires as Bearer tokens")
     admin_key_file: Path | None = setting(None, parse=parse_path,
@@ -85,6 +89,9 @@ class ControllerSettings:
             raise ValueError("default_ctx and max_parallel must be >= 1")
         if self.load_timeout_s <= 0 or self.max_request_bytes < 1024:
             raise ValueError("load_timeout_s must be > 0 and max_request_bytes at least 1KiB")
+        if 0 < self.pull_rate_limit < PULL_RATE_MIN:
+            # A node gives up a push that sends nothing for a minute; a 1 MiB message must come sooner.
+            raise ValueError("pull_rate_limit must be 0 (no limit) or at least 1MiB (a second)")
         for url in self.ollama_nodes:
             parsed = urllib.parse.urlsplit(url)
             if parsed.scheme not in ("http", "https") or not parsed.hostname:

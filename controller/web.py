@@ -38,6 +38,7 @@ from llamafleet.controller.gateway.upstream import UpstreamRejected, UpstreamUna
 from llamafleet.controller.gguf import GGUFError
 from llamafleet.controller.metrics import ControllerMetrics
 from llamafleet.controller.models import InvalidModelName, ModelNotFound
+from llamafleet.controller.pull import PullRefused
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -51,7 +52,7 @@ class BodyTooLarge(UsageError):
 # Domain errors → HTTP status, in one place. Subclasses first.
 _STATUS: list[tuple[type[LlamafleetError], int]] = [
     (BodyTooLarge, 413), (InvalidModelName, 400), (UsageError, 400), (ModelNotFound, 404), (DoesNotFit, 507),
-    (GGUFError, 422), (EstimateError, 422), (CoordinatorExited, 503), (UpstreamUnavailable, 502),
+    (PullRefused, 409), (GGUFError, 422), (EstimateError, 422), (CoordinatorExited, 503), (UpstreamUnavailable, 502),
     (PoolUnavailable, 502), (LlamafleetError, 500),
 ]
 

@@ -1,7 +1,9 @@
 // The llamafleet dashboard: plain ES module, no build step, no third-party code.
 const $ = (id) => document.getElementById(id);
 const COLORS = ["#1565c0", "#6a1b9a", "#00838f", "#ad1457", "#558b2f", "#4e342e", "#283593", "#00695c"];
-const state = { nodes: [], models: [], colors: new Map(), lastEvent: 0 };
+const state = { nodes: [], models: [], pulls: [], colors: new Map(), lastEvent: 0 };
+// Pulls that ended stay on the page this long (the event log keeps them for good).
+const ENDED_PULL_SHOWN_MS = 10 * 60 * 1000;
 
 function key() { return localStorage.getItem("llamafleet.key") || ""; }
 
@@ -66,6 +68,12 @@ function renderNodes() {
       card.append(el("div", { class: "legend", "data-rpc-endpoint": other.endpoint },
         `rpc-server #${other.index} ${other.state} ${other.endpoint}` + (other.model ? ` · serving ${other.model}` : "")));
     }
+    // The model files the node holds: a placement prefers it for those, and loads them from its disk.
+    const held = (node.models || []).filter((m) => m.state === "ready");
+    if (held.length) {
+      card.append(el("div", { class: "legend", "data-holds": held.map((m) => m.name).join(" ") },
+        `holds ${held.map((m) => `${m.name} (${size(Number(m.size_bytes))})`).join(", ")}`));
+    }
     for (const device of node.devices || []) {
       const used = state.models.flatMap((m) => (m.assignments || [])
         .filter((a) => a.node === node.address && a.device === device.name)
@@ -115,6 +123,29 @@ function renderModels() {
   $("models").replaceChildren(...(rows.length ? rows : [el("p", {}, "no models loaded: run a prompt to load one")]));
 }
 
+function renderPulls() {
+  const shown = state.pulls.filter((p) => !["done", "failed"].includes(p.state) ||
+    Date.now() - p.started_unix_ms < ENDED_PULL_SHOWN_MS);
+  const cards = shown.map((pull) => {
+    const card = el("div", { class: "card", "data-pull": pull.model, "data-state": pull.state },
+      el("h3", {}, el("span", {}, pull.model), badge(pull.state)),
+      el("div", { class: "legend" }, `${size(pull.total)}` + (pull.sha256 ? ` · sha256 ${pull.sha256.slice(0, 12)}` : "") +
+        (pull.note ? ` · ${pull.note}` : "")));
+    for (const part of pull.nodes) {
+      const percent = part.total ? Math.floor((100 * part.completed) / part.total) : 100;
+      const bar = el("div", { class: "bar", title: `${part.node}: ${percent}%` },
+        el("span", { class: "seg-pulled" }));
+      bar.lastChild.style.width = `${percent}%`;
+      card.append(el("div", { class: "legend", "data-pull-node": part.node, "data-state": part.status },
+        `${part.node} → ${part.name}: ${part.status} ${percent}% (${size(part.completed)} of ${size(part.total)})` +
+        (part.resumed_from ? ` · resumed at ${size(part.resumed_from)}` : "") +
+        (part.error ? ` · ${part.error}` : "")), bar);
+    }
+    return card;
+  });
+  $("pulls").replaceChildren(...(cards.length ? cards : [el("p", {}, "no pulls: `llamafleet pull MODEL` copies a model into the nodes' models dirs")]));
+}
+
 function renderLogSources() {
   const select = $("log-source");
   const chosen = select.value;
@@ -145,11 +176,13 @@ function showError(error) { $("summary").replaceChildren(el("span", { class: "er
 
 async function refresh() {
   try {
-    [state.nodes, state.models] = await Promise.all([json("/llamafleet/v1/nodes"), json("/llamafleet/v1/ps")]);
+    [state.nodes, state.models, state.pulls] = await Promise.all([json("/llamafleet/v1/nodes"),
+      json("/llamafleet/v1/ps"), json("/llamafleet/v1/pulls")]);
     const ready = state.nodes.filter((n) => n.state === "ready").length;
     $("summary").textContent = `${ready} of ${state.nodes.length} node(s) ready · ${state.models.length} model(s) loaded`;
     renderNodes();
     renderModels();
+    renderPulls();
     renderLogSources();
     await refreshLog();
   } catch (error) { showError(error); }
@@ -167,7 +200,7 @@ function addEvent(event) {
     `${event.subject}: ${event.message}`);
   $("events").prepend(item);
   while ($("events").children.length > 300) $("events").lastChild.remove();
-  if (event.kind.startsWith("node.") || event.kind.startsWith("coordinator.") || event.kind.startsWith("rpc.")) refresh();
+  if (["node.", "coordinator.", "rpc.", "pull"].some((prefix) => event.kind.startsWith(prefix))) refresh();
 }
 
 async function readSeparated(response, separator, onItem) {

@@ -387,3 +387,71 @@ class StageTensorsResponse(_message.Message):
     cached_bytes: int
     referenced: int
     def __init__(self, staged: _Optional[int] = ..., present: _Optional[int] = ..., skipped_small: _Optional[int] = ..., bytes_written: _Optional[int] = ..., seconds: _Optional[float] = ..., rewritten: _Optional[int] = ..., entries: _Optional[_Iterable[str]] = ..., cached_bytes: _Optional[int] = ..., referenced: _Optional[int] = ...) -> None: ...
+
+class PrepareModelPushRequest(_message.Message):
+    __slots__ = ("name", "sha256", "size_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    sha256: str
+    size_bytes: int
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class PrepareModelPushResponse(_message.Message):
+    __slots__ = ("have_bytes", "already_held", "model", "free_bytes")
+    HAVE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_HELD_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    have_bytes: int
+    already_held: bool
+    model: ModelFile
+    free_bytes: int
+    def __init__(self, have_bytes: _Optional[int] = ..., already_held: _Optional[bool] = ..., model: _Optional[_Union[ModelFile, _Mapping]] = ..., free_bytes: _Optional[int] = ...) -> None: ...
+
+class PushModelHeader(_message.Message):
+    __slots__ = ("name", "sha256", "size_bytes", "offset")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    sha256: str
+    size_bytes: int
+    offset: int
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class PushModelRequest(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: PushModelHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[PushModelHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PushModelAccepted(_message.Message):
+    __slots__ = ("offset",)
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    def __init__(self, offset: _Optional[int] = ...) -> None: ...
+
+class PushModelDone(_message.Message):
+    __slots__ = ("model", "received_bytes", "already_held", "seconds")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_HELD_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model: ModelFile
+    received_bytes: int
+    already_held: bool
+    seconds: float
+    def __init__(self, model: _Optional[_Union[ModelFile, _Mapping]] = ..., received_bytes: _Optional[int] = ..., already_held: _Optional[bool] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class PushModelResponse(_message.Message):
+    __slots__ = ("accepted", "done")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    accepted: PushModelAccepted
+    done: PushModelDone
+    def __init__(self, accepted: _Optional[_Union[PushModelAccepted, _Mapping]] = ..., done: _Optional[_Union[PushModelDone, _Mapping]] = ...) -> None: ...

@@ -69,6 +69,16 @@ class AgentServiceStub:
                 request_serializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.StageTensorsRequest.SerializeToString,
                 response_deserializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.StageTensorsResponse.FromString,
                 _registered_method=True)
+        self.PrepareModelPush = channel.unary_unary(
+                '/llamafleet.v1.AgentService/PrepareModelPush',
+                request_serializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.PrepareModelPushRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.PrepareModelPushResponse.FromString,
+                _registered_method=True)
+        self.PushModel = channel.stream_stream(
+                '/llamafleet.v1.AgentService/PushModel',
+                request_serializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.PushModelRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.PushModelResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -121,6 +131,26 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareModelPush(self, request, context):
+        """Whether this agent can take a model file into its --models-dir, and from which byte a push
+        of it resumes (the bytes of an interrupted push it kept); nothing is written.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushModel(self, request_iterator, context):
+        """Receives a model file into the --models-dir (`llamafleet pull`). The caller sends the header
+        and waits: the agent answers `accepted` once the file is open at the offset (or `done` when
+        it holds the file already, or a refusal), so no byte is sent into a refused push. Then every
+        message is the file's next bytes, and the agent answers `done` once the file is verified by
+        sha256, in place as DIR/NAME.gguf and listed READY. A wrong sha256 is DATA_LOSS and leaves
+        nothing. (Two-way because a client stream learns of a refusal only after its last byte.)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -158,6 +188,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.StageTensors,
                     request_deserializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.StageTensorsRequest.FromString,
                     response_serializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.StageTensorsResponse.SerializeToString,
+            ),
+            'PrepareModelPush': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareModelPush,
+                    request_deserializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.PrepareModelPushRequest.FromString,
+                    response_serializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.PrepareModelPushResponse.SerializeToString,
+            ),
+            'PushModel': grpc.stream_stream_rpc_method_handler(
+                    servicer.PushModel,
+                    request_deserializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.PushModelRequest.FromString,
+                    response_serializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.PushModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -349,6 +389,60 @@ class AgentService:
             '/llamafleet.v1.AgentService/StageTensors',
             llamafleet_dot_proto_dot_v1_dot_agent__pb2.StageTensorsRequest.SerializeToString,
             llamafleet_dot_proto_dot_v1_dot_agent__pb2.StageTensorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareModelPush(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.AgentService/PrepareModelPush',
+            llamafleet_dot_proto_dot_v1_dot_agent__pb2.PrepareModelPushRequest.SerializeToString,
+            llamafleet_dot_proto_dot_v1_dot_agent__pb2.PrepareModelPushResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushModel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/llamafleet.v1.AgentService/PushModel',
+            llamafleet_dot_proto_dot_v1_dot_agent__pb2.PushModelRequest.SerializeToString,
+            llamafleet_dot_proto_dot_v1_dot_agent__pb2.PushModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

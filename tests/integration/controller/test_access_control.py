@@ -117,7 +117,7 @@ def default(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Controller]:
 
 def control_routes() -> list[tuple[str, str]]:
     """(method, example path) for every route of the real app that needs the admin credential."""
-    app = make_app(ControllerSettings(), HttpKeys(None, None, "127.0.0.1"), *[mock.Mock() for _ in range(8)])
+    app = make_app(ControllerSettings(), HttpKeys(None, None, "127.0.0.1"), *[mock.Mock() for _ in range(9)])
     found = set()
     for route in app.router.routes():
         method, template = ("GET" if route.method == "*" else route.method), route.resource.canonical

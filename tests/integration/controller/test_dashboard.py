@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,31 @@ def test_dashboard_works_with_the_admin_key_and_shows_why_an_api_key_is_not_enou
         page.click("#key-form button")
         page.locator(f'[data-node="{fleet.agents[0].address}"][data-state="ready"]').wait_for(timeout=15_000)
         page.locator("#live", has_text="live").wait_for(timeout=15_000)
+
+
+def test_dashboard_shows_a_pull_in_progress_and_then_the_holder(  # type: ignore[no-untyped-def]
+        tmp_path: Path, llama_cpp: Manifest, test_model: Path, browser) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    # 40 MiB/s: gemma's 253 MB take six seconds, several of the page's two-second refreshes.
+    with running_fleet(tmp_path / "fleet", llama_cpp, test_model, agents=1,
+                       controller_args=("--pull-rate-limit", "40MiB"), agent_args=(("--models-dir", str(store)),)) as fleet:
+        address = fleet.agents[0].address
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(f"{fleet.url}/ui/")
+        page.locator(f'[data-node="{address}"][data-state="ready"]').wait_for(timeout=15_000)
+        pull = subprocess.Popen(fleet.cli_argv("pull", "gemma", "--node", address), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            row = page.locator(f'[data-pull="gemma:latest"] [data-pull-node="{address}"][data-state="pulling"]')
+            row.wait_for(timeout=30_000)
+            assert "% (" in row.inner_text() and "→ gemma: pulling" in row.inner_text()
+            page.screenshot(path=str(tmp_path / "dashboard-pulling.png"), full_page=True)
+            _, stderr = pull.communicate(timeout=60)
+        finally:
+            pull.kill()
+        assert pull.returncode == 0, stderr
+        page.locator(f'[data-pull="gemma:latest"][data-state="done"] [data-pull-node="{address}"][data-state="done"]') \
+            .wait_for(timeout=15_000)
+        page.locator(f'[data-node="{address}"] [data-holds="gemma"]').wait_for(timeout=15_000)
+        page.locator("#events li[data-kind='pull.done']").first.wait_for(timeout=15_000)

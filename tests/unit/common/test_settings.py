@@ -8,6 +8,7 @@ from llamafleet.agent.settings import AgentSettings
 from llamafleet.common.errors import UsageError
 from llamafleet.common.settings import load_settings
 from llamafleet.common.units import format_size, parse_size
+from llamafleet.controller.settings import ControllerSettings
 
 
 def test_precedence_flags_env_file_defaults(tmp_path: Path) -> None:
@@ -117,3 +118,13 @@ def test_the_rpc_cache_cap_from_a_flag_the_environment_or_the_file(tmp_path: Pat
 def test_a_bad_rpc_cache_setting_is_one_line(flags: dict[str, str], message: str) -> None:
     with pytest.raises(UsageError, match=message):
         load_settings(AgentSettings, flags=flags, environ={})
+
+
+def test_the_pull_rate_limit_is_a_size_from_any_source_and_not_below_a_mebibyte(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('pull_rate_limit = "50MiB"\n')
+    assert load_settings(ControllerSettings, flags={}, config_file=config, environ={}).pull_rate_limit == 50 * 2**20
+    from_env = load_settings(ControllerSettings, flags={}, environ={"LLAMAFLEET_PULL_RATE_LIMIT": "2MB"})
+    assert from_env.pull_rate_limit == 2_000_000
+    with pytest.raises(UsageError, match="at least 1MiB"):
+        load_settings(ControllerSettings, flags={"pull_rate_limit": "10KiB"}, environ={})

@@ -31,7 +31,7 @@ def app_routes(credentials: HttpKeys, sink: Any) -> web.Application:
     """The controller's real application and router; what the routes would call is never reached."""
     events = mock.Mock(record=sink)
     return make_app(ControllerSettings(), credentials, mock.Mock(), mock.Mock(), mock.Mock(), mock.Mock(),
-                    mock.Mock(), events, mock.Mock(), mock.Mock())
+                    mock.Mock(), events, mock.Mock(), mock.Mock(), mock.Mock())
 
 
 @pytest.mark.parametrize(("method", "template", "access"), [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from llamafleet.controller.estimate import estimate_memory
 from llamafleet.controller.gguf import read_gguf_header
-from llamafleet.controller.holders import DIGEST_CACHE, ModelDigests, find_holders
+from llamafleet.controller.holders import DIGEST_CACHE, DigestUnavailable, ModelDigests, find_holders
 from llamafleet.controller.placement.nodes import DeviceView, ModelFileView, NodeView
 from llamafleet.controller.placement.plan import Plan, make_plan
 from tests.fixtures.synthetic_gguf import LLAMA_8B, LLAMA_70B, Shape, write_model
@@ -111,5 +112,25 @@ def test_no_file_of_the_size_means_no_hash_at_all(tmp_path: Path) -> None:
         digests.wait(10)
         assert holders.addresses == frozenset() and holders.note == "no node holds the model's file"
         assert not (tmp_path / "state" / DIGEST_CACHE).exists()
+    finally:
+        digests.close()
+
+
+def test_a_pull_waits_for_the_digest_and_an_unreadable_file_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF" * 1000)
+    digests = ModelDigests(tmp_path / "state")
+
+    async def run() -> None:
+        assert digests.known(path) is None
+        assert await digests.sha256_of(path) == hashlib.sha256(b"GGUF" * 1000).hexdigest()
+        assert digests.known(path) == hashlib.sha256(b"GGUF" * 1000).hexdigest()
+        path.unlink()
+        path.mkdir()  # another version, which cannot be read as a file (even by root)
+        with pytest.raises(DigestUnavailable, match="cannot hash .*m.gguf: Is a directory"):
+            await digests.sha256_of(path)
+
+    try:
+        asyncio.run(run())
     finally:
         digests.close()

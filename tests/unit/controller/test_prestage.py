@@ -9,7 +9,7 @@ from gguf import GGUFReader
 
 from llamafleet.controller.gguf import read_gguf_header
 from llamafleet.controller.placement.plan import DeviceAssignment
-from llamafleet.controller.prestage import HASH_THRESHOLD, node_ranges
+from llamafleet.controller.prestage import HASH_THRESHOLD, every_large_tensor, node_ranges
 from tests.fixtures.synthetic_gguf import Shape, write_model
 
 TINY = Shape("tiny", 4, 256, 512, 4, 4, 1000)
@@ -55,3 +55,16 @@ def test_only_tensors_above_the_hash_threshold_are_asked_for(tmp_path: Path) -> 
     assert node_ranges(header, [device("a", 0, 4)], threshold=cut) == {}
     assert node_ranges(header, [device("a", 0, 4)]) == {} and HASH_THRESHOLD == 10 * 1024 * 1024
     assert node_ranges(header, []) == {}
+
+
+def test_after_a_pull_every_tensor_above_the_threshold_is_staged_once(tmp_path: Path) -> None:
+    path = write_model(tmp_path / "m.gguf", TINY)
+    where = oracle(path)
+    threshold = sorted(n for _, n in where.values())[len(where) // 2]
+    got = every_large_tensor(read_gguf_header(path), threshold=threshold)
+    assert got == sorted({span for span in where.values() if span[1] > threshold})
+    assert got and all(size > threshold for _, size in got)
+    # Whatever share a later plan gives the node, its ranges are among these.
+    plan = [device("a", 0, 2), device("b", 2, 2)]
+    shares = node_ranges(read_gguf_header(path), plan, threshold=threshold)
+    assert {span for spans in shares.values() for span in spans} <= set(got)
