@@ -234,7 +234,8 @@ def test_build_rpc_streams_progress_then_the_result(tmp_path: Path, llama_cpp: M
 
     tree = make_fake_tree(tmp_path / "fake-llama.cpp")
     with running_agent(tmp_path, llama_cpp.install_dir) as agent:
-        request = pb.BuildRequest(source=str(tree), cuda=pb.CUDA_MODE_OFF, jobs=2)
+        # The fake tree is not llama.cpp: the patch set would not apply (a test of its own below).
+        request = pb.BuildRequest(source=str(tree), cuda=pb.CUDA_MODE_OFF, jobs=2, no_patches=True)
         replies = list(agent.stub.Build(request, metadata=agent.metadata, timeout=120))
         *progress, last = replies
         steps = [r.progress.step for r in progress]
@@ -245,6 +246,13 @@ def test_build_rpc_streams_progress_then_the_result(tmp_path: Path, llama_cpp: M
         assert (agent.state_dir / "llama.cpp" / "current").resolve() == Path(last.result.build.install_dir)
         again = list(agent.stub.Build(request, metadata=agent.metadata, timeout=120))
         assert again[-1].result.cached
+        assert list(last.result.build.patches) == []
+        # With the patch set (the default), a source it does not apply to fails at `patch`, by name.
+        patched = pb.BuildRequest(source=str(tree), cuda=pb.CUDA_MODE_OFF, jobs=2)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(agent.stub.Build(patched, metadata=agent.metadata, timeout=120))
+        assert "step 'patch'" in (refused.value.details() or "") and "0001-" in (refused.value.details() or "")
+        assert (agent.state_dir / "llama.cpp" / "current").resolve() == Path(last.result.build.install_dir)
 
 
 def test_sigterm_during_a_slow_start_stops_at_once_without_ready(tmp_path: Path, llama_cpp: Manifest) -> None:
