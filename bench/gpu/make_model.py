@@ -10,6 +10,10 @@ The vocabulary is a SentencePiece-style one that llama.cpp's tokenizer accepts: 
 A prompt of words `t17 t4242 …` therefore tokenizes to exactly one token per word (plus BOS),
 which is how the benchmarks build a prompt of an exact length. Generated text is plain ASCII.
 
+No two tensors hold the same bytes: each one starts at its own block of the random pool. Equal
+tensors would share one rpc tensor cache entry (its key is the FNV-1a of the bytes), and a load
+with an empty cache would then send each distinct tensor once, not every tensor.
+
     python bench/gpu/make_model.py --shape llama-8b --type q8_0 --out /dev/shm/llama-8b-q8_0.gguf
 
 Nothing here is imported by the test suite.
@@ -36,6 +40,9 @@ from tests.fixtures.synthetic_gguf import LLAMA_8B, Shape  # noqa: E402
 ALIGNMENT = 32
 # Pool of random blocks written over and over; 1 Mi blocks of Q8_0 is 34 MiB.
 POOL_BLOCKS = 1 << 20
+# Tensor #i starts at pool block i * START_STRIDE (mod POOL_BLOCKS): odd, so no two of the first
+# POOL_BLOCKS tensors start at the same block.
+START_STRIDE = 7919
 
 
 SHAPES = {
@@ -48,6 +55,9 @@ SHAPES = {
         # About 2.1 GB in Q8_0, every large tensor above llama.cpp's 10 MiB hash threshold: for
         # the CPU load benchmarks (bench/load_speed.py).
         Shape("llama-2g", 8, 4096, 14336, 32, 8, 32000),
+        # 1.14 GB at Q8_0 whose every matrix is above the rpc tensor cache's 10 MiB threshold
+        # (17.8 MB attention, 47.9 MB feed-forward, 139 MB output), for the pre-staging benchmarks.
+        Shape("llama-1g", 4, 4096, 11008, 32, 32, 32000),
     )
 }
 TYPES = {
@@ -131,13 +141,15 @@ def _pool(qtype: GGMLQuantizationType, n_in: int, rng: np.random.Generator) -> b
     raise ValueError(f"no random pool for {qtype.name}")
 
 
-def _write_repeating(out: BinaryIO, pool: memoryview, n_bytes: int) -> None:
-    """Write `n_bytes` taken from `pool` again and again (the pool holds whole blocks)."""
+def _write_repeating(out: BinaryIO, pool: memoryview, n_bytes: int, start: int = 0) -> None:
+    """Write `n_bytes` taken from `pool` again and again, beginning at byte `start` of it (a block boundary)."""
     left = n_bytes
+    position = start % len(pool)
     while left:
-        chunk = min(left, len(pool))
-        out.write(pool[:chunk])
+        chunk = min(left, len(pool) - position)
+        out.write(pool[position:position + chunk])
         left -= chunk
+        position = 0
 
 
 def _pad(out: BinaryIO, written: int) -> None:
@@ -186,11 +198,13 @@ def write_model(path: Path, shape: Shape, type_name: str, seed: int = 1) -> dict
     ones = memoryview(np.ones(shape.n_embd, dtype="<f4").tobytes())
     with path.open("ab") as out:
         _pad(out, out.tell())
-        for spec in specs:
+        for index, spec in enumerate(specs):
             if spec.qtype == GGMLQuantizationType.F32:
                 out.write(ones[: spec.n_bytes])
             else:
-                _write_repeating(out, pools[spec.ne[0]], spec.n_bytes)
+                pool = pools[spec.ne[0]]
+                block_bytes = len(pool) // POOL_BLOCKS
+                _write_repeating(out, pool, spec.n_bytes, index * START_STRIDE % POOL_BLOCKS * block_bytes)
             _pad(out, spec.n_bytes)
 
     embd = sum(s.n_bytes for s in specs if s.name == "token_embd.weight")

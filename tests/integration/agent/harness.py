@@ -102,14 +102,17 @@ class RunningAgent:
 def running_agent(tmp_path: Path, llama_cpp_dir: Path, *, rpc_host: str = "127.0.0.2",
                   extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
                   credentials: grpc.ChannelCredentials | None = None,
-                  token_file: Path | None = None, credential: str = "token") -> Iterator[RunningAgent]:
-    """`credential`: the file under STATE that will hold the agent's credential (`credential` once joined)."""
+                  token_file: Path | None = None, credential: str = "token",
+                  listen_host: str = "127.0.0.1", argv_prefix: tuple[str, ...] = ()) -> Iterator[RunningAgent]:
+    """`credential`: the file under STATE that will hold the agent's credential (`credential` once joined);
+    `argv_prefix`: a command that runs the agent elsewhere and then execs it (the benchmarks'
+    `ip netns exec NS`), so that the process started is still the agent itself."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    listen = f"127.0.0.1:{free_loopback_port()}"
+    listen = f"{listen_host}:{free_loopback_port()}"
     rpc_port = free_loopback_port()
     state = tmp_path / "state"
     log_path = tmp_path / "agent.log"
-    argv = [AGENT, "serve", "--listen", listen, "--state-dir", str(state), "--cache-dir", str(tmp_path / "cache"),
+    argv = [*argv_prefix, AGENT, "serve", "--listen", listen, "--state-dir", str(state), "--cache-dir", str(tmp_path / "cache"),
             "--llama-cpp", str(llama_cpp_dir), "--rpc-host", rpc_host, "--rpc-port", str(rpc_port), *extra_args]
     if token_file is not None:
         argv += ["--token-file", str(token_file)]

@@ -114,16 +114,28 @@ class Fleet:
                 raise AssertionError(f"the controller did not stop within 15 s of {sig.name}:\n{tail}") from None
 
 
+@dataclass(frozen=True)
+class AgentHost:
+    """Where an agent runs: the address its gRPC port and rpc-server bind, and the command
+    (e.g. `ip netns exec NS`) that puts it there before it execs the agent."""
+
+    address: str
+    argv_prefix: tuple[str, ...] = ()
+
+
 @contextmanager
 def running_fleet(tmp_path: Path, llama_cpp: Manifest, model: Path, *, agents: int = 2,
                   memory_limit: str | tuple[str, ...] = "260MiB", heartbeat_s: float = 0.3,
                   controller_args: tuple[str, ...] = (), model_names: tuple[str, ...] = ("gemma",),
                   agent_args: tuple[tuple[str, ...], ...] = (),
-                  agent_llama_cpp: Manifest | None = None) -> Iterator[Fleet]:
+                  agent_llama_cpp: Manifest | None = None,
+                  hosts: tuple[AgentHost, ...] = ()) -> Iterator[Fleet]:
     """`memory_limit`: one cap for every agent, or one per agent; `model_names`: names of the one GGUF;
     `agent_args`: more flags per agent, by index; `agent_llama_cpp`: the agents' build, when it is
-    not the controller's `llama_cpp`."""
+    not the controller's `llama_cpp`; `hosts`: where each agent runs, by index (default: gRPC on
+    127.0.0.1, agent #i's rpc-server on 127.0.0.<i + 2>)."""
     limits = (memory_limit,) * agents if isinstance(memory_limit, str) else memory_limit
+    places = [hosts[i] if i < len(hosts) else None for i in range(agents)]
     tmp_path.mkdir(parents=True, exist_ok=True)
     token = tmp_path / "token"
     token.write_text("fleet-token-for-tests\n")
@@ -134,10 +146,13 @@ def running_fleet(tmp_path: Path, llama_cpp: Manifest, model: Path, *, agents: i
         (models / f"{name}.gguf").symlink_to(model)
     with ExitStack() as stack:
         started = [stack.enter_context(running_agent(tmp_path / f"agent{i}", (agent_llama_cpp or llama_cpp).install_dir,
-                                                     rpc_host=f"127.0.0.{i + 2}", token_file=token,
+                                                     rpc_host=place.address if place else f"127.0.0.{i + 2}",
+                                                     listen_host=place.address if place else "127.0.0.1",
+                                                     argv_prefix=place.argv_prefix if place else (),
+                                                     token_file=token,
                                                      extra_args=("--memory-limit", limits[i],
                                                                  *(agent_args[i] if i < len(agent_args) else ()))))
-                   for i in range(agents)]
+                   for i, place in enumerate(places)]
         fleet = Fleet(None, f"http://127.0.0.1:{free_loopback_port()}", started, token, tmp_path / "controller",
                       models, tmp_path / "controller.log", llama_cpp, heartbeat_s, controller_args)
         fleet.start_controller([a.address for a in started])
