@@ -11,7 +11,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import ollama
 import pytest
 
 from llamafleet.common.fnv import Fnv1a, entry_name
@@ -20,20 +19,11 @@ from llamafleet.common.llamacpp.patches import PRECOMPUTED_HASHES_PATCH, REFEREN
 from llamafleet.controller.gguf import read_gguf_header
 from tests.integration.agent.harness import wait_for
 from tests.integration.controller.harness import Fleet, running_fleet
-from tests.integration.controller.test_prestage import cache_dir, holders_confirmed, saved_lines
+from tests.integration.controller.test_prestage import LIMITS, cache_dir, holders_confirmed, raw_tokens, saved_lines
 
 pytestmark = pytest.mark.integration
-LIMITS = ("260MiB", "300MiB")
-GREEDY = {"temperature": 0, "seed": 1, "num_predict": 16}
-PROMPT = "The capital of France is a city where"
 # A hash no tensor of gemma has: written into a hash file, it shows whether the file was used.
 FAKE = "00000000deadbeef"
-
-
-def raw_tokens(fleet: Fleet) -> str:
-    reply = ollama.Client(host=fleet.url).generate(model="gemma", prompt=PROMPT, raw=True, options=GREEDY)
-    assert reply.eval_count == GREEDY["num_predict"]
-    return reply.response
 
 
 def coordinator_log(fleet: Fleet) -> str:

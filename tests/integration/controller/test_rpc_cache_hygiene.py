@@ -65,7 +65,9 @@ def cache_cli(agent: RunningAgent, *args: str) -> subprocess.CompletedProcess[st
 
 
 def test_a_corrupted_entry_is_replaced_and_the_answer_is_the_same(tmp_path: Path, llama_cpp: Manifest,
-                                                                  test_model: Path) -> None:
+                                                                  stock_llama_cpp: Manifest, test_model: Path) -> None:
+    # Stock rpc-servers, so that the agent stages copies (patched ones get references, which
+    # hold no bytes to corrupt: test_patched_load.py).
     header = read_gguf_header(test_model)
     embd = next(t for t in header.tensors if t.name == "token_embd.weight")
     with test_model.open("rb") as handle:
@@ -73,7 +75,7 @@ def test_a_corrupted_entry_is_replaced_and_the_answer_is_the_same(tmp_path: Path
         expected = handle.read(embd.n_bytes)
     holder_args = store_with_gemma(tmp_path / "store", test_model)
     with running_fleet(tmp_path / "fleet", llama_cpp, test_model, memory_limit=LIMITS,
-                       agent_args=((), holder_args)) as fleet:
+                       agent_args=((), holder_args), agent_llama_cpp=stock_llama_cpp) as fleet:
         holder = fleet.agents[1]
         holders_confirmed(fleet)
         first = raw_tokens(fleet)
