@@ -38,6 +38,7 @@
 #                                 one (a fleet-wide shared token here is deprecated)
 #   --llama-cpp DIR               adopt an existing llama.cpp install
 #   --build-llama-cpp SOURCE      build llama.cpp: GIT_URL[@REF], a DIR, or TARBALL[:SUBDIR]
+#   --no-patches                  with --build-llama-cpp: stock llama.cpp, without llamafleet's patches
 #   --controller-ip IPV4          allow traffic only from loopback and this address (drop-in)
 #   --watchdog-sec N              the unit's WatchdogSec (default 30)
 #   --no-start                    install and enable, but do not start
@@ -62,7 +63,7 @@ ACTIVE_TIMEOUT=${ACTIVE_TIMEOUT:-180}
 
 mode=system prefix="" config_dir="" from="" pip_args=${LLAMAFLEET_PIP_ARGS:-} python=${LLAMAFLEET_PYTHON:-}
 listen=127.0.0.1:50051 rpc_host=127.0.0.1 rpc_port=50052 memory_limit="" token_src="" llama_cpp=""
-build_source="" controller_ip="" watchdog_sec=30 start=1 dry_run=0 uninstall=0 allow_wildcard=0
+build_source="" build_flags=() controller_ip="" watchdog_sec=30 start=1 dry_run=0 uninstall=0 allow_wildcard=0
 join_url="" join_token="" join_token_src="" advertise=""
 
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -88,6 +89,7 @@ while [ $# -gt 0 ]; do
     --advertise) need_arg "$@"; advertise=$2; shift ;;
     --llama-cpp) need_arg "$@"; llama_cpp=$2; shift ;;
     --build-llama-cpp) need_arg "$@"; build_source=$2; shift ;;
+    --no-patches) build_flags+=(--no-patches) ;;
     --controller-ip) need_arg "$@"; controller_ip=$2; shift ;;
     --watchdog-sec) need_arg "$@"; watchdog_sec=$2; shift ;;
     --no-start) start=0 ;;
@@ -258,13 +260,14 @@ build_llama_cpp() {
   [ -n "$build_source" ] || return 0
   say "building llama.cpp from $build_source (minutes; the unit's state directory keeps it)"
   if [ "$mode" = user ]; then
-    act "$venv/bin/llamafleet-agent" build --source "$build_source" \
+    act "$venv/bin/llamafleet-agent" build --source "$build_source" "${build_flags[@]}" \
       --state-dir "${XDG_STATE_HOME:-$HOME/.local/state}/llamafleet-agent"
   else
     # Build as the service will run: same state directory, a transient user of its own.
     act systemd-run --quiet --wait --pipe --collect -p DynamicUser=yes -p StateDirectory=llamafleet-agent \
       -p CacheDirectory=llamafleet-agent -p Environment=CCACHE_DIR=/var/cache/llamafleet-agent/ccache \
-      "$venv/bin/llamafleet-agent" build --source "$build_source" --state-dir /var/lib/llamafleet-agent
+      "$venv/bin/llamafleet-agent" build --source "$build_source" "${build_flags[@]}" \
+      --state-dir /var/lib/llamafleet-agent
   fi
 }
 

@@ -153,7 +153,8 @@ def test_build_rerun_token_reuse_and_uninstall(tmp_path: Path) -> None:
         container.run("mkdir -p /opt/src && cp -r /mnt/src/llama.cpp /mnt/src/fleet.token /opt/src/")
         before = container.run(SNAPSHOT).stdout
         command = (f"{SCRIPT} --from {wheel} --pip-args '--no-index --find-links {house}' --python /usr/bin/python3 "
-                   "--build-llama-cpp /opt/src/llama.cpp --token-file /opt/src/fleet.token --no-start")
+                   # --no-patches: the tiny tree is not llama.cpp, the patch set would not apply.
+                   "--build-llama-cpp /opt/src/llama.cpp --no-patches --token-file /opt/src/fleet.token --no-start")
         container.run(command, timeout=300)
         manifest = container.run("cat /var/lib/private/llamafleet-agent/llama.cpp/current/manifest.json").stdout
         assert '"rpc_protocol_version": "7.0.0"' in manifest
