@@ -9,7 +9,7 @@ alternating rounds (drift on a shared machine hits every mode alike):
 - `patched`: llama-server from the patched build, with the controller's pre-computed hashes
              ($LLAMA_RPC_TENSOR_HASHES, made by controller/tensor_hashes.py);
 - `local`:   llama-server on this host's CPU alone, with mmap (the weights are not copied at
-             all) and with --no-mmap (read into memory, as a GPU upload would);
+             all) and with `--load-mode none` (read into memory, as a GPU upload would);
 - `fleet`:   llamafleet (patched build), two agents on 127.0.0.2/3 holding the file, warm
              caches: the time from the request to the model being ready (`load_duration_s`).
 
@@ -115,7 +115,7 @@ def one_load(build: Manifest, model: Path, endpoints: list[str] | None, log: Pat
     else:
         argv += ["--device", "none", "--n-gpu-layers", "0"]
     if not mmap:
-        argv.append("--no-mmap")
+        argv += ["--load-mode", "none"]  # read into memory (this llama.cpp has no --no-mmap)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_") and k != "LLAMA_RPC_TENSOR_HASHES"}
     if hashes is not None:
         env["LLAMA_RPC_TENSOR_HASHES"] = str(hashes)
