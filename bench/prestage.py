@@ -5,8 +5,12 @@ mode, and loads the model once:
 - `network`: the agents hold no model file, every weight byte crosses the rpc sockets (their
   rpc-servers run with `-c`, as by default, and fill their cache from what they receive);
 - `staged`:  both agents hold the file (a symlink in their --models-dir), so each agent writes
-  the cache entries of its share before llama-server starts.
-The modes alternate within a round, so drift on this shared machine hits both. Each runs on
+  the cache entries of its share before llama-server starts;
+- `pulled`:  the agents' models dirs start empty; `llamafleet pull` puts the file on both, each
+  then stages every large tensor in the background (with the controller's tensor hashes, made
+  for the pull), and the load comes once both `stage` events (`after_pull`) are in: the first
+  load after a pull, as issue 15 names it.
+The modes take turns within a round, so drift on this shared machine hits all of them. Each runs on
 every build given (`--llama-cpp`; default LLAMAFLEET_TEST_LLAMA_CPP, which scripts/test.sh
 builds with llamafleet's patches, and LLAMAFLEET_TEST_LLAMA_CPP_STOCK when set): with the patches
 the coordinator takes the controller's pre-computed tensor hashes instead of hashing every
@@ -27,8 +31,9 @@ with tied embeddings, as gemma's, the output is a second copy of them). `floor` 
 of tensors of 10 MiB or less: what stock llama.cpp sends whatever the caches hold.
 
 `hash+place s` is the request's time outside pre-staging and llama-server's load: placement,
-and the controller's pre-computed tensor hashes (computed once per model file; every round
-starts a fresh controller, so every first load here pays it).
+and the controller's pre-computed tensor hashes (computed once per model file, by the first load
+or pull that needs them; every round starts a fresh controller, so each first load here that is
+not after a pull pays it).
 
     .venv/bin/python bench/prestage.py [--rounds 1] [--models gemma,llama-1g] [--llama-cpp DIR,DIR] [--json]
 """
@@ -61,7 +66,7 @@ from tests.integration.agent.harness import wait_for  # noqa: E402
 from tests.integration.controller.harness import AgentHost, Fleet, running_fleet  # noqa: E402
 
 BENCH_CACHE = Path.home() / ".cache" / "llamafleet-bench"
-MODES = ("network", "staged")
+MODES = ("network", "staged", "pulled")
 _RECEIVED = re.compile(r"bytes_received:(\d+)")
 
 
@@ -163,20 +168,55 @@ def plan_holders(fleet: Fleet, model: str) -> list[str]:
 def fleet_for(workdir: Path, model: BenchModel, mode: str, build: Build, hosts: tuple[AgentHost, ...] = (),
               extra_agent_args: tuple[str, ...] = ()) -> Any:
     """A fresh fleet for one round of `mode` (a context manager yielding the Fleet)."""
-    store = workdir / "store"
-    store.mkdir(parents=True)
-    (store / f"{model.name}.gguf").symlink_to(model.path)
-    holder = ("--models-dir", str(store)) if mode == "staged" else ()
-    args = (*holder, *extra_agent_args)
+    stores = [workdir / f"store{i}" for i in range(2)]
+    for store in stores:
+        store.mkdir(parents=True)
+        if mode == "staged":
+            (store / f"{model.name}.gguf").symlink_to(model.path)
+    # A pull needs a models dir of each node's own: two agents never write one file.
+    args = tuple((*(("--models-dir", str(store)) if mode in ("staged", "pulled") else ()), *extra_agent_args)
+                 for store in stores)
     return running_fleet(workdir / "fleet", build.manifest, model.path,
-                         memory_limit=model.memory_limits, agent_args=(args, args), model_names=(model.name,),
+                         memory_limit=model.memory_limits, agent_args=args, model_names=(model.name,),
                          controller_args=model.controller_args, hosts=hosts)
 
 
 def wait_until_holders(fleet: Fleet, model: str) -> None:
-    """The agents hash their models dir at start: a load before the controller knows they hold the
-    file would go over the network."""
-    wait_for(lambda: bool(plan_holders(fleet, model)), 300, "holders confirmed", interval_s=0.5)
+    """The agents hash their models dir at start (and list a pulled file at their next report): a
+    load before the controller knows both hold the file would send their share over the network."""
+    nodes = {a.address for a in fleet.agents}
+    wait_for(lambda: nodes <= set(plan_holders(fleet, model)), 300, "both nodes confirmed as holders", interval_s=0.5)
+
+
+def pull(fleet: Fleet, model: str) -> dict[str, float]:
+    """`llamafleet pull MODEL` onto every node, then wait for each node's staging after it; their seconds."""
+    started = time.monotonic()
+    result = fleet.cli("pull", model, "--json", timeout=900)
+    if result.returncode != 0:
+        raise SystemExit(f"llamafleet pull {model} failed: {result.stderr.strip()[-500:]}")
+    pulled_at = time.monotonic()
+    nodes = {a.address for a in fleet.agents}
+
+    def staged() -> dict[str, dict[str, Any]] | None:
+        events = json.loads(fleet.cli("events", "--json", "--limit", "1000").stdout)
+        done = {e["subject"]: e for e in events
+                if e["kind"] in ("stage", "stage.failed") and e.get("data", {}).get("after_pull")}
+        return done if nodes <= done.keys() else None
+
+    done = wait_for(staged, 600, "every node's staging after the pull", interval_s=0.25)
+    if failed := [e["message"] for e in done.values() if e["kind"] == "stage.failed"]:
+        raise SystemExit(f"staging after the pull failed: {'; '.join(failed)}")
+    wait_until_holders(fleet, model)
+    return {"pull_s": pulled_at - started, "stage_after_pull_s": time.monotonic() - pulled_at}
+
+
+def prepare(fleet: Fleet, model: str, mode: str) -> dict[str, float]:
+    """Bring the fleet to the state `mode` loads from; what it took (a pull and its staging)."""
+    if mode == "staged":
+        wait_until_holders(fleet, model)
+    if mode == "pulled":
+        return pull(fleet, model)
+    return {"pull_s": 0.0, "stage_after_pull_s": 0.0}
 
 
 def cpu_s(pid: int) -> float:
@@ -212,9 +252,8 @@ def first_load(fleet: Fleet, model: str, netns: Sequence[str | None] = ()) -> di
 
 def one_round(workdir: Path, model: BenchModel, mode: str, build: Build) -> dict[str, float]:
     with fleet_for(workdir, model, mode, build) as fleet:
-        if mode == "staged":
-            wait_until_holders(fleet, model.name)
-        return first_load(fleet, model.name)
+        before = prepare(fleet, model.name, mode)
+        return {**before, **first_load(fleet, model.name)}
 
 
 def medians(rows: list[dict[str, Any]], group: Sequence[str], keys: Sequence[str]) -> list[dict[str, Any]]:
@@ -255,7 +294,7 @@ def run() -> None:
     say("CPU s: what the agents (pre-staging), the coordinator (llama-server) and the rpc-servers used during the load")
     say(f"{'model':9} {'build':7} {'mode':8} {'round':>5} {'hash+place':>10} {'stage':>6} {'load':>6} {'request s':>9} "
         f"{'rpc bytes in':>14} {'÷ tensors':>9} {'÷ on rpc':>8} {'pre-staged':>14} | {'CPU s: agents':>13} "
-        f"{'coord':>6} {'rpc':>6}")
+        f"{'coord':>6} {'rpc':>6} | {'pull s':>6} {'then staged s':>13}")
     rows: list[dict[str, Any]] = []
     for round_ in range(1, args.rounds + 1):
         for m in models:
@@ -270,17 +309,18 @@ def run() -> None:
                     say(f"{m.name:9} {b.label:7} {mode:8} {round_:>5} {r['hash_place_s']:>10.2f} {r['stage_s']:>6.2f} "
                         f"{r['load_duration_s']:>6.2f} {r['request_s']:>9.2f} {int(r['received']):>14,} "
                         f"{row['ratio_tensors']:>9.4f} {row['ratio_on_rpc']:>8.4f} {int(r['prestaged_bytes']):>14,} | "
-                        f"{r['agents_cpu_s']:>13.2f} {r['coordinator_cpu_s']:>6.2f} {r['rpc_servers_cpu_s']:>6.2f}")
+                        f"{r['agents_cpu_s']:>13.2f} {r['coordinator_cpu_s']:>6.2f} {r['rpc_servers_cpu_s']:>6.2f} | "
+                        f"{r['pull_s']:>6.2f} {r['stage_after_pull_s']:>13.2f}")
     summary = medians(rows, ("model", "build", "mode"), ("ratio_tensors", "ratio_on_rpc", "request_s",
                                                          "load_duration_s", "stage_s", "hash_place_s"))
     for m in models:
         w = weights[m.name]
         for b in runs:
             by_mode = {s["mode"]: s for s in summary if s["model"] == m.name and s["build"] == b.label}
-            say(f"{m.name} ({b.label}): rpc bytes ÷ tensor bytes, median: network {by_mode['network']['ratio_tensors']:.4f}, "
-                f"staged {by_mode['staged']['ratio_tensors']:.4f} (floor {w.on_rpc_small / w.tensors:.4f}; "
-                f"target ≤ {'0.05' if m.name == 'llama-1g' else '0.28'}); request to loaded "
-                f"{by_mode['network']['request_s']:.2f} s vs {by_mode['staged']['request_s']:.2f} s")
+            say(f"{m.name} ({b.label}), medians: rpc bytes ÷ tensor bytes "
+                + ", ".join(f"{mode} {by_mode[mode]['ratio_tensors']:.4f}" for mode in MODES)
+                + f" (floor {w.on_rpc_small / w.tensors:.4f}; target ≤ {'0.05' if m.name == 'llama-1g' else '0.28'}); "
+                + "request to loaded " + ", ".join(f"{mode} {by_mode[mode]['request_s']:.2f} s" for mode in MODES))
     if args.json:
         doc = {"weights": {k: vars(v) for k, v in weights.items()},
                "builds": {b.label: str(b.manifest.install_dir) for b in runs}, "rows": rows, "medians": summary}

@@ -11,8 +11,8 @@ Each round starts a fresh fleet (two CPU agents, empty rpc caches) per mode, on 
 the 10 MiB hash threshold), and measures:
 1. first load: request → loaded (an empty prompt only loads), split into pre-staging and
    llama-server's load, and the bytes the rpc-servers' sockets received (`ss -ti`);
-2. reload: `llamafleet stop`, then the same request again, the caches now warm: what a first
-   load costs when the entries were staged earlier (in the background after a pull);
+2. reload: `llamafleet stop`, then the same request again, the caches (and the controller's
+   tensor hashes) now warm;
 3. recovery from an idle kill: `kill -9` of the rpc-server holding the output layer while
    nothing runs, then requests (2 tokens, streamed) until one gets its first token: the time
    from the kill to that token;
@@ -21,14 +21,16 @@ the 10 MiB hash threshold), and measures:
 Before the second kill the fleet runs healthy for 31 s, so the agent's and the controller's
 restart backoffs start from zero for both kills (they forgive after 30 s).
 
-Modes (alternating within a round, so drift on this shared machine hits all of them):
+Modes (taking turns within a round, so drift on this shared machine hits all of them):
 - `network`:  the agents hold no model file; their rpc-servers run with `-c` (the default), so
   the first load sends every weight byte and the rpc-server caches what it receives: its
   recovery reads that cache;
 - `staged`:   both agents hold the file in --models-dir and pre-stage their share;
+- `pulled`:   `llamafleet pull` puts the file on both (over the same link), each stages every large
+  tensor in the background, and the first load comes after that (see bench/prestage.py);
 - `uncached`: like `network` with `--no-rpc-cache`: every load, recovery included, sends every byte.
 
-    sudo .venv/bin/python bench/prestage_link.py [--rounds 1] [--modes network,staged,uncached]
+    sudo .venv/bin/python bench/prestage_link.py [--rounds 1] [--modes network,staged,pulled,uncached]
                                                  [--rate 1gbit] [--llama-cpp DIR,DIR] [--json]
 
 Builds as in bench/prestage.py (`--llama-cpp`; default the tests' patched build, then the stock
@@ -56,13 +58,13 @@ import ollama  # noqa: E402
 
 from bench.netns import Link, exit_on_sigterm, shaped_links  # noqa: E402
 from bench.prestage import (Build, WeightBytes, bench_model, builds, first_load, fleet_for,  # noqa: E402
-                            fleet_received, wait_until_holders)
+                            fleet_received, prepare)
 from llamafleet.controller.gguf import read_gguf_header  # noqa: E402
 from tests.integration.agent.harness import wait_for  # noqa: E402
 from tests.integration.controller.harness import AgentHost, Fleet  # noqa: E402
 
 MODEL = "llama-1g"
-MODES = ("network", "staged", "uncached")
+MODES = ("network", "staged", "pulled", "uncached")
 PROMPT = "t1 t2 t3 t4 t5 t6 t7 t8"  # one token per word in make_model.py's vocabulary
 FORGIVEN_AFTER_S = 31.0  # RestartPolicy.healthy_reset_s (30 s) of both the agent and the controller
 RECOVERY_TIMEOUT_S = 600.0
@@ -94,9 +96,8 @@ def output_agent(fleet: Fleet) -> int:
 
 
 def kill_rpc_server(fleet: Fleet, index: int) -> float:
-    agent = fleet.agents[index]
-    old = agent.rpc()
-    os.kill(old.pid, signal.SIGKILL)
+    """kill -9 agent #index's rpc-server; the moment it was sent."""
+    os.kill(fleet.agents[index].rpc().pid, signal.SIGKILL)
     return time.monotonic()
 
 
@@ -106,7 +107,7 @@ def recover_idle(fleet: Fleet, index: int, netns: list[str]) -> dict[str, float]
     return {"s": seconds, "failed_tries": failed, "received": fleet_received(fleet, netns)}
 
 
-def recover_mid_generation(fleet: Fleet, index: int, netns: list[str]) -> dict[str, float]:
+def recover_mid_generation(fleet: Fleet, index: int, netns: list[str]) -> dict[str, Any]:
     stream = ollama.Client(host=fleet.url, timeout=RECOVERY_TIMEOUT_S).generate(
         model=MODEL, prompt=PROMPT, raw=True, stream=True, options={"num_predict": 4000, "temperature": 0})
     for _, _part in zip(range(2), stream, strict=False):
@@ -134,10 +135,8 @@ def one_round(workdir: Path, links: list[Link], mode: str, build: Build) -> dict
     hosts = tuple(AgentHost(link.worker_address, link.exec_prefix) for link in links)
     netns = [link.namespace for link in links]
     extra = ("--no-rpc-cache",) if mode == "uncached" else ()
-    with fleet_for(workdir, model, "staged" if mode == "staged" else "network", build, hosts, extra) as fleet:
-        if mode == "staged":
-            wait_until_holders(fleet, MODEL)
-        load = first_load(fleet, MODEL, netns)
+    with fleet_for(workdir, model, "network" if mode == "uncached" else mode, build, hosts, extra) as fleet:
+        load = {**prepare(fleet, MODEL, mode), **first_load(fleet, MODEL, netns)}
         again = reload(fleet, netns)
         victim = output_agent(fleet)
         idle = recover_idle(fleet, victim, netns)
@@ -196,12 +195,12 @@ def run() -> None:
     say("where the first load's time went: wall s of placement with the controller's tensor hashes, of "
         "pre-staging and of llama-server's load; CPU s of the agents, the coordinator and the rpc-servers meanwhile")
     say(f"{'build':7} {'mode':8} {'round':>5} | {'hash+place':>10} {'stage':>6} {'load':>6} | {'agents':>6} "
-        f"{'coord':>6} {'rpc':>6}")
+        f"{'coord':>6} {'rpc':>6} | before the load: {'pull s':>6} {'then staged s':>13}")
     for row in rows:
         load = row["load"]
         say(f"{row['build']:7} {row['mode']:8} {row['round']:>5} | {load['hash_place_s']:>10.2f} {load['stage_s']:>6.2f} "
             f"{load['load_duration_s']:>6.2f} | {load['agents_cpu_s']:>6.2f} {load['coordinator_cpu_s']:>6.2f} "
-            f"{load['rpc_servers_cpu_s']:>6.2f}")
+            f"{load['rpc_servers_cpu_s']:>6.2f} | {'':16} {load['pull_s']:>6.2f} {load['stage_after_pull_s']:>13.2f}")
     medians: dict[str, dict[str, dict[str, float]]] = {}  # build → mode → key → median
     for b in runs:
         for mode in modes:
@@ -211,22 +210,25 @@ def run() -> None:
                 "reload_request_s": statistics.median(r["reload"]["request_s"] for r in mine),
                 "idle_s": statistics.median(r["idle"]["s"] for r in mine),
                 "busy_s": statistics.median(r["busy"]["s"] for r in mine)}
-    ratios: dict[str, dict[str, dict[str, float]]] = {}  # build → baseline → key → baseline's median ÷ staged's
+    # build → "baseline ÷ pre-staged mode" → key → baseline's median ÷ that mode's
+    ratios: dict[str, dict[str, dict[str, float]]] = {}
     for build, by_mode in medians.items():
         for baseline in ("network", "uncached"):
-            if baseline not in by_mode or "staged" not in by_mode:
-                continue
-            mine, staged = by_mode[baseline], by_mode["staged"]
-            ratio = ratios.setdefault(build, {})[baseline] = {key: mine[key] / staged[key] for key in staged}
-            say(f"{build}, {baseline} ÷ staged, medians: first load {ratio['load_request_s']:.2f}× "
-                f"({mine['load_request_s']:.2f} s vs {staged['load_request_s']:.2f} s; target ≥ 5×), reload "
-                f"{ratio['reload_request_s']:.2f}× ({mine['reload_request_s']:.2f} s vs "
-                f"{staged['reload_request_s']:.2f} s); kill → first token idle {mine['idle_s']:.2f} s vs "
-                f"{staged['idle_s']:.2f} s, during a generation {mine['busy_s']:.2f} s vs {staged['busy_s']:.2f} s")
+            for prestaged in ("staged", "pulled"):
+                if baseline not in by_mode or prestaged not in by_mode:
+                    continue
+                mine, theirs = by_mode[baseline], by_mode[prestaged]
+                ratio = ratios.setdefault(build, {})[f"{baseline} ÷ {prestaged}"] = {
+                    key: mine[key] / theirs[key] for key in theirs}
+                say(f"{build}, {baseline} ÷ {prestaged}, medians: first load {ratio['load_request_s']:.2f}× "
+                    f"({mine['load_request_s']:.2f} s vs {theirs['load_request_s']:.2f} s; target ≥ 5×), reload "
+                    f"{ratio['reload_request_s']:.2f}× ({mine['reload_request_s']:.2f} s vs "
+                    f"{theirs['reload_request_s']:.2f} s); kill → first token idle {mine['idle_s']:.2f} s vs "
+                    f"{theirs['idle_s']:.2f} s, during a generation {mine['busy_s']:.2f} s vs {theirs['busy_s']:.2f} s")
     if args.json:
         print(json.dumps({"model": MODEL, "rate": args.rate, "weights": vars(weights),
                           "builds": {b.label: str(b.manifest.install_dir) for b in runs}, "rows": rows,
-                          "medians": medians, "baseline_over_staged": ratios}, indent=2))
+                          "medians": medians, "ratios": ratios}, indent=2))
 
 
 if __name__ == "__main__":
