@@ -52,8 +52,8 @@ SHAPES = {
         # For trying the scripts out on a CPU: they load in a second.
         Shape("llama-tiny", 4, 256, 512, 4, 2, 2048),
         Shape("llama-small", 8, 1024, 2816, 8, 2, 8192),
-        # About 2.1 GB in Q8_0, every large tensor above llama.cpp's 10 MiB hash threshold: for
-        # the CPU load benchmarks (bench/load_speed.py).
+        # About 2.1 GB in Q8_0 for the CPU load benchmarks (bench/load_speed.py): 2.06 GB of it
+        # above llama.cpp's 10 MiB hash threshold (attn_k/attn_v, 4.5 MB each, always travel).
         Shape("llama-2g", 8, 4096, 14336, 32, 8, 32000),
         # 1.14 GB at Q8_0 whose every matrix is above the rpc tensor cache's 10 MiB threshold
         # (17.8 MB attention, 47.9 MB feed-forward, 139 MB output), for the pre-staging benchmarks.
