@@ -82,7 +82,6 @@ class TensorHashes:
         self._pending: dict[FileKey, concurrent.futures.Future[HashFile | None]] = {}
         self._failed: dict[FileKey, str] = {}
         self._stop = threading.Event()
-        self.last_seconds = 0.0  # how long the last computation took (for `ps` and the bench)
 
     def path_for(self, model: Path) -> Path:
         return self.directory / hash_file_name(FileKey.of(model))
@@ -162,9 +161,8 @@ class TensorHashes:
         except BaseException:
             Path(temp).unlink(missing_ok=True)
             raise
-        self.last_seconds = time.monotonic() - started
         log.info("pre-computed %d tensor hashes (%.1f GB) of %s in %.2fs", len(ranges),
-                 sum(size for _, size, _ in ranges) / 1e9, key.path, self.last_seconds)
+                 sum(size for _, size, _ in ranges) / 1e9, key.path, time.monotonic() - started)
         self._prune(keep=target)
         return HashFile(target, {(offset, size): value for offset, size, value in ranges})
 

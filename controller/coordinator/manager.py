@@ -174,8 +174,7 @@ class CoordinatorManager:
         except asyncio.CancelledError:
             self.release(model)  # the deployment never saw the spec: nobody else would release it
             raise
-        build = self.planner.coordinator
-        if hashes is None or build is None or PRECOMPUTED_HASHES_PATCH not in build.patch_names:
+        if hashes is None or not self._coordinator_reads_hashes():
             return spec
         return dataclasses.replace(spec, tensor_hashes=hashes.path)
 
@@ -187,13 +186,16 @@ class CoordinatorManager:
             log.error("pre-staging %s failed unexpectedly: %r; loading over the network", model, exc, exc_info=exc)
             self.runtime.events("stage.failed", model, f"pre-staging failed: {exc!r}")
 
+    def _coordinator_reads_hashes(self) -> bool:
+        """Whether the llama-server this host runs has patches/llama.cpp/0002 (a stock one ignores the file)."""
+        build = self.planner.coordinator
+        return build is not None and PRECOMPUTED_HASHES_PATCH in build.patch_names
+
     async def _tensor_hashes(self, model: str, resolved: ResolvedModel, plan: Plan) -> HashFile | None:
         """The model's pre-computed tensor hashes (see controller/tensor_hashes.py), when someone uses
         them: a patched coordinator, or holders that pre-stage. None otherwise, or when they cannot
         be made: the coordinator and the agents then hash, as without them."""
-        build = self.planner.coordinator
-        patched = build is not None and PRECOMPUTED_HASHES_PATCH in build.patch_names
-        if self.tensor_hashes is None or not (patched or plan.holders):
+        if self.tensor_hashes is None or not (self._coordinator_reads_hashes() or plan.holders):
             return None
         try:
             return await self.tensor_hashes.ensure(resolved.path, self.planner.header(resolved.path))
