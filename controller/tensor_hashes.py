@@ -34,7 +34,7 @@ from llamafleet.common.digests import FileKey, HashCancelled
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.fnv import Fnv1a, hash_range
 from llamafleet.controller.gguf import GGUFHeader
-from llamafleet.controller.prestage import HASH_THRESHOLD
+from llamafleet.controller.prestage import HASH_THRESHOLD, every_large_tensor
 
 log = logging.getLogger(__name__)
 FORMAT_LINE = "llama-rpc-tensor-hashes 1"
@@ -137,8 +137,7 @@ class TensorHashes:
     def _compute(self, key: FileKey, header: GGUFHeader, target: Path) -> HashFile | None:
         started = time.monotonic()
         self._fnv.ensure()
-        tensors = sorted({(header.data_offset + t.offset, t.n_bytes) for t in header.tensors
-                          if t.n_bytes > self.threshold})
+        tensors = every_large_tensor(header, self.threshold)
         fd = os.open(key.path, os.O_RDONLY)
         try:
             def one(offset: int, size: int) -> tuple[int, int, int]:
