@@ -9,6 +9,7 @@ from typing import Any
 
 from llamafleet.common.errors import UsageError
 from llamafleet.common.llamacpp.install import Manifest
+from llamafleet.common.llamacpp.patches import PRECOMPUTED_HASHES_PATCH
 from llamafleet.controller.estimate import MemoryEstimate, estimate_memory
 from llamafleet.controller.gguf import GGUFHeader, read_gguf_header
 from llamafleet.controller.holders import Holders, ModelDigests, find_holders
@@ -46,6 +47,11 @@ class Planner:
         """The RPC protocol of the llama.cpp the coordinator runs (None until there is a build)."""
         return self.coordinator.rpc_protocol_version if self.coordinator else None
 
+    @property
+    def coordinator_reads_hashes(self) -> bool:
+        """Whether the coordinator's llama-server has patches/llama.cpp/0002 (a stock one ignores the file)."""
+        return self.coordinator is not None and PRECOMPUTED_HASHES_PATCH in self.coordinator.patch_names
+
     def slot_counts(self) -> list[int]:
         """The slot counts a plan may use, most first."""
         return [self.parallel] if self.parallel else list(range(self.max_parallel, 0, -1))
@@ -74,8 +80,9 @@ class Planner:
         views = [v.reserving(reserved or {}) for v in self.inventory.node_views(load)]
         holders = (find_holders(resolved.path, views, self.digests) if self.digests is not None
                    else Holders.none(""))
-        if holders.addresses and self.tensor_hashes is not None:
-            # Their pre-staging (and a patched coordinator) will want the tensor hashes: start now.
+        if self.tensor_hashes is not None and (holders.addresses or self.coordinator_reads_hashes):
+            # Holders' pre-staging and a patched coordinator want the tensor hashes: start now, even
+            # before the digests that name the holders are known, so that the first load need not wait.
             self.tensor_hashes.prefetch(resolved.path, header)
 
         def place(slots: int, max_nodes: int | None = None) -> Plan:

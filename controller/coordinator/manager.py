@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from llamafleet.common.errors import LlamafleetError
-from llamafleet.common.llamacpp.patches import PRECOMPUTED_HASHES_PATCH
 from llamafleet.controller.coordinator.command import Backend, CoordinatorSpec
 from llamafleet.controller.coordinator.deployment import (
     CoordinatorState,
@@ -174,7 +173,7 @@ class CoordinatorManager:
         except asyncio.CancelledError:
             self.release(model)  # the deployment never saw the spec: nobody else would release it
             raise
-        if hashes is None or not self._coordinator_reads_hashes():
+        if hashes is None or not self.planner.coordinator_reads_hashes:
             return spec
         return dataclasses.replace(spec, tensor_hashes=hashes.path)
 
@@ -186,16 +185,11 @@ class CoordinatorManager:
             log.error("pre-staging %s failed unexpectedly: %r; loading over the network", model, exc, exc_info=exc)
             self.runtime.events("stage.failed", model, f"pre-staging failed: {exc!r}")
 
-    def _coordinator_reads_hashes(self) -> bool:
-        """Whether the llama-server this host runs has patches/llama.cpp/0002 (a stock one ignores the file)."""
-        build = self.planner.coordinator
-        return build is not None and PRECOMPUTED_HASHES_PATCH in build.patch_names
-
     async def _tensor_hashes(self, model: str, resolved: ResolvedModel, plan: Plan) -> HashFile | None:
         """The model's pre-computed tensor hashes (see controller/tensor_hashes.py), when someone uses
         them: a patched coordinator, or holders that pre-stage. None otherwise, or when they cannot
         be made: the coordinator and the agents then hash, as without them."""
-        if self.tensor_hashes is None or not (self._coordinator_reads_hashes() or plan.holders):
+        if self.tensor_hashes is None or not (self.planner.coordinator_reads_hashes or plan.holders):
             return None
         try:
             return await self.tensor_hashes.ensure(resolved.path, self.planner.header(resolved.path))

@@ -9,6 +9,9 @@
 #                                                 # pack the build if the budget still allows
 #   bash scripts/device/gpu_bench.sh loads     # bench/gpu/load_bench.py (issues 15, 16; needs setup's outputs)
 #   bash scripts/device/gpu_bench.sh loads-all # setup without packing, then loads
+#   bash scripts/device/gpu_bench.sh report-all # setup without packing, loads (into $OUT/loads), then
+#                                               # the split_bench stages in BENCH_STAGES (default
+#                                               # fleet,llamafleet,single,rpc,membw) in what is left
 #
 # It needs what scripts/device/prepare.sh put in the checkout's ignored folders: .whl/ (wheels
 # for Python 3.12, llamafleet's own among them) and .devsrc/ (the trimmed llama.cpp source), and
@@ -208,7 +211,8 @@ bench() {
   if [ -n "${BENCH_NOT_RUN:-}" ]; then extra+=(--not-run "$BENCH_NOT_RUN"); fi
   PYTHONUNBUFFERED=1 python3 bench/gpu/split_bench.py --llama-cpp "$install" --model "$MODEL" \
     --out "$OUT" --workdir "$WORK/bench" --nvml "$WORK/nvml.json" --deadline-s "$left" \
-    --memory-limit "${BENCH_MEMORY_LIMIT:-6GiB}" "${extra[@]}"
+    --memory-limit "${BENCH_MEMORY_LIMIT:-6GiB}" --stages "${BENCH_STAGES:-membw,fleet,single,rpc,cache,llamafleet,rpc_local_gpu}" \
+    "${extra[@]}"
 }
 
 streams() {
@@ -227,12 +231,14 @@ streams() {
 }
 
 loads() {
+  # $1: the folder for its results.json/results.md (default $OUT)
   install_wheels
-  local install
+  local install out=${1:-$OUT}
   install=$(cat "$WORK/install-dir")
+  mkdir -p "$out"
   say "load benchmark (local vs llamafleet cold/warm, pre-computed hashes vs stock hashing)"
   PYTHONUNBUFFERED=1 python3 bench/gpu/load_bench.py --llama-cpp "$install" --model "$MODEL" \
-    --out "$OUT" --workdir "$WORK/loads" --memory-limit "${BENCH_MEMORY_LIMIT:-6GiB}" --setup-json "$OUT/setup.json"
+    --out "$out" --workdir "$WORK/loads" --memory-limit "${BENCH_MEMORY_LIMIT:-6GiB}" --setup-json "$OUT/setup.json"
 }
 
 pack_late() {
@@ -266,6 +272,13 @@ case "$MODE" in
     SKIP_PACK=1 setup
     loads || say "load_bench.py exited $?"
     ;;
-  *) echo "usage: $0 all|setup|bench|streams|streams-all|loads|loads-all" >&2; exit 2 ;;
+  report-all)
+    # One call for the README's GPU table: the loads first (about 60 s), then as many split_bench
+    # stages as the budget leaves (it skips, and reports, those that would overrun).
+    SKIP_PACK=1 setup
+    loads "$OUT/loads" || say "load_bench.py exited $?"
+    BENCH_STAGES=${BENCH_STAGES:-fleet,llamafleet,single,rpc,membw} bench || say "split_bench.py exited $?"
+    ;;
+  *) echo "usage: $0 all|setup|bench|streams|streams-all|loads|loads-all|report-all" >&2; exit 2 ;;
 esac
 say "done"
