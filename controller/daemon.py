@@ -25,7 +25,7 @@ from llamafleet.controller.dashboard import dashboard_routes
 from llamafleet.controller.events import EventLog
 from llamafleet.controller.gateway import ollama, openai
 from llamafleet.controller.gateway.catalog import Catalog
-from llamafleet.controller.gateway.dispatch import Dispatcher
+from llamafleet.controller.gateway.dispatch import Dispatcher, ResumePolicy
 from llamafleet.controller.gateway.pool import OllamaPool
 from llamafleet.controller.gateway.router import Router, parse_routes
 from llamafleet.controller.inventory import Inventory
@@ -214,7 +214,8 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
     pool = OllamaPool(settings.ollama_nodes, session)
     await pool.start()
     router = Router(planner, pool, routes, settings.ollama_node_memory)
-    dispatcher = Dispatcher(manager, router, pool, session, metrics)
+    dispatcher = Dispatcher(manager, router, pool, session, metrics,
+                            ResumePolicy(settings.resume, settings.resume_timeout, settings.resume_attempts))
     pulls = PullManager(models, inventory, digests, events.record, settings.pull_rate_limit, tensor_hashes)
     app = make_app(settings, keys, inventory, planner, manager, router, dispatcher, events, metrics, credentials, pulls)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)

@@ -73,6 +73,10 @@ class ControllerMetrics:
                                           ["reason"], registry=self.registry)
         self.rpc_restarts = Counter("llamafleet_rpc_server_restarts", "rpc-server restarts the agents reported.",
                                     ["node"], registry=self.registry)
+        self.stream_resumes = Counter("llamafleet_stream_resumes", "Broken answers that went on (resumed) or "
+                                      "ended (failed).", ["model", "outcome"], registry=self.registry)
+        self.stream_pause = Histogram("llamafleet_stream_pause_seconds", "How long a resumed answer paused.",
+                                      ["model"], buckets=LOAD_BUCKETS, registry=self.registry)
         self.registry.register(_States(inventory, manager))
 
     def on_event(self, event: Event) -> None:
@@ -80,6 +84,11 @@ class ControllerMetrics:
             self.placement_failures.labels(str(event.data.get("reason", "other"))).inc()
         elif event.kind == "rpc.restarted":
             self.rpc_restarts.labels(event.subject).inc()
+        elif event.kind == "stream.resumed":
+            self.stream_resumes.labels(event.subject, "resumed").inc()
+            self.stream_pause.labels(event.subject).observe(float(event.data.get("pause_s", 0.0)))
+        elif event.kind == "stream.resume_failed":
+            self.stream_resumes.labels(event.subject, "failed").inc()
 
     def observe_generation(self, model: str, ttft_s: float | None, tokens: int, decode_s: float,
                            load_s: float) -> None:

@@ -56,6 +56,11 @@ class ControllerSettings:
                                             "it copies idle slots' KV back across the network]")
     keep_alive: float = setting(300.0, parse=parse_duration,
                                 help="how long an idle model stays loaded (\"5m\", seconds; negative: forever)")
+    resume: bool = setting(True, help="a stream whose coordinator broke goes on where it stopped once the model "
+                                      "is ready again (--no-resume: it ends with the error line)")
+    resume_timeout: float = setting(120.0, parse=parse_duration,
+                                    help="the longest a broken stream waits for its model (\"2m\", seconds)")
+    resume_attempts: int = setting(2, help="how often one answer may be resumed")
     load_timeout_s: float = setting(600.0, help="a coordinator must be healthy within this after its start")
     max_request_bytes: int = setting(8 * 2**20, parse=parse_size, help="largest request body the gateway accepts")
     ollama_nodes: tuple[str, ...] = setting((), help="an Ollama server (URL) in the pool for models one node holds",
@@ -87,6 +92,8 @@ class ControllerSettings:
             raise ValueError("prompt_cache_mib must be -1 (no limit), 0 (off) or a size in MiB")
         if self.default_ctx < 1 or self.parallel < 0 or self.max_parallel < 1:
             raise ValueError("default_ctx and max_parallel must be >= 1")
+        if self.resume_timeout <= 0 or self.resume_attempts < 0:
+            raise ValueError("resume_timeout must be > 0 and resume_attempts >= 0")
         if self.load_timeout_s <= 0 or self.max_request_bytes < 1024:
             raise ValueError("load_timeout_s must be > 0 and max_request_bytes at least 1KiB")
         if 0 < self.pull_rate_limit < PULL_RATE_MIN:

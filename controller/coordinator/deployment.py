@@ -293,7 +293,10 @@ class Deployment:
                 ready_at = time.monotonic()
                 self._set(CoordinatorState.READY)
                 reason = await self._watch(process, spec)
-                if time.monotonic() - ready_at >= self._runtime.policy.healthy_reset_s:
+                if (time.monotonic() - ready_at >= self._runtime.policy.healthy_reset_s
+                        or reason.kind == "backends"):
+                    # Healthy for a while, or it was ready and lost an rpc-server under it: that is
+                    # the worker's failure (the agent bounds its restarts), not a crash loop of ours.
                     failures = 0
                 self._set(CoordinatorState.STOPPING, reason.message)
                 if process.alive:

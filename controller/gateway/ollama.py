@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.controller.gateway.catalog import Catalog, rfc3339
-from llamafleet.controller.gateway.dispatch import Dispatcher, RunInfo
+from llamafleet.controller.gateway.dispatch import Dispatcher, Resume, RunInfo, run_info
 from llamafleet.controller.gateway.fairness import client_of
 from llamafleet.controller.gateway.options import (
     BadRequest,
@@ -25,6 +25,7 @@ from llamafleet.controller.gateway.options import (
     ollama_options,
     response_format,
 )
+from llamafleet.controller.gateway.resume import Progress, ResumeSpec, continuation
 from llamafleet.controller.gateway.upstream import Final, chat_pieces, completion_pieces
 from llamafleet.controller.models import ModelNotFound, parse_model_name
 from llamafleet.controller.web import error, json_body, stream_items, string_field
@@ -98,6 +99,8 @@ def _final_fields(final: Final | None, info: RunInfo) -> dict[str, Any]:
             "eval_count": final.predicted_tokens,
             "eval_duration": int(final.predicted_ms * 1e6),
         }
+    if info.resumed:
+        doc["resumed"] = info.resumed  # an extra field (Ollama's clients ignore it): the answer paused
     return doc
 
 
@@ -144,13 +147,20 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
         route = dispatcher.route(model, options.num_ctx)
         if route.target == "pool":
             return await dispatcher.proxy_to_pool(request, route, request.path, body)
-        info = RunInfo(client=client_of(request))
+        info = run_info(request, client_of(request))
         if not messages and not prompt:
             reason = await dispatcher.load_only(model, options.num_ctx, keep_alive, info)
             return web.json_response(piece_doc("") | {"done": True, "done_reason": reason,
                                                       "total_duration": info.total_ns,
                                                       "load_duration": int(info.load_duration_s * 1e9)})
         session = dispatcher.session
+        # A structured answer (a grammar from `format`, tool calls) is not resumed: a continuation
+        # would start its grammar or parser afresh in the middle of the answer.
+        progress = (Progress() if dispatcher.resume_policy.enabled and fmt is None and not body.get("tools")
+                    else None)
+        sampling = {k: v for k, v in options.sampling.items() if k != "n_predict"}
+        spec = ResumeSpec(sampling, int(options.sampling.get("n_predict", -1)), messages=messages or None,
+                          prompt=None if messages else prompt)
         if messages:
             upstream = {"messages": messages, **options.sampling}
             if "n_predict" in upstream:
@@ -159,15 +169,18 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
                 upstream["response_format"] = fmt
 
             def open_stream(url: str) -> AsyncIterator[Piece]:
-                return chat_pieces(session, url, upstream)
+                return chat_pieces(session, url, upstream, progress)
         else:
             raw = {"prompt": prompt, **options.sampling}
             if fmt:
                 raw["json_schema"] = fmt.get("json_schema", {}).get("schema", {})
 
             def open_stream(url: str) -> AsyncIterator[Piece]:
-                return completion_pieces(session, url, raw)
-        pieces = dispatcher.fleet_stream(model, options.num_ctx, keep_alive, open_stream, info)
+                return completion_pieces(session, url, raw, progress)
+        resume = None
+        if progress is not None:
+            resume = Resume(progress, lambda url: continuation(session, url, spec, progress))
+        pieces = dispatcher.fleet_stream(model, options.num_ctx, keep_alive, open_stream, info, resume)
         return await _respond(request, stream, dispatcher.observed(model, pieces, info), piece_doc, info)
 
     @routes.post("/api/chat")

@@ -9,25 +9,80 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 from llamafleet.common.errors import LlamafleetError
-from llamafleet.controller.gateway.dispatch import Dispatcher, RunInfo
+from llamafleet.controller.gateway.dispatch import Dispatcher, Resume, run_info
 from llamafleet.controller.gateway.fairness import client_of
 from llamafleet.controller.gateway.options import (
     OPENAI_CHAT_FIELDS,
     OPENAI_COMPLETION_FIELDS,
     openai_body,
 )
-from llamafleet.controller.gateway.upstream import one_answer, sse_events
+from llamafleet.controller.gateway.resume import (
+    OPENAI_NOT_RESUMABLE,
+    OPENAI_NOT_SAMPLING,
+    Progress,
+    ResumeSpec,
+    continuation,
+)
+from llamafleet.controller.gateway.upstream import (
+    CHAT_TRACKING,
+    Final,
+    chat_event_token,
+    one_answer,
+    sse_events,
+)
 from llamafleet.controller.models import parse_model_name
 from llamafleet.controller.web import json_body, stream_items, string_field
 
 
 def _sse(doc: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(doc).encode() + b"\n\n"
+
+
+def _resumable(body: dict[str, Any]) -> bool:
+    return bool(body.get("stream")) and not any(body.get(key) not in (None, False, [], {}) for key in OPENAI_NOT_RESUMABLE)
+
+
+def _resume_spec(body: dict[str, Any]) -> ResumeSpec:
+    sampling = {k: v for k, v in body.items() if k not in OPENAI_NOT_SAMPLING and v is not None}
+    n_predict = body.get("max_completion_tokens") or body.get("max_tokens") or -1
+    if "messages" in body:
+        return ResumeSpec(sampling, int(n_predict), messages=body["messages"])
+    return ResumeSpec(sampling, int(n_predict), prompt=str(body.get("prompt") or ""))
+
+
+class _Chunks:
+    """The continuation of a resumed OpenAI stream, as the chunks llama-server would have sent."""
+
+    def __init__(self, body: dict[str, Any], chat: bool) -> None:
+        self.chat = chat
+        self.usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        self.head: dict[str, Any] = {"id": "", "created": int(time.time())}
+
+    def seen(self, event: dict[str, Any]) -> None:
+        if not self.head["id"] and event.get("id"):
+            self.head = {"id": event["id"], "created": event.get("created", self.head["created"])}
+
+    def _chunk(self, choice: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return self.head | {"object": kind, "choices": [choice], **extra}
+
+    def of(self, piece: str | Final, resumed: int) -> list[dict[str, Any]]:
+        if isinstance(piece, str):
+            content = {"delta": {"content": piece}} if self.chat else {"text": piece, "logprobs": None}
+            return [self._chunk({"index": 0, **content, "finish_reason": None})]
+        end = {"delta": {}} if self.chat else {"text": "", "logprobs": None}
+        out = [self._chunk({"index": 0, **end, "finish_reason": piece.done_reason}, resumed=resumed)]
+        if self.usage:
+            out.append(self.head | {"object": out[0]["object"], "choices": [], "usage": {
+                "prompt_tokens": piece.prompt_tokens, "completion_tokens": piece.predicted_tokens,
+                "total_tokens": piece.prompt_tokens + piece.predicted_tokens}})
+        return out
 
 
 def make_routes(dispatcher: Dispatcher, max_body_bytes: int) -> web.RouteTableDef:
@@ -42,13 +97,36 @@ def make_routes(dispatcher: Dispatcher, max_body_bytes: int) -> web.RouteTableDe
         if route.target == "pool":
             return await dispatcher.proxy_to_pool(request, route, request.path, body)
         stream = bool(body.get("stream"))
-        info = RunInfo(client=client_of(request))
+        info = run_info(request, client_of(request))
+        session = dispatcher.session
+        resume = None
+        if dispatcher.resume_policy.enabled and _resumable(body):
+            progress, spec, chunks = Progress(), _resume_spec(body), _Chunks(body, "messages" in body)
+
+            async def tracked(url: str) -> AsyncIterator[dict[str, Any]]:
+                # The same events, with the id of every token recorded (and its logprobs, which
+                # the client did not ask for, taken out again).
+                async for event in sse_events(session, f"{url}{path}", body | CHAT_TRACKING):
+                    chunks.seen(event)
+                    chat_event_token(event, progress)
+                    for choice in event.get("choices") or []:
+                        if isinstance(choice, dict):
+                            choice.pop("logprobs", None)
+                    yield event
+
+            async def resumed(url: str) -> AsyncIterator[dict[str, Any]]:
+                async for piece in continuation(session, url, spec, progress):
+                    for chunk in chunks.of(piece, info.resumed):
+                        yield chunk
+            resume = Resume(progress, resumed)
 
         def open_stream(url: str) -> AsyncIterator[dict[str, Any]]:
+            if resume is not None:
+                return tracked(url)
             if stream:
-                return sse_events(dispatcher.session, f"{url}{path}", body)
-            return one_answer(dispatcher.session, f"{url}{path}", body)
-        events = dispatcher.fleet_stream(model, None, None, open_stream, info)
+                return sse_events(session, f"{url}{path}", body)
+            return one_answer(session, f"{url}{path}", body)
+        events = dispatcher.fleet_stream(model, None, None, open_stream, info, resume)
         async with contextlib.aclosing(events):
             if not stream:
                 async for answer in events:

@@ -10,19 +10,30 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from llamafleet.common.errors import LlamafleetError
+
+if TYPE_CHECKING:
+    from llamafleet.controller.gateway.resume import Progress
 
 # Connecting to a loopback llama-server is instant; a model's prompt processing is not, so
 # there is no read timeout (the client decides how long it waits).
 UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
 _STOP_TYPES = {"limit": "length", "eos": "stop", "word": "stop"}
+# Asked of llama-server when a generation may have to be resumed (gateway/resume.py), so that the
+# id of every token it streams is known; post-sampling probabilities cost no pass over the vocabulary.
+CHAT_TRACKING = {"n_probs": 1, "post_sampling_probs": True, "timings_per_token": True}
+COMPLETION_TRACKING = {"return_tokens": True, "timings_per_token": True}
 
 
 class UpstreamUnavailable(LlamafleetError):
     """The coordinator could not be reached or dropped the connection (it probably died)."""
+
+
+class UpstreamGarbage(LlamafleetError):
+    """llama-server sent something that is not the protocol (a malformed line, a wrong type)."""
 
 
 class UpstreamRejected(LlamafleetError):
@@ -70,14 +81,21 @@ async def sse_events(session: aiohttp.ClientSession, url: str, body: dict[str, A
                 data = line[5:].strip()
                 if data == b"[DONE]":
                     return
-                event = json.loads(data)
-                if isinstance(event, dict) and "error" in event:
+                try:
+                    event = json.loads(data)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise UpstreamGarbage("the coordinator sent a malformed event") from None
+                if not isinstance(event, dict):
+                    raise UpstreamGarbage("the coordinator sent an event that is not a JSON object")
+                if "error" in event:
                     error = event["error"]
                     raise UpstreamRejected(500, str(error.get("message") if isinstance(error, dict) else error))
                 yield event
     except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
         # Refused, reset, or cut mid-stream: the coordinator is gone or going.
         raise UpstreamUnavailable(f"coordinator connection failed: {exc or type(exc).__name__}") from None
+    # The body ended without llama-server's `[DONE]`: cut short, never a finished answer.
+    raise UpstreamUnavailable("the coordinator's stream ended before its end marker")
 
 
 async def one_answer(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -105,32 +123,100 @@ def _final(timings: dict[str, Any], prompt_tokens: int | None, predicted: int | 
     )
 
 
-async def chat_pieces(session: aiohttp.ClientSession, base: str, body: dict[str, Any]) -> AsyncIterator[str | Final]:
-    """Stream `/v1/chat/completions`: content pieces, then one Final."""
+def _dict(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UpstreamGarbage(f"the coordinator sent a {what} that is not a JSON object")
+    return value
+
+
+def chat_event_token(event: dict[str, Any], progress: Progress) -> str:
+    """Record an OpenAI-style event (/v1/chat/completions, /v1/completions) in `progress`; the text
+    the client has not seen yet."""
+    choices = event.get("choices") or []
+    if not isinstance(choices, list):
+        raise UpstreamGarbage("the coordinator sent 'choices' that are not a list")
+    content, token_id = "", None
+    for choice in choices:
+        choice = _dict(choice, "choice")
+        delta = _dict(choice.get("delta"), "delta")
+        if delta.get("content"):
+            content += str(delta["content"])
+        if isinstance(choice.get("text"), str):  # /v1/completions
+            content += choice["text"]
+        if any(delta.get(key) for key in ("reasoning_content", "tool_calls")):
+            progress.plain = False
+        logprobs = _dict(choice.get("logprobs"), "logprobs").get("content") or []
+        if isinstance(logprobs, list) and logprobs and isinstance(logprobs[-1], dict):
+            token_id = logprobs[-1].get("id")
+    timings = _dict(event.get("timings"), "timings")
+    if "usage" in event or not (content or timings):
+        return ""  # the role announcement, the finish reason, the counts: no token
+    progress.timings(timings)
+    decoded = timings.get("predicted_n")
+    return progress.token(decoded if isinstance(decoded, int) else None,
+                          token_id if isinstance(token_id, int) else None, content)
+
+
+async def chat_pieces(session: aiohttp.ClientSession, base: str, body: dict[str, Any],
+                      progress: Progress | None = None) -> AsyncIterator[str | Final]:
+    """Stream `/v1/chat/completions`: content pieces, then one Final. With `progress`, every
+    token's id is asked for and recorded, so that the answer can be resumed elsewhere."""
     body = body | {"stream": True, "stream_options": {"include_usage": True}}
+    if progress is not None:
+        body |= CHAT_TRACKING
     reason = "stop"
     async for event in sse_events(session, f"{base}/v1/chat/completions", body):
+        if progress is not None:
+            if text := chat_event_token(event, progress):
+                yield text
         for choice in event.get("choices") or []:
-            content = (choice.get("delta") or {}).get("content")
-            if content:
-                yield content
+            choice = _dict(choice, "choice")
+            if progress is None and (content := _dict(choice.get("delta"), "delta").get("content")):
+                yield str(content)
             if choice.get("finish_reason"):
                 reason = "length" if choice["finish_reason"] == "length" else "stop"
-        if "timings" in event or "usage" in event:
-            usage = event.get("usage") or {}
-            yield _final(event.get("timings") or {}, usage.get("prompt_tokens"), usage.get("completion_tokens"), reason)
+        if "usage" in event:
+            usage = _dict(event.get("usage"), "usage")
+            final = _final(_dict(event.get("timings"), "timings"), usage.get("prompt_tokens"),
+                           usage.get("completion_tokens"), reason)
+            yield progress.final(final) if progress is not None else final
             return
     raise UpstreamUnavailable("coordinator ended the stream without its final counts")
 
 
-async def completion_pieces(session: aiohttp.ClientSession, base: str, body: dict[str, Any]) -> AsyncIterator[str | Final]:
-    """Stream llama-server's native `/completion` (a raw prompt): content pieces, then one Final."""
-    async for event in sse_events(session, f"{base}/completion", body | {"stream": True}):
-        if event.get("content"):
-            yield event["content"]
+async def completion_pieces(session: aiohttp.ClientSession, base: str, body: dict[str, Any],
+                            progress: Progress | None = None) -> AsyncIterator[str | Final]:
+    """Stream llama-server's native `/completion` (a raw prompt): content pieces, then one Final.
+    With `progress`, every token's id is asked for and recorded (see gateway/resume.py)."""
+    body = body | {"stream": True}
+    if progress is not None:
+        body |= COMPLETION_TRACKING
+    async for event in sse_events(session, f"{base}/completion", body):
+        content = event.get("content") or ""
+        if not isinstance(content, str):
+            raise UpstreamGarbage("the coordinator sent 'content' that is not a string")
         if event.get("stop"):
-            timings = event.get("timings") or {}
-            yield _final(timings, event.get("tokens_evaluated"), event.get("tokens_predicted"),
-                         _STOP_TYPES.get(str(event.get("stop_type")), "stop"))
+            timings = _dict(event.get("timings"), "timings")
+            final = _final(timings, event.get("tokens_evaluated"), event.get("tokens_predicted"),
+                           _STOP_TYPES.get(str(event.get("stop_type")), "stop"))
+            if content:
+                yield content
+            yield progress.final(final) if progress is not None else final
             return
+        if progress is None:
+            if content:
+                yield content
+            continue
+        progress.timings(_dict(event.get("timings"), "timings"))
+        if progress.prompt_tokens is None and isinstance(event.get("tokens_evaluated"), int):
+            progress.prompt_tokens = event["tokens_evaluated"]
+        tokens = event.get("tokens")
+        decoded = event.get("tokens_predicted")
+        token_id = tokens[0] if isinstance(tokens, list) and len(tokens) == 1 else None
+        text = progress.token(decoded if isinstance(decoded, int) else None,
+                              token_id if isinstance(token_id, int) else None, content)
+        if text:
+            yield text
     raise UpstreamUnavailable("coordinator ended the stream without its final counts")

@@ -50,9 +50,10 @@ def stream_lines(url: str, path: str, body: dict) -> tuple[http.client.HTTPConne
     return conn, conn.getresponse()
 
 
-def test_rpc_server_killed_mid_stream_ends_with_an_error_line_and_the_model_comes_back(
+def test_without_resume_an_rpc_server_killed_mid_stream_ends_with_an_error_line_and_the_model_comes_back(
         tmp_path: Path, llama_cpp: Manifest, test_model: Path) -> None:
-    with running_fleet(tmp_path, llama_cpp, test_model, agents=2) as fleet:
+    # With resume (the default) the stream goes on instead: tests/integration/faults/test_resume.py.
+    with running_fleet(tmp_path, llama_cpp, test_model, agents=2, controller_args=("--no-resume",)) as fleet:
         answer(fleet)
         conn, reply = stream_lines(fleet.url, "/api/generate",
                                    {"model": "gemma", "prompt": PROMPT, "raw": True, "options": LONG})
