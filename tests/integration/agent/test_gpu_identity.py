@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,8 @@ from llamafleet.common.llamacpp.install import Manifest
 from llamafleet.common.llamacpp.probe import free_loopback_port as free_port
 from llamafleet.common.process import line_buffered, pid_alive
 from llamafleet.common.restart import RestartPolicy
+from llamafleet.proto.v1 import agent_pb2 as pb
+from tests.integration.agent.harness import running_agent, wait_for
 
 pytestmark = pytest.mark.integration
 POLICY = RestartPolicy(initial_s=0.05, max_s=0.2, max_failures=3, healthy_reset_s=30, start_timeout_s=60.0)
@@ -72,3 +75,14 @@ def test_an_unpinned_rpc_server_is_not_checked_and_runs(llama_cpp: Manifest) -> 
     supervisor = RpcServerSupervisor(lambda: _launch(llama_cpp, port, ()), POLICY)
     snap = asyncio.run(_settle(supervisor))
     assert snap.state == RpcState.RUNNING and snap.gpu_ids == () and [d.name for d in snap.devices] == ["CPU"]
+
+
+def test_a_per_device_agent_on_a_cpu_worker_reports_its_layout_and_slots(tmp_path: Path, llama_cpp: Manifest) -> None:
+    # No GPU here: a slot is one rpc-server in either layout, and the wire says which layout.
+    with running_agent(tmp_path, llama_cpp.install_dir,
+                       extra_args=("--rpc-layout", "per-device", "--max-rpc-servers", "2")) as agent:
+        wait_for(lambda: agent.rpc().state == pb.RPC_SERVER_STATE_RUNNING, 30, "rpc-server running")
+        status = agent.status()
+        assert status.rpc_layout == "per-device"
+        assert [(r.index, r.slot) for r in status.rpc_servers] == [(0, 0), (1, 1)]
+        assert [(d.name, d.uuid) for d in status.rpc_server.devices] == [("CPU", "")]
