@@ -184,8 +184,3 @@ def check_banner(banner: Sequence[BannerDevice], expected: Sequence[DeviceInfo])
                     "the CUDA_VISIBLE_DEVICES pin did not take; not serving rather than placing on the wrong GPU")
     return ""
 
-
-def banner_gpus(banner: Sequence[BannerDevice], expected: Sequence[DeviceInfo]) -> dict[str, DeviceInfo]:
-    """The banner's CUDA device names → the GPUs they are (once `check_banner` passed)."""
-    cuda = [d.name for d in banner if _CUDA_NAME.match(d.name)]
-    return dict(zip(cuda, expected, strict=False)) if len(cuda) == len(expected) else {}

@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from llamafleet.agent.devices import DeviceInfo, NvmlProvider
-from llamafleet.agent.gpus import GpuIdentityError, banner_gpus, check_banner, rpc_groups, visible_gpus
+from llamafleet.agent.convert import rpc_devices_to_proto
+from llamafleet.agent.gpus import GpuIdentityError, check_banner, rpc_groups, visible_gpus
+from llamafleet.agent.supervisor import RpcServerSnapshot, RpcState
 from llamafleet.common.llamacpp.banner import MIB, BannerDevice
 
 GiB = 2**30
@@ -187,8 +189,11 @@ def test_a_banner_that_matches_passes_and_maps_names_to_uuids() -> None:
     (group,) = rpc_groups("shared", visible_gpus(MIXED, "GPU-4090,GPU-3090-b", None), ())
     banner = banner_of(list(group.gpus))
     assert check_banner(banner, group.gpus) == ""
-    assert {name: gpu.uuid for name, gpu in banner_gpus(banner, group.gpus).items()} == {
-        "CUDA0": "GPU-4090-c", "CUDA1": "GPU-3090-b"}
+    # As the agent reports it: each CUDA device of the banner with the GPU it was pinned to.
+    snap = RpcServerSnapshot(RpcState.RUNNING, devices=(BannerDevice("CPU", "host", GiB, GiB), *banner),
+                             gpu_ids=tuple((g.uuid, g.pci_bus_id) for g in group.gpus))
+    assert [(d.name, d.uuid, d.pci_bus_id) for d in rpc_devices_to_proto(snap)] == [
+        ("CPU", "", ""), ("CUDA0", "GPU-4090-c", "00000000:03:00.0"), ("CUDA1", "GPU-3090-b", "00000000:02:00.0")]
 
 
 def test_a_banner_in_another_order_is_a_node_error() -> None:
