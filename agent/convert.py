@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from llamafleet.agent.core import AgentSnapshot
 from llamafleet.agent.devices import DeviceInfo
+from llamafleet.agent.gpus import is_cuda_device
 from llamafleet.agent.models import ModelFile
 from llamafleet.agent.rpc_cache import CacheSummary
 from llamafleet.agent.supervisor import RpcServerSnapshot, RpcState
@@ -48,15 +49,26 @@ def rpc_server_to_proto(snap: RpcServerSnapshot) -> pb.RpcServerStatus:
         generation=snap.generation,
         endpoint=snap.endpoint,
         protocol_version=snap.protocol_version,
-        devices=[pb.RpcDevice(name=d.name, description=d.description, total_bytes=d.total_bytes,
-                              free_bytes=d.free_bytes) for d in snap.devices],
+        devices=rpc_devices_to_proto(snap),
         cache_dir=snap.cache_dir,
         state_since_unix_ms=snap.state_since_unix_ms,
         last_exit=snap.last_exit,
         last_output=list(snap.last_output),
         next_start_unix_ms=snap.next_start_unix_ms,
         recent_output=list(snap.recent_output),
+        slot=snap.slot,
     )
+
+
+def rpc_devices_to_proto(snap: RpcServerSnapshot) -> list[pb.RpcDevice]:
+    """The banner's devices, each CUDA one with the GPU it was pinned to (in banner order)."""
+    ids = iter(snap.gpu_ids)
+    out = []
+    for d in snap.devices:
+        uuid, bus = next(ids, ("", "")) if is_cuda_device(d.name) else ("", "")
+        out.append(pb.RpcDevice(name=d.name, description=d.description, total_bytes=d.total_bytes,
+                                free_bytes=d.free_bytes, uuid=uuid, pci_bus_id=bus))
+    return out
 
 
 def device_to_proto(device: DeviceInfo) -> pb.Device:
@@ -64,6 +76,7 @@ def device_to_proto(device: DeviceInfo) -> pb.Device:
         kind=_KINDS[device.kind], index=device.index, name=device.name, uuid=device.uuid,
         total_bytes=device.total_bytes, free_bytes=device.free_bytes, used_bytes=device.used_bytes,
         physical_total_bytes=device.physical_total_bytes, physical_free_bytes=device.physical_free_bytes,
+        pci_bus_id=device.pci_bus_id,
     )
     if device.utilization_percent is not None:
         message.utilization_percent = device.utilization_percent
@@ -101,6 +114,7 @@ def status_to_proto(snap: AgentSnapshot) -> pb.AgentStatus:
         models=[model_file_to_proto(m) for m in snap.models],
         models_omitted=snap.models_omitted,
         models_dir=snap.models_dir,
+        rpc_layout=snap.rpc_layout,
     )
     if snap.rpc_cache is not None:
         status.rpc_cache.CopyFrom(cache_summary_to_proto(snap.rpc_cache))

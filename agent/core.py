@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from llamafleet.agent.cache_keeper import CacheKeeper
 from llamafleet.common.fnv import Fnv1a
 from llamafleet.agent.devices import DeviceInfo, DeviceProvider, HostMemoryInfo, HostProvider, NvmlProvider
+from llamafleet.agent.gpus import GpuIdentityError, RpcGroup, check_banner, rpc_groups, visible_gpus
 from llamafleet.agent.models import ModelFile, ModelIndex
 from llamafleet.agent.node import NodeIdentity
 from llamafleet.agent.pull import Offer, Prepared, Push, PushRefused, Received, Receiver
@@ -55,6 +56,7 @@ class AgentSnapshot:
     host: HostMemoryInfo
     memory_limit_bytes: int
     observed_at_unix_ms: int
+    rpc_layout: str = "shared"
     models: tuple[ModelFile, ...] = ()
     models_omitted: int = 0
     models_dir: str = ""
@@ -84,16 +86,22 @@ class Agent:
             initial_s=settings.restart_backoff_initial_s, max_s=settings.restart_backoff_max_s,
             max_failures=settings.restart_max_failures, healthy_reset_s=settings.healthy_reset_s,
         )
-        # One supervisor per rpc-server slot: an rpc-server serves one coordinator at a time, so
-        # a second model on this worker needs a second process. The first starts with the agent;
-        # the others when the controller asks (and it stops them when their model unloads).
+        # Which GPUs each rpc-server process of a slot serves (agent/gpus.py), fixed for the
+        # agent's life: GPUs do not come and go under a running agent. When they cannot be told
+        # apart, every start fails with the reason (the node's error) instead of guessing.
+        self._groups, self._groups_error = self._plan_groups()
+        per_slot = len(self._groups)
+        # One slot per model: an rpc-server serves one coordinator at a time, so a second model
+        # on this worker needs a second set of processes. A slot is one process (shared layout)
+        # or one per GPU (per-device); process #i listens on rpc_port + i. Slot 0 starts with the
+        # agent; the others when the controller asks (and it stops them when their model unloads).
         self.supervisors = tuple(
             RpcServerSupervisor(
                 functools.partial(self._launch, index), policy, on_change=self.changes.bump,
-                autostart=settings.rpc_autostart and index == 0, index=index,
-                endpoint=settings.rpc_endpoint_of(index),
+                autostart=settings.rpc_autostart and index < per_slot, index=index,
+                endpoint=settings.rpc_endpoint_of(index), slot=index // per_slot,
             )
-            for index in range(settings.max_rpc_servers)
+            for index in range(settings.max_rpc_servers * per_slot)
         )
         # The model store: None without --models-dir (the daemon runs its rescan loop).
         self.models = (ModelIndex(settings.models_dir, settings.state_path, settings.models_rescan_s,
@@ -120,7 +128,7 @@ class Agent:
     def supervisor_at(self, index: int) -> RpcServerSupervisor:
         if not 0 <= index < len(self.supervisors):
             raise UsageError(f"no rpc-server #{index}: this agent runs at most {len(self.supervisors)} "
-                             "(--max-rpc-servers)")
+                             f"(--max-rpc-servers {self.settings.max_rpc_servers} × {len(self._groups)} per slot)")
         return self.supervisors[index]
 
     # ---- the llama.cpp install ---------------------------------------------------------------
@@ -142,17 +150,38 @@ class Agent:
         if self._build_error:
             log.warning("%s", self._build_error)
 
+    def _plan_groups(self) -> tuple[list[RpcGroup], str]:
+        s = self.settings
+        try:
+            visible = visible_gpus(self._gpus.devices(), os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                   os.environ.get("CUDA_DEVICE_ORDER"))
+            groups = rpc_groups(s.rpc_layout, visible, s.devices)
+        except GpuIdentityError as exc:
+            log.error("%s", exc.message)
+            return [RpcGroup(tuple(s.devices), ())], exc.message
+        if s.rpc_port + s.max_rpc_servers * len(groups) - 1 > 65535:
+            return groups, (f"rpc_port {s.rpc_port} + {s.max_rpc_servers} slots × {len(groups)} rpc-servers "
+                            "runs past port 65535")
+        for position, group in enumerate(groups):
+            log.info("rpc layout %s: rpc-server %d of each slot serves %s", s.rpc_layout, position,
+                     ", ".join(f"{g.name} {g.uuid} (bus {g.pci_bus_id or '?'})" for g in group.gpus)
+                     or ",".join(group.device_args) or "its default devices")
+        return groups, ""
+
     def _launch(self, index: int) -> RpcLaunch:
+        if self._groups_error:
+            raise GpuIdentityError(self._groups_error)
         if self._build is None:
             raise InstallError(self._build_error or "no llama.cpp install")
         s = self.settings
+        group = self._groups[index % len(self._groups)]
         port = s.rpc_port + index
         argv = [self._build.rpc_server, "-H", s.rpc_host, "-p", str(port)]
         if s.rpc_threads:
             argv += ["-t", str(s.rpc_threads)]
-        if s.devices:
-            argv += ["-d", ",".join(s.devices)]
-        env = dict(os.environ)
+        if group.device_args:
+            argv += ["-d", ",".join(group.device_args)]
+        env = dict(os.environ) | dict(group.env)
         cache_dir = ""
         if s.rpc_cache:
             argv.append("-c")
@@ -160,7 +189,9 @@ class Agent:
             # same tensor is the same file, whichever process serves the model).
             env["LLAMA_CACHE"] = str(s.cache_path)
             cache_dir = str(s.cache_path / "rpc")
-        return RpcLaunch(line_buffered(argv), env, port, s.rpc_endpoint_of(index), cache_dir)
+        return RpcLaunch(line_buffered(argv), env, port, s.rpc_endpoint_of(index), cache_dir,
+                         verify=functools.partial(check_banner, expected=group.gpus),
+                         gpu_ids=tuple((g.uuid, g.pci_bus_id) for g in group.gpus))
 
     async def run_build(self, options: BuildOptions, progress: Callable[[BuildEvent], None]) -> BuildOutcome:
         if self._build_lock.locked():
@@ -170,9 +201,10 @@ class Agent:
         if self.settings.llama_cpp is None:
             self.load_build()
             self.changes.bump()
-            if self.supervisor.snapshot().state == RpcState.FAILED and self.settings.rpc_autostart:
-                # The rpc-server was down for want of binaries: now there are some.
-                self.supervisor.request("start")
+            for supervisor in self.supervisors[:len(self._groups)]:  # slot 0's, which start with the agent
+                if supervisor.snapshot().state == RpcState.FAILED and self.settings.rpc_autostart:
+                    # The rpc-server was down for want of binaries: now there are some.
+                    supervisor.request("start")
         return outcome
 
     # ---- pre-staging ---------------------------------------------------------------------------
@@ -289,6 +321,7 @@ class Agent:
             host=self._host.memory(),
             memory_limit_bytes=limit,
             observed_at_unix_ms=int(time.time() * 1000),
+            rpc_layout=self.settings.rpc_layout,
             models=self.models.files if self.models else (),
             models_omitted=self.models.omitted if self.models else 0,
             models_dir=str(self.models.root) if self.models else "",

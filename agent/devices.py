@@ -28,6 +28,7 @@ class DeviceInfo:
     utilization_percent: int | None = None
     physical_total_bytes: int = 0
     physical_free_bytes: int = 0
+    pci_bus_id: str = ""  # NVML's, e.g. 00000000:01:00.0 ("" when unknown or not a GPU)
 
     def capped(self, limit: int) -> DeviceInfo:
         """Advertise at most `limit` bytes (0: no cap); the physical numbers stay as they are."""
@@ -109,6 +110,7 @@ class NvmlProvider:
                 index=index,
                 name=self._optional(lambda h=handle: _text(nvml.nvmlDeviceGetName(h)), f"GPU {index}"),
                 uuid=self._optional(lambda h=handle: _text(nvml.nvmlDeviceGetUUID(h)), ""),
+                pci_bus_id=self._optional(lambda h=handle: _text(nvml.nvmlDeviceGetPciInfo(h).busId), ""),
                 total_bytes=int(memory.total),
                 free_bytes=int(memory.free),
                 used_bytes=int(memory.used),

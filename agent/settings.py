@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 DEFAULT_LISTEN = "127.0.0.1:50051"
 # Each rpc-server is a process (and, on a GPU, a CUDA context): a bound a controller cannot exceed.
 MAX_RPC_SERVERS = 16
+RPC_LAYOUTS = ("shared", "per-device")
 
 
 def parse_cache_max(value: object) -> int | None:
@@ -55,6 +56,8 @@ class AgentSettings:
     max_rpc_servers: int = setting(4, help="most rpc-servers the controller may ask for (one per model held here)")
     rpc_threads: int = setting(0, help="rpc-server CPU threads (0: its default)")
     devices: tuple[str, ...] = setting((), help="rpc-server devices, e.g. CUDA0,CUDA1 (default: all)")
+    rpc_layout: str = setting("shared", help="GPUs per rpc-server: shared (one rpc-server serves them all, "
+                                             "-d CUDA0,CUDA1) or per-device (one rpc-server per GPU)")
     rpc_cache: bool = setting(True, help="rpc-server local tensor cache (-c)")
     rpc_cache_max: int | None = setting(None, parse=parse_cache_max,
                                         help="cap on the rpc tensor cache: SIZE, 0/none for no cap "
@@ -88,6 +91,8 @@ class AgentSettings:
                 "rpc_host 0.0.0.0 exposes the unauthenticated rpc-server on every interface; "
                 "give the worker's private address, or pass --rpc-allow-wildcard if you really mean it"
             )
+        if self.rpc_layout not in RPC_LAYOUTS:
+            raise ValueError(f"rpc_layout must be one of {', '.join(RPC_LAYOUTS)}, not '{self.rpc_layout}'")
         if not 0 < self.rpc_port < 65536:
             raise ValueError(f"rpc_port must be 1..65535, not {self.rpc_port}")
         if not 1 <= self.max_rpc_servers <= MAX_RPC_SERVERS:

@@ -24,7 +24,7 @@ import enum
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import psutil
@@ -63,12 +63,18 @@ class RpcLaunch:
     port: int
     endpoint: str
     cache_dir: str
+    # Why the banner's devices are not the ones this process was given ("" when they are):
+    # checked before it counts as running (agent/gpus.py).
+    verify: Callable[[Sequence[BannerDevice]], str] = lambda devices: ""
+    # (uuid, PCI bus id) of each CUDA device the banner will list, in order; () when unpinned.
+    gpu_ids: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
 class RpcServerSnapshot:
     state: RpcState
     index: int = 0  # which of the agent's rpc-servers
+    slot: int = 0  # which model slot it serves in (per-device layout: one process per GPU per slot)
     pid: int = 0
     restarts: int = 0
     generation: int = 0
@@ -81,6 +87,7 @@ class RpcServerSnapshot:
     last_output: tuple[str, ...] = ()
     recent_output: tuple[str, ...] = ()
     next_start_unix_ms: int = 0
+    gpu_ids: tuple[tuple[str, str], ...] = ()  # (uuid, PCI bus id) of its CUDA devices, in banner order
 
 
 def _now_ms() -> int:
@@ -114,6 +121,7 @@ class RpcServerSupervisor:
         autostart: bool = True,
         index: int = 0,
         endpoint: str = "",
+        slot: int | None = None,
     ) -> None:
         self._launch_factory = launch_factory
         self._policy = policy
@@ -125,7 +133,7 @@ class RpcServerSupervisor:
         self._changes = ChangeFeed()
         # A stopped slot still says where it would listen: the controller places by endpoint.
         self._snapshot = RpcServerSnapshot(RpcState.STOPPED, index=index, endpoint=endpoint,
-                                           state_since_unix_ms=_now_ms())
+                                           slot=index if slot is None else slot, state_since_unix_ms=_now_ms())
         self._output: deque[str] = deque(maxlen=OUTPUT_LINES_KEPT)
         self._failures = 0
         self._child: _Child | None = None
@@ -223,7 +231,7 @@ class RpcServerSupervisor:
         self._set(
             RpcState.STARTING, pid=proc.pid, generation=self._snapshot.generation + 1,
             endpoint=launch.endpoint, cache_dir=launch.cache_dir, protocol_version="", devices=(),
-            next_start_unix_ms=0,
+            next_start_unix_ms=0, gpu_ids=launch.gpu_ids,
         )
         became_ready_at = await self._wait_ready(child)
         if became_ready_at is None:
@@ -250,6 +258,9 @@ class RpcServerSupervisor:
             if banner.devices and _listening_on(child.proc.pid, child.launch.port):
                 banner.end_devices()
             if banner.complete and _listening_on(child.proc.pid, child.launch.port):
+                if problem := child.launch.verify(banner.devices):
+                    await self._refuse_devices(child, problem)
+                    return None
                 self._set(
                     RpcState.RUNNING, protocol_version=banner.protocol_version,
                     devices=tuple(banner.devices), last_output=(),
@@ -263,6 +274,16 @@ class RpcServerSupervisor:
             command = await self._next_command(READY_POLL_S)
             if command and await self._handle_while_alive(command[1]):
                 return None
+
+    async def _refuse_devices(self, child: _Child, problem: str) -> None:
+        """Its devices are not the ones it was given: stop it for good (a restart sees the same)."""
+        log.error("rpc-server (pid %d): %s", child.proc.pid, problem)
+        await stop_group_async(child.proc)
+        await self._drain(child)
+        self._child = None
+        self._want_running = False
+        self._set(RpcState.FAILED, pid=0, last_exit=problem, last_output=tuple(self._output),
+                  protocol_version=child.banner.protocol_version, devices=tuple(child.banner.devices))
 
     async def _watch_running(self, child: _Child, ready_at: float) -> None:
         assert child.exited is not None

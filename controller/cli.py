@@ -104,8 +104,15 @@ def nodes(controller: str, as_json: bool) -> None:
                 serving = f", serving {other['model']}" if other.get("model") else ""
                 click.echo(f"{'':<24}rpc-server #{other['index']} {other['state']} {other['endpoint']}{serving}")
         for device in doc.get("devices") or []:
-            click.echo(f"{'':<24}{device['name']}: {format_size(device['free_bytes'])} free of "
+            gpu = f" {device['uuid']}" if device.get("uuid") else ""
+            click.echo(f"{'':<24}{device['name']}{gpu}: {format_size(device['free_bytes'])} free of "
                        f"{format_size(device['total_bytes'])}")
+        for share in doc.get("gpu_shares") or []:
+            click.echo(f"{'':<24}{share['uuid']} is also advertised by {', '.join(share['shared_with'])}: "
+                       f"{share['how']}; this node's share {format_size(share['total_bytes'])} of "
+                       f"{format_size(share['physical_total_bytes'])}")
+        if doc.get("rpc_layout") == "per-device":
+            click.echo(f"{'':<24}rpc layout per-device: one rpc-server per GPU per model slot")
         for model in doc.get("models") or []:
             digest = f"sha256 {model['sha256'][:12]}" if model["state"] == "ready" else model["state"]
             if model.get("error"):
@@ -369,8 +376,9 @@ def render_plan(doc: dict[str, Any]) -> str:
                       else f"layers {a['first_layer']}-{last}")
             extra = " + output" if a["output_bytes"] else ""
             held = ", holds the model" if a["node"] in doc.get("holders", []) else ""
-            lines.append(f"  {a['endpoint']:<22} {a['device']:<6} {layers}{extra}: {format_size(a['total_bytes'])} "
-                         f"of {format_size(a['usable_bytes'])} usable{held}")
+            gpu = f" ({a['uuid']})" if a.get("uuid") else ""
+            lines.append(f"  node {a['node']} device {a['device']}{gpu} via {a['endpoint']}: {layers}{extra}: "
+                         f"{format_size(a['total_bytes'])} of {format_size(a['usable_bytes'])} usable{held}")
     else:
         lines.append(f"does not fit: {doc['reason']}")
     spare = [a for a, why in doc["excluded"].items() if why.startswith("not needed")]

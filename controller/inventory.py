@@ -26,6 +26,7 @@ from llamafleet.common.proto_json import message_to_json
 from llamafleet.controller.agent_bounds import address_ips, bound_status
 from llamafleet.controller.credentials import WATCH_METHOD, method_path
 from llamafleet.controller.events import EventSink, no_events
+from llamafleet.controller.gpu_shares import GpuShare, gpu_shares
 from llamafleet.controller.placement.nodes import DeviceView, ModelFileView, NodeView, RpcServerView
 from llamafleet.controller.store import Store
 from llamafleet.proto.v1 import agent_pb2 as pb
@@ -57,28 +58,50 @@ def validate_address(address: str) -> str:
     return address
 
 
-def node_view(address: str, state: str, status: pb.AgentStatus | None, load: int = 0) -> NodeView:
-    """What placement needs from an agent's status: the rpc-server's devices, with live memory."""
+def node_view(address: str, state: str, status: pb.AgentStatus | None, load: int = 0,
+              shares: Mapping[str, GpuShare] | None = None) -> NodeView:
+    """What placement needs from an agent's status: the devices of its first slot's rpc-server(s),
+    each GPU matched to NVML's report by UUID (`shares`: this node's part of GPUs other agents
+    advertise too, by UUID; see gpu_shares.py)."""
     if status is None:
         return NodeView(address, state, "unknown", "", "", (), load)
     rpc = status.rpc_server
-    gpus = {d.index: d for d in status.devices if d.kind == pb.DEVICE_KIND_GPU}
+    by_uuid = {d.uuid: d for d in status.devices if d.kind == pb.DEVICE_KIND_GPU and d.uuid}
+    by_index = {d.index: d for d in status.devices if d.kind == pb.DEVICE_KIND_GPU}
     cpu = next((d for d in status.devices if d.kind == pb.DEVICE_KIND_CPU), None)
     cap = status.memory_limit_bytes or None
+    shares = shares or {}
+    servers = tuple(RpcServerView(r.index, rpc_state_name(r.state), r.endpoint,
+                                  r.slot if status.rpc_layout else None) for r in rpc_servers(status))
+    first_slot = [r for r, view in zip(rpc_servers(status), servers, strict=True) if view.model_slot == 0]
     devices = []
-    for device in rpc.devices:
-        match = _CUDA.match(device.name)
-        live = cpu if device.name == "CPU" else gpus.get(int(match.group(1))) if match else None
-        if live is not None:
-            devices.append(DeviceView(device.name, live.total_bytes, live.free_bytes))
-        else:
-            # A backend NVML does not see (Metal, Vulkan…): the banner's numbers, capped.
-            devices.append(DeviceView(device.name, min(device.total_bytes, cap or device.total_bytes),
-                                      min(device.free_bytes, cap or device.free_bytes)))
-    servers = tuple(RpcServerView(r.index, rpc_state_name(r.state), r.endpoint) for r in rpc_servers(status))
+    for position, server in enumerate(sorted(first_slot, key=lambda r: r.index)):
+        for device in server.devices:
+            if device.name == "CPU":
+                live = cpu
+            elif device.uuid:
+                live = by_uuid.get(device.uuid)
+            elif not status.rpc_layout and (match := _CUDA.match(device.name)):
+                # An agent from before the pin: its CUDAn was NVML's index n (right only when
+                # nothing reordered them).
+                live = by_index.get(int(match.group(1)))
+            else:
+                live = None
+            if live is not None:
+                total, free = live.total_bytes, live.free_bytes
+                if (share := shares.get(live.uuid)) is not None:
+                    total, free = share.total_bytes, share.free_bytes
+                devices.append(DeviceView(device.name, total, free, live.uuid, position))
+            else:
+                # A backend NVML does not see (Metal, Vulkan…): the banner's numbers, capped.
+                devices.append(DeviceView(device.name, min(device.total_bytes, cap or device.total_bytes),
+                                          min(device.free_bytes, cap or device.free_bytes), "", position))
+    # The node runs when every rpc-server of its first slot does (one is one GPU of it).
+    states = [rpc_state_name(r.state) for r in first_slot] or [rpc_state_name(rpc.state)]
+    rpc_state = next((s for s in states if s != "running"), "running")
     files = tuple(ModelFileView(m.name, m.size_bytes, m.sha256 if m.state == pb.MODEL_FILE_STATE_READY else "")
                   for m in status.models)
-    return NodeView(address, state, rpc_state_name(rpc.state), rpc.endpoint,
+    return NodeView(address, state, rpc_state, rpc.endpoint,
                     rpc.protocol_version or status.build.rpc_protocol_version, tuple(devices), load,
                     servers, model_files=files)
 
@@ -191,19 +214,28 @@ class Inventory:
     def describe(self) -> list[dict[str, Any]]:
         """`llamafleet nodes --json`: address, state, and the agent's last status fields."""
         out = []
+        shares = self.gpu_shares()
         for record in self.records():
             doc: dict[str, Any] = {"address": record.address, "state": self.state(record),
                                    "error": record.error, "last_seen_unix_ms": record.last_seen_unix_ms}
             status = message_to_json(record.status) if record.status is not None else {}
             for key in ("node", "build", "rpc_server", "rpc_servers", "devices", "host", "memory_limit_bytes",
-                        "models", "models_omitted", "models_dir", "rpc_cache"):
+                        "models", "models_omitted", "models_dir", "rpc_cache", "rpc_layout"):
                 doc[key] = status.get(key)
+            # A GPU another agent advertises too is counted once across the fleet: say how.
+            doc["gpu_shares"] = [share.doc() for share in shares.get(record.address, {}).values()]
             out.append(doc)
         return out
 
+    def gpu_shares(self) -> dict[str, dict[str, GpuShare]]:
+        """GPUs more than one agent advertises: each node's share, by address and UUID."""
+        return gpu_shares({r.address: r.status for r in self.records() if r.status is not None})
+
     def node_views(self, load: dict[str, int] | None = None) -> list[NodeView]:
         load = load or {}
-        return [node_view(r.address, self.state(r), r.status, load.get(r.address, 0)) for r in self.records()]
+        shares = self.gpu_shares()
+        return [node_view(r.address, self.state(r), r.status, load.get(r.address, 0), shares.get(r.address))
+                for r in self.records()]
 
     # ---- watching -----------------------------------------------------------------------------
 

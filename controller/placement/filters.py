@@ -73,18 +73,20 @@ def free_rpc_server(busy: Mapping[str, str]) -> Filter:
     """
 
     def choose(node: NodeView) -> NodeView | str:
-        slots = node.rpc_servers or (RpcServerView(0, node.rpc_state, node.endpoint),)
-        for slot in slots:
-            if slot.state == "running" and slot.endpoint not in busy:
-                return replace(node, endpoint=slot.endpoint, rpc_index=slot.index)
-        for slot in slots:
-            # The first slot is the agent's own (stopped there means stopped on purpose).
-            if slot.index > 0 and slot.state == "stopped" and slot.endpoint not in busy:
-                devices = tuple(d if d.name == "CPU" else replace(d, free_bytes=max(d.free_bytes - NEW_RPC_SERVER_GPU_BYTES, 0))
-                                for d in node.devices)
-                return replace(node, endpoint=slot.endpoint, rpc_index=slot.index, devices=devices)
+        slots = _slots(node)
+        for number, group in slots:
+            if all(s.state == "running" and s.endpoint not in busy for s in group):
+                return _on_slot(node, group, booked=())
+        for number, group in slots:
+            # Slot 0 is the agent's own (stopped there means stopped on purpose). A slot that is
+            # partly running (per-device) is taken too: its stopped processes are started.
+            startable = [s for s in group if s.state == "stopped"]
+            if number > 0 and startable and all(s.endpoint not in busy and s.state in ("running", "stopped")
+                                                for s in group):
+                return _on_slot(node, group, booked=tuple(s.index for s in startable))
+        servers = [s for _, group in slots for s in group]
         held = "; ".join(f"{s.endpoint} serves {busy[s.endpoint]}" if s.endpoint in busy else f"{s.endpoint} is {s.state}"
-                         for s in slots)
+                         for s in servers)
         return f"no free rpc-server ({held}; an rpc-server serves one model at a time, the agent runs at most {len(slots)})"
 
     def keep(nodes: Sequence[NodeView]) -> FilterResult:
@@ -98,6 +100,25 @@ def free_rpc_server(busy: Mapping[str, str]) -> Filter:
         return FilterResult(survivors, dropped)
 
     return keep
+
+
+def _slots(node: NodeView) -> list[tuple[int, list[RpcServerView]]]:
+    """The node's model slots in order, each its rpc-servers by index (one, or one per GPU)."""
+    servers = node.rpc_servers or (RpcServerView(0, node.rpc_state, node.endpoint),)
+    by_slot: dict[int, list[RpcServerView]] = {}
+    for server in sorted(servers, key=lambda s: s.index):
+        by_slot.setdefault(server.model_slot, []).append(server)
+    return sorted(by_slot.items())
+
+
+def _on_slot(node: NodeView, group: list[RpcServerView], booked: tuple[int, ...]) -> NodeView:
+    """`node` placed on the rpc-servers `group`; the GPUs of those in `booked` (about to be
+    started) lose a new process's CUDA context."""
+    positions = {i for i, s in enumerate(group) if s.index in booked}
+    devices = tuple(replace(d, free_bytes=max(d.free_bytes - NEW_RPC_SERVER_GPU_BYTES, 0))
+                    if d.name != "CPU" and d.server in positions else d for d in node.devices)
+    servers = tuple((s.endpoint, s.index) for s in group) if len(group) > 1 else ()
+    return replace(node, endpoint=group[0].endpoint, rpc_index=group[0].index, devices=devices, slot_servers=servers)
 
 
 def has_usable_memory(usable: Callable[[NodeView], int]) -> Filter:

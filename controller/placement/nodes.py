@@ -10,7 +10,9 @@ from dataclasses import dataclass, field, replace
 class DeviceView:
     name: str  # as the rpc-server names it: CUDA0, CPU, …
     total_bytes: int
-    free_bytes: int  # advertised (after the agent's --memory-limit)
+    free_bytes: int  # advertised (after the agent's --memory-limit, and the GPU's share across the fleet)
+    uuid: str = ""  # the GPU's NVML UUID, "" when not known (a CPU, an agent without NVML)
+    server: int = 0  # which rpc-server of the node's slot serves it (per-device layout: one per GPU)
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,11 @@ class RpcServerView:
     index: int
     state: str  # running, starting, backoff, failed, stopped, stopping
     endpoint: str
+    slot: int | None = None  # the model slot it serves in (None: its own, as with the shared layout)
+
+    @property
+    def model_slot(self) -> int:
+        return self.index if self.slot is None else self.slot
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,9 @@ class NodeView:
     # report, which is newer than any view).
     rpc_servers: tuple[RpcServerView, ...] = field(default_factory=tuple)
     rpc_index: int = 0  # which slot `endpoint` is
+    # The chosen slot's rpc-servers by position, as (endpoint, index), when there is more than
+    # one (per-device layout): device d is served by slot_servers[d.server].
+    slot_servers: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     model_files: tuple[ModelFileView, ...] = field(default_factory=tuple)  # what its models dir holds
 
     def reserving(self, reserved: Mapping[tuple[str, str], int]) -> NodeView:
@@ -58,6 +68,12 @@ class NodeView:
             for d in self.devices
         )
         return replace(self, devices=devices)
+
+    def server_of(self, device: DeviceView) -> tuple[str, int]:
+        """(endpoint, rpc-server index) that serves `device` in the chosen slot."""
+        if device.server < len(self.slot_servers):
+            return self.slot_servers[device.server]
+        return self.endpoint, self.rpc_index
 
     @property
     def free_bytes(self) -> int:

@@ -70,6 +70,7 @@ class DeviceAssignment:
     compute_bytes: int
     usable_bytes: int
     rpc_index: int = 0  # which of the node's rpc-servers `endpoint` is
+    uuid: str = ""  # the GPU's NVML UUID ("" for a CPU or an unknown one)
 
     @property
     def total_bytes(self) -> int:
@@ -136,12 +137,13 @@ def _assign(estimate: MemoryEstimate, devices: list[tuple[NodeView, DeviceView, 
         weights = sum(estimate.layer_weight_bytes[layer : layer + count])
         kv = sum(estimate.kv_bytes_per_layer[layer : layer + count])
         is_last = i == last
+        endpoint, rpc_index = node.server_of(device)
         out.append(DeviceAssignment(
-            node=node.address, endpoint=node.endpoint, device=device.name, first_layer=layer, layer_count=count,
+            node=node.address, endpoint=endpoint, device=device.name, first_layer=layer, layer_count=count,
             weight_bytes=weights, kv_bytes=kv,
             output_bytes=estimate.output_bytes if is_last else 0,
             compute_bytes=estimate.compute_bytes_per_device + (estimate.compute_bytes_output_device if is_last else 0),
-            usable_bytes=usable, rpc_index=node.rpc_index,
+            usable_bytes=usable, rpc_index=rpc_index, uuid=device.uuid,
         ))
         layer += count
     return out

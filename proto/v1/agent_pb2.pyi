@@ -97,19 +97,23 @@ class LlamaCppBuild(_message.Message):
     def __init__(self, commit: _Optional[str] = ..., source_id: _Optional[str] = ..., version: _Optional[str] = ..., backends: _Optional[_Iterable[str]] = ..., install_dir: _Optional[str] = ..., rpc_protocol_version: _Optional[str] = ..., adopted: _Optional[bool] = ..., patches: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RpcDevice(_message.Message):
-    __slots__ = ("name", "description", "total_bytes", "free_bytes")
+    __slots__ = ("name", "description", "total_bytes", "free_bytes", "uuid", "pci_bus_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    PCI_BUS_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     total_bytes: int
     free_bytes: int
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ...) -> None: ...
+    uuid: str
+    pci_bus_id: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., uuid: _Optional[str] = ..., pci_bus_id: _Optional[str] = ...) -> None: ...
 
 class RpcServerStatus(_message.Message):
-    __slots__ = ("state", "pid", "restarts", "generation", "endpoint", "protocol_version", "devices", "cache_dir", "state_since_unix_ms", "last_exit", "last_output", "next_start_unix_ms", "recent_output", "index")
+    __slots__ = ("state", "pid", "restarts", "generation", "endpoint", "protocol_version", "devices", "cache_dir", "state_since_unix_ms", "last_exit", "last_output", "next_start_unix_ms", "recent_output", "index", "slot")
     STATE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +128,7 @@ class RpcServerStatus(_message.Message):
     NEXT_START_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     RECENT_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
     state: RpcServerState
     pid: int
     restarts: int
@@ -138,10 +143,11 @@ class RpcServerStatus(_message.Message):
     next_start_unix_ms: int
     recent_output: _containers.RepeatedScalarFieldContainer[str]
     index: int
-    def __init__(self, state: _Optional[_Union[RpcServerState, str]] = ..., pid: _Optional[int] = ..., restarts: _Optional[int] = ..., generation: _Optional[int] = ..., endpoint: _Optional[str] = ..., protocol_version: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[RpcDevice, _Mapping]]] = ..., cache_dir: _Optional[str] = ..., state_since_unix_ms: _Optional[int] = ..., last_exit: _Optional[str] = ..., last_output: _Optional[_Iterable[str]] = ..., next_start_unix_ms: _Optional[int] = ..., recent_output: _Optional[_Iterable[str]] = ..., index: _Optional[int] = ...) -> None: ...
+    slot: int
+    def __init__(self, state: _Optional[_Union[RpcServerState, str]] = ..., pid: _Optional[int] = ..., restarts: _Optional[int] = ..., generation: _Optional[int] = ..., endpoint: _Optional[str] = ..., protocol_version: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[RpcDevice, _Mapping]]] = ..., cache_dir: _Optional[str] = ..., state_since_unix_ms: _Optional[int] = ..., last_exit: _Optional[str] = ..., last_output: _Optional[_Iterable[str]] = ..., next_start_unix_ms: _Optional[int] = ..., recent_output: _Optional[_Iterable[str]] = ..., index: _Optional[int] = ..., slot: _Optional[int] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("kind", "index", "name", "uuid", "total_bytes", "free_bytes", "used_bytes", "physical_total_bytes", "physical_free_bytes", "utilization_percent")
+    __slots__ = ("kind", "index", "name", "uuid", "total_bytes", "free_bytes", "used_bytes", "physical_total_bytes", "physical_free_bytes", "utilization_percent", "pci_bus_id")
     KIND_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +158,7 @@ class Device(_message.Message):
     PHYSICAL_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     PHYSICAL_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     UTILIZATION_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    PCI_BUS_ID_FIELD_NUMBER: _ClassVar[int]
     kind: DeviceKind
     index: int
     name: str
@@ -162,7 +169,8 @@ class Device(_message.Message):
     physical_total_bytes: int
     physical_free_bytes: int
     utilization_percent: int
-    def __init__(self, kind: _Optional[_Union[DeviceKind, str]] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., uuid: _Optional[str] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., physical_total_bytes: _Optional[int] = ..., physical_free_bytes: _Optional[int] = ..., utilization_percent: _Optional[int] = ...) -> None: ...
+    pci_bus_id: str
+    def __init__(self, kind: _Optional[_Union[DeviceKind, str]] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., uuid: _Optional[str] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., physical_total_bytes: _Optional[int] = ..., physical_free_bytes: _Optional[int] = ..., utilization_percent: _Optional[int] = ..., pci_bus_id: _Optional[str] = ...) -> None: ...
 
 class ModelFile(_message.Message):
     __slots__ = ("name", "path", "size_bytes", "sha256", "state", "mtime_unix_ms", "error")
@@ -191,7 +199,7 @@ class HostMemory(_message.Message):
     def __init__(self, total_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("node", "build", "rpc_server", "devices", "host", "observed_at_unix_ms", "memory_limit_bytes", "rpc_servers", "models", "models_omitted", "models_dir", "rpc_cache")
+    __slots__ = ("node", "build", "rpc_server", "devices", "host", "observed_at_unix_ms", "memory_limit_bytes", "rpc_servers", "models", "models_omitted", "models_dir", "rpc_cache", "rpc_layout")
     NODE_FIELD_NUMBER: _ClassVar[int]
     BUILD_FIELD_NUMBER: _ClassVar[int]
     RPC_SERVER_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +212,7 @@ class AgentStatus(_message.Message):
     MODELS_OMITTED_FIELD_NUMBER: _ClassVar[int]
     MODELS_DIR_FIELD_NUMBER: _ClassVar[int]
     RPC_CACHE_FIELD_NUMBER: _ClassVar[int]
+    RPC_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     node: NodeIdentity
     build: LlamaCppBuild
     rpc_server: RpcServerStatus
@@ -216,7 +225,8 @@ class AgentStatus(_message.Message):
     models_omitted: int
     models_dir: str
     rpc_cache: RpcCacheSummary
-    def __init__(self, node: _Optional[_Union[NodeIdentity, _Mapping]] = ..., build: _Optional[_Union[LlamaCppBuild, _Mapping]] = ..., rpc_server: _Optional[_Union[RpcServerStatus, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., host: _Optional[_Union[HostMemory, _Mapping]] = ..., observed_at_unix_ms: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., rpc_servers: _Optional[_Iterable[_Union[RpcServerStatus, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ..., models_omitted: _Optional[int] = ..., models_dir: _Optional[str] = ..., rpc_cache: _Optional[_Union[RpcCacheSummary, _Mapping]] = ...) -> None: ...
+    rpc_layout: str
+    def __init__(self, node: _Optional[_Union[NodeIdentity, _Mapping]] = ..., build: _Optional[_Union[LlamaCppBuild, _Mapping]] = ..., rpc_server: _Optional[_Union[RpcServerStatus, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., host: _Optional[_Union[HostMemory, _Mapping]] = ..., observed_at_unix_ms: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., rpc_servers: _Optional[_Iterable[_Union[RpcServerStatus, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ..., models_omitted: _Optional[int] = ..., models_dir: _Optional[str] = ..., rpc_cache: _Optional[_Union[RpcCacheSummary, _Mapping]] = ..., rpc_layout: _Optional[str] = ...) -> None: ...
 
 class RpcCacheSummary(_message.Message):
     __slots__ = ("cache_dir", "used_bytes", "max_bytes", "entries", "models", "in_use_bytes", "unverified", "corrupt_removed", "evictions", "evicted_bytes", "checked_at_unix_ms", "error")

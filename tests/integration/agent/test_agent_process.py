@@ -219,6 +219,7 @@ def test_status_cli_unreachable_agent(tmp_path: Path) -> None:
         (["--rpc-port", "70000"], "rpc_port must be 1..65535"),
         (["--memory-limit", "lots"], "invalid memory_limit from --memory-limit: not a size"),
         (["--listen", "nowhere"], "is not HOST:PORT"),
+        (["--rpc-layout", "both"], "rpc_layout must be one of shared, per-device, not 'both'"),
     ],
 )
 def test_bad_serve_flags_are_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:

@@ -50,6 +50,10 @@ class FakeNvml:
         self._check("uuid", handle)
         return f"GPU-{handle:04d}"
 
+    def nvmlDeviceGetPciInfo(self, handle: int) -> Any:
+        self._check("pci", handle)
+        return SimpleNamespace(busId=f"00000000:{handle + 1:02X}:00.0".encode())
+
     def nvmlDeviceGetUtilizationRates(self, handle: int) -> Any:
         self._check("util", handle)
         return SimpleNamespace(gpu=42)
@@ -59,7 +63,7 @@ def test_reports_every_gpu() -> None:
     devices = NvmlProvider(FakeNvml()).devices()  # type: ignore[arg-type]
     assert [d.uuid for d in devices] == ["GPU-0000", "GPU-0001"]
     assert devices[0] == DeviceInfo("gpu", 0, "NVIDIA H100 80GB HBM3", "GPU-0000", 80 * 2**30, 70 * 2**30,
-                                    10 * 2**30, 42)
+                                    10 * 2**30, 42, pci_bus_id="00000000:01:00.0")
 
 
 def test_no_nvml_means_no_gpus_not_an_exception() -> None:

@@ -1,0 +1,192 @@
+"""Multi-GPU nodes on the controller: GPUs matched by UUID, per-device slots, one GPU under two agents.
+
+Statuses are built as an agent sends them (agent_pb2), with NVML data and banners that a
+reordered CUDA_VISIBLE_DEVICES produces: the rpc-server's CUDA0 is not NVML's index 0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llamafleet.controller.cli import render_plan
+from llamafleet.controller.estimate import estimate_memory
+from llamafleet.controller.gguf import read_gguf_header
+from llamafleet.controller.gpu_shares import COUNTED_ONCE, SPLIT_BY_LIMITS, gpu_shares
+from llamafleet.controller.inventory import node_view
+from llamafleet.controller.placement.filters import NEW_RPC_SERVER_GPU_BYTES, free_rpc_server
+from llamafleet.controller.placement.plan import make_plan
+from llamafleet.controller.planner import plan_to_json
+from llamafleet.controller.models import ResolvedModel
+from llamafleet.proto.v1 import agent_pb2 as pb
+from tests.fixtures.synthetic_gguf import LLAMA_8B, LLAMA_70B, write_model
+
+GiB, MiB = 2**30, 2**20
+RUNNING, STOPPED = pb.RPC_SERVER_STATE_RUNNING, pb.RPC_SERVER_STATE_STOPPED
+# NVML index → (uuid, free GiB): index 0 is nearly full, index 1 nearly empty.
+GPUS = [("GPU-aaaa", 2), ("GPU-bbbb", 23)]
+
+
+def nvml_devices(gpus: list[tuple[str, int]] = GPUS, limit: int = 0) -> list[pb.Device]:
+    out = []
+    for index, (uuid, free_gib) in enumerate(gpus):
+        total, free = 24 * GiB, free_gib * GiB
+        out.append(pb.Device(kind=pb.DEVICE_KIND_GPU, index=index, name="NVIDIA GeForce RTX 3090", uuid=uuid,
+                             total_bytes=min(total, limit or total), free_bytes=min(free, limit or free),
+                             physical_total_bytes=total, physical_free_bytes=free,
+                             pci_bus_id=f"00000000:0{index + 1}:00.0"))
+    return out
+
+
+def banner(uuids: list[str]) -> list[pb.RpcDevice]:
+    """The rpc-server's CUDA0.. for these pinned GPUs (its memory numbers are the runtime's)."""
+    return [pb.RpcDevice(name=f"CUDA{i}", description="NVIDIA GeForce RTX 3090", total_bytes=24 * GiB - 300 * MiB,
+                         free_bytes=24 * GiB - 300 * MiB, uuid=u) for i, u in enumerate(uuids)]
+
+
+def shared_status(host: str, order: list[str], slots: int = 2) -> pb.AgentStatus:
+    """Shared layout: one rpc-server per slot; CUDA_VISIBLE_DEVICES gave it the GPUs in `order`."""
+    servers = [pb.RpcServerStatus(index=i, slot=i, state=RUNNING if i == 0 else STOPPED, endpoint=f"{host}:{50052 + i}",
+                                  protocol_version="7.0.0", devices=banner(order) if i == 0 else [])
+               for i in range(slots)]
+    return pb.AgentStatus(rpc_server=servers[0], rpc_servers=servers, devices=nvml_devices(), rpc_layout="shared")
+
+
+def per_device_status(host: str, order: list[str], slots: int = 2, running_slot_1: bool = False) -> pb.AgentStatus:
+    """Per-device layout: slot s is rpc-servers s×n … s×n+n−1, each seeing only its GPU as CUDA0."""
+    n, servers = len(order), []
+    for index in range(slots * n):
+        slot, position = divmod(index, n)
+        running = slot == 0 or running_slot_1
+        servers.append(pb.RpcServerStatus(index=index, slot=slot, state=RUNNING if running else STOPPED,
+                                          endpoint=f"{host}:{50052 + index}", protocol_version="7.0.0",
+                                          devices=banner([order[position]]) if running else []))
+    return pb.AgentStatus(rpc_server=servers[0], rpc_servers=servers, devices=nvml_devices(), rpc_layout="per-device")
+
+
+# ---- matching by UUID -------------------------------------------------------------------------
+
+def test_a_reordered_cuda_device_gets_the_memory_of_its_own_gpu() -> None:
+    # CUDA_VISIBLE_DEVICES=1,0: the rpc-server's CUDA0 is NVML's index 1 (the empty one).
+    view = node_view("10.0.0.5:50051", "ready", shared_status("10.0.0.5", ["GPU-bbbb", "GPU-aaaa"]))
+    assert [(d.name, d.uuid, d.free_bytes // GiB) for d in view.devices] == [("CUDA0", "GPU-bbbb", 23),
+                                                                            ("CUDA1", "GPU-aaaa", 2)]
+
+
+def test_an_agent_from_before_the_pin_is_still_matched_by_index() -> None:
+    status = shared_status("10.0.0.5", ["GPU-aaaa", "GPU-bbbb"])
+    status.rpc_layout = ""
+    for device in status.rpc_server.devices:
+        device.uuid = ""
+    view = node_view("10.0.0.5:50051", "ready", status)
+    assert [(d.name, d.free_bytes // GiB) for d in view.devices] == [("CUDA0", 2), ("CUDA1", 23)]
+
+
+def test_a_per_device_node_lists_every_gpu_with_the_rpc_server_that_serves_it() -> None:
+    view = node_view("10.0.0.5:50051", "ready", per_device_status("10.0.0.5", ["GPU-bbbb", "GPU-aaaa"]))
+    assert [(d.name, d.uuid, d.server) for d in view.devices] == [("CUDA0", "GPU-bbbb", 0), ("CUDA0", "GPU-aaaa", 1)]
+    assert view.rpc_state == "running"
+    assert [s.model_slot for s in view.rpc_servers] == [0, 0, 1, 1]
+
+
+def test_a_per_device_node_is_not_running_while_one_of_its_gpus_rpc_servers_is_not() -> None:
+    status = per_device_status("10.0.0.5", ["GPU-aaaa", "GPU-bbbb"])
+    status.rpc_servers[1].state = pb.RPC_SERVER_STATE_FAILED
+    assert node_view("10.0.0.5:50051", "ready", status).rpc_state == "failed"
+
+
+# ---- placement over the GPUs of a node and across nodes ---------------------------------------
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("models")
+    return {s.name: write_model(folder / f"{s.name}.gguf", s) for s in (LLAMA_8B, LLAMA_70B)}
+
+
+def test_per_device_placement_names_one_endpoint_per_gpu_in_rpc_order(models: dict[str, Path]) -> None:
+    header = read_gguf_header(models[LLAMA_70B.name])
+    both_free = [("GPU-aaaa", 23), ("GPU-bbbb", 23)]
+    status = per_device_status("10.0.0.5", ["GPU-aaaa", "GPU-bbbb"])
+    del status.devices[:]
+    status.devices.extend(nvml_devices(both_free))
+    plan = make_plan("70b", estimate_memory(header, 2048), [node_view("10.0.0.5:50051", "ready", status)], "7.0.0")
+    assert plan.fits
+    assert [(a.endpoint, a.device, a.rpc_index, a.uuid) for a in plan.assignments] == [
+        ("10.0.0.5:50052", "CUDA0", 0, "GPU-aaaa"), ("10.0.0.5:50053", "CUDA0", 1, "GPU-bbbb")]
+    assert plan.backends == ["10.0.0.5:50052", "10.0.0.5:50053"] and len(plan.tensor_split) == 2
+
+
+def test_a_busy_per_device_slot_moves_the_next_model_to_the_next_slot_and_books_its_contexts() -> None:
+    view = node_view("10.0.0.5:50051", "ready", per_device_status("10.0.0.5", ["GPU-aaaa", "GPU-bbbb"]))
+    [chosen] = free_rpc_server({"10.0.0.5:50053": "llama3"})([view]).survivors
+    assert (chosen.endpoint, chosen.rpc_index) == ("10.0.0.5:50054", 2)
+    assert [chosen.server_of(d) for d in chosen.devices] == [("10.0.0.5:50054", 2), ("10.0.0.5:50055", 3)]
+    assert [v.free_bytes - c.free_bytes for v, c in zip(view.devices, chosen.devices, strict=True)] == [
+        NEW_RPC_SERVER_GPU_BYTES] * 2
+
+
+def test_shared_layout_splits_over_both_gpus_of_one_node_before_a_second_node(models: dict[str, Path]) -> None:
+    header = read_gguf_header(models[LLAMA_70B.name])
+    big = shared_status("10.0.0.5", ["GPU-aaaa", "GPU-bbbb"])
+    del big.devices[:]
+    big.devices.extend(nvml_devices([("GPU-aaaa", 23), ("GPU-bbbb", 23)]))
+    small = shared_status("10.0.0.6", ["GPU-cccc"])
+    del small.devices[:]
+    small.devices.extend(nvml_devices([("GPU-cccc", 23)]))
+    nodes = [node_view("10.0.0.6:50051", "ready", small), node_view("10.0.0.5:50051", "ready", big)]
+    plan = make_plan("70b", estimate_memory(header, 2048), nodes, "7.0.0")
+    assert [(a.node, a.device) for a in plan.assignments] == [("10.0.0.5:50051", "CUDA0"), ("10.0.0.5:50051", "CUDA1")]
+    assert plan.backends == ["10.0.0.5:50052"]
+    assert plan.excluded == {"10.0.0.6:50051": "not needed: fewer backends hold the model"}
+    # A longer context needs the second node too: fewest nodes first, then across nodes.
+    wide = make_plan("70b", estimate_memory(header, 32768), nodes, "7.0.0")
+    assert wide.fits and {a.node for a in wide.assignments} == {"10.0.0.5:50051", "10.0.0.6:50051"}
+    assert len(wide.tensor_split) == 3
+
+
+def test_plan_text_shows_node_and_device(models: dict[str, Path], tmp_path: Path) -> None:
+    header = read_gguf_header(models[LLAMA_8B.name])
+    view = node_view("10.0.0.5:50051", "ready", per_device_status("10.0.0.5", ["GPU-bbbb", "GPU-aaaa"]))
+    plan = make_plan("8b", estimate_memory(header, 2048), [view], "7.0.0")
+    resolved = ResolvedModel("8b", models[LLAMA_8B.name], "models-dir")
+    text = render_plan(plan_to_json(resolved, plan, [], "7.0.0"))
+    assert "node 10.0.0.5:50051 device CUDA0 (GPU-bbbb) via 10.0.0.5:50052" in text
+
+
+# ---- one GPU under two agents -----------------------------------------------------------------
+
+def two_agents(limit_a: int, limit_b: int) -> dict[str, pb.AgentStatus]:
+    gpu = [("GPU-same", 20)]
+    return {"10.0.0.5:50051": pb.AgentStatus(devices=nvml_devices(gpu, limit_a)),
+            "10.0.0.5:50061": pb.AgentStatus(devices=nvml_devices(gpu, limit_b))}
+
+
+def test_two_agents_on_one_gpu_without_limits_count_it_once() -> None:
+    shares = gpu_shares(two_agents(0, 0))
+    a, b = shares["10.0.0.5:50051"]["GPU-same"], shares["10.0.0.5:50061"]["GPU-same"]
+    assert a.total_bytes + b.total_bytes == 24 * GiB and a.free_bytes + b.free_bytes == 20 * GiB
+    assert a.how == COUNTED_ONCE and a.shared_with == ("10.0.0.5:50061",)
+
+
+def test_limits_that_split_the_gpu_already_are_kept() -> None:
+    shares = gpu_shares(two_agents(8 * GiB, 16 * GiB))
+    assert shares["10.0.0.5:50051"]["GPU-same"].total_bytes == 8 * GiB
+    assert shares["10.0.0.5:50061"]["GPU-same"].how == SPLIT_BY_LIMITS
+
+
+def test_limits_that_overcommit_the_gpu_are_scaled_to_it() -> None:
+    shares = gpu_shares(two_agents(16 * GiB, 16 * GiB))
+    assert {s["GPU-same"].total_bytes for s in shares.values()} == {12 * GiB}
+
+
+def test_a_gpu_only_one_agent_reports_has_no_share_and_placement_sees_the_share() -> None:
+    statuses = two_agents(0, 0)
+    statuses["10.0.0.7:50051"] = pb.AgentStatus(devices=nvml_devices([("GPU-own", 20)]))
+    shares = gpu_shares(statuses)
+    assert "10.0.0.7:50051" not in shares
+    status = shared_status("10.0.0.5", ["GPU-same"])
+    del status.devices[:]
+    status.devices.extend(statuses["10.0.0.5:50051"].devices)
+    view = node_view("10.0.0.5:50051", "ready", status, shares=shares["10.0.0.5:50051"])
+    assert [(d.total_bytes, d.free_bytes) for d in view.devices] == [(12 * GiB, 10 * GiB)]
