@@ -95,6 +95,39 @@ async def one_answer(session: aiohttp.ClientSession, url: str, body: dict[str, A
     yield doc
 
 
+@dataclass(frozen=True)
+class Thinking:
+    """A piece of the model's reasoning (llama-server's `reasoning_content`), apart from its answer."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text, as OpenAI's API carries it
+
+
+@dataclass(frozen=True)
+class ToolCalls:
+    """The answer's tool calls, whole: llama-server streams each call's arguments in fragments."""
+
+    calls: tuple[ToolCall, ...]
+
+
+Piece = str | Thinking | ToolCalls | Final
+
+
+def _merge_tool_call_deltas(calls: dict[int, dict[str, str]], deltas: list[dict[str, Any]]) -> None:
+    for delta in deltas:
+        call = calls.setdefault(int(delta.get("index", len(calls))), {"id": "", "name": "", "arguments": ""})
+        function = delta.get("function") or {}
+        call["id"] = delta.get("id") or call["id"]
+        call["name"] += function.get("name") or ""
+        call["arguments"] += function.get("arguments") or ""
+
+
 def _final(timings: dict[str, Any], prompt_tokens: int | None, predicted: int | None, done_reason: str) -> Final:
     return Final(
         done_reason=done_reason,
@@ -105,18 +138,26 @@ def _final(timings: dict[str, Any], prompt_tokens: int | None, predicted: int | 
     )
 
 
-async def chat_pieces(session: aiohttp.ClientSession, base: str, body: dict[str, Any]) -> AsyncIterator[str | Final]:
-    """Stream `/v1/chat/completions`: content pieces, then one Final."""
+async def chat_pieces(session: aiohttp.ClientSession, base: str, body: dict[str, Any]) -> AsyncIterator[Piece]:
+    """Stream `/v1/chat/completions`: content and Thinking pieces, the ToolCalls if any, then one Final."""
     body = body | {"stream": True, "stream_options": {"include_usage": True}}
     reason = "stop"
+    tool_calls: dict[int, dict[str, str]] = {}
     async for event in sse_events(session, f"{base}/v1/chat/completions", body):
         for choice in event.get("choices") or []:
-            content = (choice.get("delta") or {}).get("content")
+            delta = choice.get("delta") or {}
+            if delta.get("reasoning_content"):
+                yield Thinking(delta["reasoning_content"])
+            content = delta.get("content")
             if content:
                 yield content
+            _merge_tool_call_deltas(tool_calls, delta.get("tool_calls") or [])
             if choice.get("finish_reason"):
                 reason = "length" if choice["finish_reason"] == "length" else "stop"
         if "timings" in event or "usage" in event:
+            if tool_calls:
+                yield ToolCalls(tuple(ToolCall(c["id"], c["name"], c["arguments"])
+                                      for _, c in sorted(tool_calls.items())))
             usage = event.get("usage") or {}
             yield _final(event.get("timings") or {}, usage.get("prompt_tokens"), usage.get("completion_tokens"), reason)
             return

@@ -29,6 +29,7 @@ def test_capabilities_come_from_what_the_template_renders() -> None:
     assert template_capabilities("") == []
     assert template_capabilities("{% for m in messages %}{{ m.content }}{% endfor %}") == []
     assert template_capabilities("{% if tools %}{{ tools | tojson }}{% endif %}") == ["tools"]
-    qwen3 = "{% if tools %}..{% endif %}{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>{% endif %}"
+    qwen3 = ("{% if tools %}..{% endif %}"
+             "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>{% endif %}")
     assert template_capabilities(qwen3) == ["tools", "thinking"]
     assert template_capabilities("{{ message.reasoning_content }}") == ["thinking"]
