@@ -119,6 +119,14 @@ class ToolCalls:
 Piece = str | Thinking | ToolCalls | Final
 
 
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
 def _merge_tool_call_deltas(calls: dict[int, dict[str, str]], deltas: list[dict[str, Any]]) -> None:
     for delta in deltas:
         call = calls.setdefault(int(delta.get("index", len(calls))), {"id": "", "name": "", "arguments": ""})
@@ -155,9 +163,12 @@ async def chat_pieces(session: aiohttp.ClientSession, base: str, body: dict[str,
             if choice.get("finish_reason"):
                 reason = "length" if choice["finish_reason"] == "length" else "stop"
         if "timings" in event or "usage" in event:
-            if tool_calls:
-                yield ToolCalls(tuple(ToolCall(c["id"], c["name"], c["arguments"])
-                                      for _, c in sorted(tool_calls.items())))
+            calls = [ToolCall(c["id"], c["name"], c["arguments"]) for _, c in sorted(tool_calls.items())]
+            if reason == "length":
+                # Cut off by the token limit in the middle of a call: like Ollama, only whole calls.
+                calls = [call for call in calls if _is_json(call.arguments)]
+            if calls:
+                yield ToolCalls(tuple(calls))
             usage = event.get("usage") or {}
             yield _final(event.get("timings") or {}, usage.get("prompt_tokens"), usage.get("completion_tokens"), reason)
             return

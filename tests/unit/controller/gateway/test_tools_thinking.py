@@ -112,3 +112,9 @@ def test_streamed_call_fragments_and_reasoning_come_out_whole_and_apart() -> Non
     assert pieces[:2] == [Thinking("Look it "), Thinking("up.")]
     assert pieces[2] == ToolCalls((ToolCall("c1", "get_weather", '{"city": "Paris"}'), ToolCall("c2", "now", "")))
     assert isinstance(pieces[3], Final) and pieces[3].predicted_tokens == 9 and len(pieces) == 4
+    # The token limit cut the second call short: only the whole one is sent, as Ollama does.
+    events[4]["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"] = '{"tz": "'
+    events[5]["choices"][0]["finish_reason"] = "length"
+    pieces = asyncio.run(collect())
+    assert pieces[2] == ToolCalls((ToolCall("c1", "get_weather", '{"city": "Paris"}'),))
+    assert isinstance(pieces[3], Final) and pieces[3].done_reason == "length"
