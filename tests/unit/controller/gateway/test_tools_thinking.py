@@ -21,8 +21,8 @@ from llamafleet.controller.gateway.ollama import (
 from llamafleet.controller.gateway.options import BadRequest
 from llamafleet.controller.gateway.upstream import Final, Thinking, ToolCall, ToolCalls, UpstreamRejected
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": CITY}}
 
 
 def test_a_conversation_with_calls_and_results_becomes_openai_messages() -> None:
