@@ -42,6 +42,9 @@ class CoordinatorSpec:
     # Pre-computed FNV-1a of the model's tensors (controller/tensor_hashes.py), for a llama-server
     # with the patch that reads them; None: it hashes every weight itself, as stock does.
     tensor_hashes: Path | None = None
+    # llama.cpp's built-in chat template for a GGUF that has none (controller/chat_template.py);
+    # None: the GGUF's own template, or llama-server's ChatML fallback.
+    builtin_chat_template: str | None = None
 
     @property
     def endpoints(self) -> list[str]:
@@ -51,6 +54,9 @@ class CoordinatorSpec:
 def coordinator_argv(llama_server: Path, spec: CoordinatorSpec, port: int) -> list[str]:
     """The full argv. Every device is an RPC device: the controller host computes nothing itself."""
     devices = ",".join(f"RPC{i}" for i in range(len(spec.tensor_split)))
+    # With jinja (llama-server's default) a template name would be read as the template's own
+    # text; the named built-ins are applied by the non-jinja formatter.
+    template = ["--no-jinja", "--chat-template", spec.builtin_chat_template] if spec.builtin_chat_template else []
     return [
         str(llama_server),
         "--model", str(spec.model_path),
@@ -69,6 +75,7 @@ def coordinator_argv(llama_server: Path, spec: CoordinatorSpec, port: int) -> li
         "--host", "127.0.0.1",
         "--port", str(port),
         "--no-webui",
+        *template,
     ]
 
 

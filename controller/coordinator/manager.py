@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llamafleet.common.errors import LlamafleetError
+from llamafleet.controller.chat_template import builtin_template
 from llamafleet.controller.coordinator.command import Backend, CoordinatorSpec
 from llamafleet.controller.coordinator.deployment import (
     CoordinatorState,
@@ -339,8 +340,10 @@ class CoordinatorManager:
                             backends=list(endpoints), tensor_split=plan.tensor_split,
                             layers=[assignment_doc(a) for a in plan.assignments])
         e = plan.estimate
+        # The header is the one the plan just read (the planner keeps it).
+        template = builtin_template(self.planner.header(resolved.path))
         return CoordinatorSpec(model, resolved.path, backends, tuple(plan.tensor_split), e.n_layers,
-                               e.ctx_per_slot, e.parallel, self.prompt_cache_mib)
+                               e.ctx_per_slot, e.parallel, self.prompt_cache_mib, builtin_chat_template=template)
 
     def release(self, model: str) -> None:
         self._prestaged.pop(model, None)

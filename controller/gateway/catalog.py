@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from llamafleet.controller.chat_template import CHAT_TEMPLATE_KEY, template_capabilities
 from llamafleet.controller.gguf import GGUFHeader, SkippedArray, read_gguf_header
 from llamafleet.controller.models import ResolvedModel
 
@@ -77,6 +78,8 @@ def card_from_header(model: ResolvedModel, header: GGUFHeader, mtime: float) -> 
     info = {k: v for k, v in ((k, _info_value(v)) for k, v in header.metadata.items()) if v is not None}
     info["general.parameter_count"] = parameters
     capabilities = ["embedding"] if header.arch_key("pooling_type") is not None else ["completion"]
+    # Never `vision`: the gateway takes no images. `tools`/`thinking`: what the template renders.
+    capabilities += template_capabilities(str(header.get(CHAT_TEMPLATE_KEY) or ""))
     match = _OLLAMA_BLOB.match(model.path.name)
     return ModelCard(
         name=model.name, path=model.path, size=header.file_size, modified_at=rfc3339(mtime),

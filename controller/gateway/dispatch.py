@@ -30,6 +30,7 @@ from llamafleet.controller.gateway.resume import Progress, ResumeFailed
 from llamafleet.controller.gateway.upstream import (
     UPSTREAM_TIMEOUT,
     Final,
+    Piece,
     UpstreamUnavailable,
 )
 from llamafleet.controller.metrics import ControllerMetrics
@@ -92,7 +93,7 @@ class Dispatcher:
         self.session = session
         self.metrics = metrics
 
-    async def observed(self, model: str, pieces: AsyncIterator[str | Final], info: RunInfo) -> AsyncIterator[str | Final]:
+    async def observed(self, model: str, pieces: AsyncIterator[Piece], info: RunInfo) -> AsyncIterator[Piece]:
         """`pieces`, with the time to the first one and the final counts recorded in the metrics."""
         first: float | None = None
         model = canonical(model)  # one series per model, however clients spell it

@@ -8,6 +8,7 @@ durations (nanoseconds) taken from llama-server's own timings.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import json
@@ -26,7 +27,15 @@ from llamafleet.controller.gateway.options import (
     response_format,
 )
 from llamafleet.controller.gateway.resume import Progress, ResumeSpec, continuation
-from llamafleet.controller.gateway.upstream import Final, chat_pieces, completion_pieces
+from llamafleet.controller.gateway.upstream import (
+    Final,
+    Piece,
+    Thinking,
+    ToolCalls,
+    UpstreamRejected,
+    chat_pieces,
+    completion_pieces,
+)
 from llamafleet.controller.models import ModelNotFound, parse_model_name
 from llamafleet.controller.web import error, json_body, stream_items, string_field
 
@@ -35,8 +44,9 @@ CHAT_FIELDS = frozenset({"model", "messages", "stream", "format", "options", "ke
 GENERATE_FIELDS = frozenset({"model", "prompt", "suffix", "system", "template", "context", "stream", "raw", "format",
                              "images", "options", "keep_alive", "think"})
 ROLES = frozenset({"system", "user", "assistant", "tool"})
-MESSAGE_FIELDS = frozenset({"role", "content", "images", "tool_calls", "tool_name", "thinking"})
-Piece = str | Final
+MESSAGE_FIELDS = frozenset({"role", "content", "images", "tool_calls", "tool_name", "tool_call_id", "thinking"})
+THINK_LEVELS = ("high", "medium", "low")
+PieceDoc = Callable[[str, str, list[dict[str, Any]]], dict[str, Any]]  # content, thinking, tool calls
 
 
 def now() -> str:
@@ -54,7 +64,94 @@ def _unsupported(body: dict[str, Any], key: str, why: str) -> None:
         raise BadRequest(f"'{key}' is not supported: {why}")
 
 
-def _messages(raw: Any) -> list[dict[str, str]]:
+def _optional_string(message: dict[str, Any], key: str, where: str) -> str:
+    value = message.get(key) or ""
+    if not isinstance(value, str):
+        raise BadRequest(f"{where}.{key} must be a string")
+    return value
+
+
+def _upstream_tool_calls(raw: Any, where: str) -> list[dict[str, Any]]:
+    """Ollama's tool calls (arguments an object) as OpenAI's (arguments JSON text), for the template."""
+    if not isinstance(raw, list):
+        raise BadRequest(f"{where}.tool_calls must be a list")
+    out = []
+    for j, call in enumerate(raw):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise BadRequest(f"{where}.tool_calls[{j}].function.name must be a non-empty string")
+        name, arguments = function["name"], function.get("arguments") or {}
+        if not isinstance(arguments, dict):
+            raise BadRequest(f"{where}.tool_calls[{j}].function.arguments must be an object")
+        doc: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+        call_id = call.get("id")
+        if isinstance(call_id, str) and call_id:
+            doc["id"] = call_id
+        out.append(doc)
+    return out
+
+
+def _tools(raw: Any) -> list[dict[str, Any]]:
+    """Ollama's `tools`, rebuilt from the fields a function tool has (nothing else reaches llama-server)."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise BadRequest("'tools' must be a list")
+    out = []
+    for i, tool in enumerate(raw):
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" \
+                or not isinstance(tool.get("function"), dict):
+            raise BadRequest(f'tools[{i}] must be {{"type": "function", "function": {{...}}}}')
+        function = tool["function"]
+        name, description = function.get("name"), function.get("description") or ""
+        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(name, str) or not name:
+            raise BadRequest(f"tools[{i}].function.name must be a non-empty string")
+        if not isinstance(description, str):
+            raise BadRequest(f"tools[{i}].function.description must be a string")
+        if not isinstance(parameters, dict):
+            raise BadRequest(f"tools[{i}].function.parameters must be a JSON schema object")
+        out.append({"type": "function", "function": {"name": name, "description": description,
+                                                     "parameters": parameters}})
+    return out
+
+
+def _think(value: Any) -> bool | str | None:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value in THINK_LEVELS:
+        return value
+    raise BadRequest(f'invalid think value: {json.dumps(value)} (must be "high", "medium", "low", true, or false)')
+
+
+def _reasoning_fields(think: bool | str) -> dict[str, Any]:
+    """Ollama's `think` as llama-server's per-request reasoning switches (its template kwargs)."""
+    if think is False:
+        return {"reasoning_effort": "none"}  # llama-server: enable_thinking = false
+    fields: dict[str, Any] = {"chat_template_kwargs": {"enable_thinking": True}}
+    if isinstance(think, str):
+        fields["reasoning_effort"] = think  # given to the template, e.g. gpt-oss's
+    return fields
+
+
+def _ollama_tool_calls(piece: ToolCalls) -> list[dict[str, Any]]:
+    """llama-server's calls as Ollama's: arguments an object, the call's index beside its name."""
+    out = []
+    for index, call in enumerate(piece.calls):
+        try:
+            arguments = json.loads(call.arguments or "{}")
+        except json.JSONDecodeError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise UpstreamRejected(502, f"the model called '{call.name}' with arguments that are not a JSON object")
+        doc: dict[str, Any] = {"function": {"index": index, "name": call.name, "arguments": arguments}}
+        if call.id:
+            doc["id"] = call.id
+        out.append(doc)
+    return out
+
+
+def _messages(raw: Any) -> list[dict[str, Any]]:
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -73,9 +170,21 @@ def _messages(raw: Any) -> list[dict[str, str]]:
             raise BadRequest(f"messages[{i}].content must be a string")
         if message.get("images"):
             raise BadRequest(f"messages[{i}] has images: this model server does not take images")
+        entry: dict[str, Any] = {"role": role, "content": content}
+        where = f"messages[{i}]"
         if message.get("tool_calls"):
-            raise BadRequest(f"messages[{i}] has tool_calls: tools are not supported yet")
-        out.append({"role": role, "content": content})
+            if role != "assistant":
+                raise BadRequest(f"{where} has tool_calls: only an assistant message makes calls")
+            entry["tool_calls"] = _upstream_tool_calls(message["tool_calls"], where)
+        if role == "tool":
+            # OpenAI's names: templates read the function's name as `name`.
+            if tool_name := _optional_string(message, "tool_name", where):
+                entry["name"] = tool_name
+            if tool_call_id := _optional_string(message, "tool_call_id", where):
+                entry["tool_call_id"] = tool_call_id
+        if role == "assistant" and (thinking := _optional_string(message, "thinking", where)):
+            entry["reasoning_content"] = thinking  # for templates that keep earlier reasoning
+        out.append(entry)
     return out
 
 
@@ -105,20 +214,33 @@ def _final_fields(final: Final | None, info: RunInfo) -> dict[str, Any]:
 
 
 async def _respond(request: web.Request, stream: bool, pieces: AsyncIterator[Piece],
-                   piece_doc: Callable[[str], dict[str, Any]], info: RunInfo) -> web.StreamResponse:
-    """NDJSON when streaming (an error after the first line is a last `{"error"}` line), else one JSON."""
+                   piece_doc: PieceDoc, info: RunInfo) -> web.StreamResponse:
+    """NDJSON when streaming (an error after the first line is a last `{"error"}` line), else one JSON.
+
+    Tool calls come whole, in one line of their own before the final one, as Ollama sends them."""
     async with contextlib.aclosing(pieces):
         if not stream:
-            text, final = [], None
+            text, thinking, calls, final = [], [], [], None
             async for piece in pieces:
                 if isinstance(piece, Final):
                     final = piece
+                elif isinstance(piece, Thinking):
+                    thinking.append(piece.text)
+                elif isinstance(piece, ToolCalls):
+                    calls += _ollama_tool_calls(piece)
                 else:
                     text.append(piece)
-            return web.json_response(piece_doc("".join(text)) | _final_fields(final, info))
+            return web.json_response(piece_doc("".join(text), "".join(thinking), calls) | _final_fields(final, info))
 
         def line(piece: Piece) -> bytes:
-            doc = piece_doc("") | _final_fields(piece, info) if isinstance(piece, Final) else piece_doc(piece)
+            if isinstance(piece, Final):
+                doc = piece_doc("", "", []) | _final_fields(piece, info)
+            elif isinstance(piece, Thinking):
+                doc = piece_doc("", piece.text, [])
+            elif isinstance(piece, ToolCalls):
+                doc = piece_doc("", "", _ollama_tool_calls(piece))
+            else:
+                doc = piece_doc(piece, "", [])
             return json.dumps(doc).encode() + b"\n"
         return await stream_items(request, pieces, "application/x-ndjson", line)
 
@@ -135,22 +257,28 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
         parse_model_name(body["model"])
         return body
 
-    async def generation(request: web.Request, body: dict[str, Any], messages: list[dict[str, str]] | None,
-                         prompt: str | None, piece_doc: Callable[[str], dict[str, Any]]) -> web.StreamResponse:
+    async def generation(request: web.Request, body: dict[str, Any], messages: list[dict[str, Any]] | None,
+                         prompt: str | None, piece_doc: PieceDoc,
+                         tools: list[dict[str, Any]] | None = None) -> web.StreamResponse:
         model = body["model"]
         options = ollama_options(body.get("options"))
         keep_alive = keep_alive_seconds(body.get("keep_alive"))
         stream = _stream_flag(body)
         fmt = response_format(body.get("format"))
-        if body.get("think") not in (None, False):
-            raise BadRequest(f"'{model}' does not support thinking")
+        think = _think(body.get("think"))
         route = dispatcher.route(model, options.num_ctx)
         if route.target == "pool":
             return await dispatcher.proxy_to_pool(request, route, request.path, body)
+        # What Ollama refuses for a model, refused the same way (its template decides).
+        capabilities = (await asyncio.to_thread(catalog.card, models.resolve(model))).capabilities
+        if tools and "tools" not in capabilities:
+            raise BadRequest(f'"{model}" does not support tools')
+        if think not in (None, False) and ("thinking" not in capabilities or prompt is not None):
+            raise BadRequest(f'"{model}" does not support thinking' + (" with 'raw'" if prompt is not None else ""))
         info = run_info(request, client_of(request))
         if not messages and not prompt:
             reason = await dispatcher.load_only(model, options.num_ctx, keep_alive, info)
-            return web.json_response(piece_doc("") | {"done": True, "done_reason": reason,
+            return web.json_response(piece_doc("", "", []) | {"done": True, "done_reason": reason,
                                                       "total_duration": info.total_ns,
                                                       "load_duration": int(info.load_duration_s * 1e9)})
         session = dispatcher.session
@@ -167,6 +295,10 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
                 upstream["max_tokens"] = upstream.pop("n_predict")
             if fmt:
                 upstream["response_format"] = fmt
+            if tools:
+                upstream["tools"] = tools
+            if think is not None and "thinking" in capabilities:
+                upstream |= _reasoning_fields(think)
 
             def open_stream(url: str) -> AsyncIterator[Piece]:
                 return chat_pieces(session, url, upstream, progress)
@@ -186,14 +318,18 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
     @routes.post("/api/chat")
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await body_of(request, CHAT_FIELDS)
-        _unsupported(body, "tools", "tools are not supported yet")
+        tools = _tools(body.get("tools"))
         messages = _messages(body.get("messages"))
         model = body["model"]
 
-        def piece(text: str) -> dict[str, Any]:
-            return {"model": model, "created_at": now(), "message": {"role": "assistant", "content": text},
-                    "done": False}
-        return await generation(request, body, messages, None, piece)
+        def piece(text: str, thinking: str, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if thinking:
+                message["thinking"] = thinking
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+            return {"model": model, "created_at": now(), "message": message, "done": False}
+        return await generation(request, body, messages, None, piece, tools)
 
     @routes.post("/api/generate")
     async def generate(request: web.Request) -> web.StreamResponse:
@@ -209,8 +345,9 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
         if prompt and not raw:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 
-        def piece(text: str) -> dict[str, Any]:
-            return {"model": model, "created_at": now(), "response": text, "done": False}
+        def piece(text: str, thinking: str, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
+            return {"model": model, "created_at": now(), "response": text, "done": False} | (
+                {"thinking": thinking} if thinking else {})
         return await generation(request, body, messages, prompt if raw else None, piece)
 
     @routes.get("/api/tags")

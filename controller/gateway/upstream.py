@@ -113,6 +113,47 @@ async def one_answer(session: aiohttp.ClientSession, url: str, body: dict[str, A
     yield doc
 
 
+@dataclass(frozen=True)
+class Thinking:
+    """A piece of the model's reasoning (llama-server's `reasoning_content`), apart from its answer."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text, as OpenAI's API carries it
+
+
+@dataclass(frozen=True)
+class ToolCalls:
+    """The answer's tool calls, whole: llama-server streams each call's arguments in fragments."""
+
+    calls: tuple[ToolCall, ...]
+
+
+Piece = str | Thinking | ToolCalls | Final
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _merge_tool_call_deltas(calls: dict[int, dict[str, str]], deltas: list[dict[str, Any]]) -> None:
+    for delta in deltas:
+        call = calls.setdefault(int(delta.get("index", len(calls))), {"id": "", "name": "", "arguments": ""})
+        function = delta.get("function") or {}
+        call["id"] = delta.get("id") or call["id"]
+        call["name"] += function.get("name") or ""
+        call["arguments"] += function.get("arguments") or ""
+
+
 def _final(timings: dict[str, Any], prompt_tokens: int | None, predicted: int | None, done_reason: str) -> Final:
     return Final(
         done_reason=done_reason,
@@ -160,24 +201,35 @@ def chat_event_token(event: dict[str, Any], progress: Progress) -> str:
 
 
 async def chat_pieces(session: aiohttp.ClientSession, base: str, body: dict[str, Any],
-                      progress: Progress | None = None) -> AsyncIterator[str | Final]:
-    """Stream `/v1/chat/completions`: content pieces, then one Final. With `progress`, every
-    token's id is asked for and recorded, so that the answer can be resumed elsewhere."""
+                      progress: Progress | None = None) -> AsyncIterator[Piece]:
+    """Stream `/v1/chat/completions`: content and Thinking pieces, the ToolCalls if any, then one
+    Final. With `progress`, every token's id is asked for and recorded, so that the answer can be
+    resumed elsewhere (gateway/resume.py)."""
     body = body | {"stream": True, "stream_options": {"include_usage": True}}
     if progress is not None:
         body |= CHAT_TRACKING
     reason = "stop"
+    tool_calls: dict[int, dict[str, str]] = {}
     async for event in sse_events(session, f"{base}/v1/chat/completions", body):
-        if progress is not None:
-            if text := chat_event_token(event, progress):
-                yield text
+        if progress is not None and (text := chat_event_token(event, progress)):
+            yield text
         for choice in event.get("choices") or []:
             choice = _dict(choice, "choice")
-            if progress is None and (content := _dict(choice.get("delta"), "delta").get("content")):
+            delta = _dict(choice.get("delta"), "delta")
+            if delta.get("reasoning_content"):
+                yield Thinking(delta["reasoning_content"])
+            if progress is None and (content := delta.get("content")):
                 yield str(content)
+            _merge_tool_call_deltas(tool_calls, delta.get("tool_calls") or [])
             if choice.get("finish_reason"):
                 reason = "length" if choice["finish_reason"] == "length" else "stop"
-        if "usage" in event:
+        if "usage" in event:  # the last event (include_usage is always asked for)
+            calls = [ToolCall(c["id"], c["name"], c["arguments"]) for _, c in sorted(tool_calls.items())]
+            if reason == "length":
+                # Cut off by the token limit in the middle of a call: like Ollama, only whole calls.
+                calls = [call for call in calls if _is_json(call.arguments)]
+            if calls:
+                yield ToolCalls(tuple(calls))
             usage = _dict(event.get("usage"), "usage")
             final = _final(_dict(event.get("timings"), "timings"), usage.get("prompt_tokens"),
                            usage.get("completion_tokens"), reason)

@@ -167,6 +167,15 @@ def test_cli_run_streams_an_answer_and_stop_unloads(fleet: Fleet) -> None:
     assert "loaded gemma in" in interactive.stderr
 
 
+def test_the_demos_answer_is_not_chatml(fleet: Fleet) -> None:
+    # scripts/demo.sh's question. The GGUF has no template: llama-server's ChatML fallback made
+    # the model continue with <|im_end|> and invented turns; gemma's built-in template does not.
+    result = fleet.cli("run", "gemma", "Write one sentence about the sea.", "-o", "num_predict=64",
+                       "-o", "temperature=0", "-o", "seed=1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and not any(marker in result.stdout for marker in ("<|im_start|>", "<|im_end|>"))
+
+
 def test_cli_run_of_a_model_that_does_not_fit_exits_3(fleet: Fleet) -> None:
     result = fleet.cli("run", "gemma", "x", "-o", "num_ctx=900000")
     assert result.returncode == 3 and "gemma:latest does not fit" in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from llamafleet.controller.coordinator.command import Backend, CoordinatorSpec, coordinator_argv, coordinator_env
@@ -35,3 +36,11 @@ def test_inherited_llama_arg_variables_cannot_change_the_flags() -> None:
                                  "LLAMA_ARG_CACHE_RAM": "8192", "LLAMA_CACHE": "/c"})
     # Only ours: the prompt cache is off unless the operator asked (over RPC it copies KV back).
     assert env == {"PATH": "/usr/bin", "LLAMA_CACHE": "/c", "LLAMA_ARG_CACHE_RAM": "0"}
+
+
+def test_a_builtin_chat_template_is_named_without_jinja_and_a_gguf_template_keeps_jinja() -> None:
+    argv = coordinator_argv(Path("/opt/llama/bin/llama-server"), replace(SPEC, builtin_chat_template="gemma"), 1)
+    # With jinja on, llama-server would render the word "gemma" as the whole prompt.
+    assert flag(argv, "--chat-template") == "gemma" and argv.index("--no-jinja") < argv.index("--chat-template")
+    plain = coordinator_argv(Path("/opt/llama/bin/llama-server"), SPEC, 1)
+    assert "--chat-template" not in plain and "--no-jinja" not in plain
