@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter as Tally
 from collections.abc import Iterator
 
-from llamafleet.controller.coordinator.deployment import CoordinatorState
+from llamafleet.controller.coordinator.states import CoordinatorState
 from llamafleet.controller.coordinator.manager import CoordinatorManager
 from llamafleet.controller.events import Event
 from llamafleet.controller.inventory import Inventory
