@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -87,7 +87,7 @@ class Placer(Protocol):
 class Runtime:
     """What every coordinator is started with."""
 
-    llama_server: Callable[[], Path]  # raises LlamafleetError when the controller has no build
+    llama_server: Callable[[], Awaitable[Path]]  # raises LlamafleetError when the controller has no build
     log_root: Path
     session: aiohttp.ClientSession
     policy: RestartPolicy
@@ -333,7 +333,7 @@ class Deployment:
                 continue
             loading_since = time.monotonic()
             try:
-                process = await CoordinatorProcess.spawn(self._runtime.llama_server(), spec, free_loopback_port(),
+                process = await CoordinatorProcess.spawn(await self._runtime.llama_server(), spec, free_loopback_port(),
                                                          self._runtime.log_root)
                 self._set(Loading(spec, process))
                 await process.wait_ready(self._runtime.session, self._runtime.policy.start_timeout_s)

@@ -204,6 +204,10 @@ class CoordinatorManager:
             return None
 
     async def _place(self, model: str, ctx: int) -> tuple[ResolvedModel, Plan, CoordinatorSpec]:
+        try:
+            await self.planner.read_header(model)
+        except (LlamafleetError, OSError):
+            pass  # said as the plan's own error just below, with the usual status
         async with self._placing:
             deadline = time.monotonic() + SWAP_WAIT_S
             while True:

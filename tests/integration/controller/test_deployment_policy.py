@@ -98,7 +98,10 @@ async def _deployment(tmp_path: Path, keep_alive: float = 300, *, placer: OnePla
                       events: Events | None = None) -> tuple[Deployment, OnePlace, aiohttp.ClientSession]:
     session = aiohttp.ClientSession()
     placer = placer or OnePlace()
-    runtime = Runtime(lambda: fake_server(tmp_path), log_root or tmp_path / "logs", session, FAST,
+    async def llama_server() -> Path:
+        return fake_server(tmp_path)
+
+    runtime = Runtime(llama_server, log_root or tmp_path / "logs", session, FAST,
                       events or Events())
     return Deployment("m:latest", placer, runtime, keep_alive), placer, session
 
