@@ -26,6 +26,8 @@ from typing import Any, Protocol
 from llamafleet.common.restart import RestartPolicy
 
 log = logging.getLogger(__name__)
+# For a task that must run as long as its owner (a watcher, a read-ahead): tried again, never given up.
+RETRY_FOREVER = RestartPolicy(initial_s=0.5, max_s=30.0, max_failures=2**62, healthy_reset_s=60.0)
 
 
 class EventSink(Protocol):
