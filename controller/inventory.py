@@ -38,6 +38,12 @@ RECONNECT_MAX_S = 5.0
 _CUDA = re.compile(r"^CUDA(\d+)$")
 _CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
                     ("grpc.keepalive_permit_without_calls", 1)]
+# The watch dials a fresh channel each time and paces itself; gRPC's own reconnect back-off
+# (1 s growing to 120 s, with a 20 s floor on each connect attempt) would otherwise keep a node
+# that came back after a partition unwatched for up to a minute. A connect attempt into a
+# partition now gives up after a second and the loop's own capped delay decides the next one.
+_WATCH_CHANNEL_OPTIONS = [*_CHANNEL_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 200),
+                          ("grpc.min_reconnect_backoff_ms", 1_000), ("grpc.max_reconnect_backoff_ms", 1_000)]
 # A watcher or the transition monitor that raised what nobody expected runs again, for as long
 # as the controller runs, after a capped back-off: a node is never left unwatched for good.
 WATCH_RESTART = RestartPolicy(initial_s=0.5, max_s=RECONNECT_MAX_S * 2, max_failures=1_000_000, healthy_reset_s=60.0)
@@ -227,7 +233,7 @@ class Inventory:
                 continue
             own_ips = await address_ips(record.address)
             try:
-                channel = aio_channel(target, _CHANNEL_OPTIONS)
+                channel = aio_channel(target, _WATCH_CHANNEL_OPTIONS)
             except LlamafleetError as exc:
                 # An unreadable TLS file: say so on the node and try again later (it may be fixed).
                 record.error = exc.message
@@ -257,7 +263,8 @@ class Inventory:
             finally:
                 await channel.close()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, RECONNECT_MAX_S)
+            # Capped at one heartbeat: a node back from a partition is ready within one of its return.
+            delay = min(delay * 2, max(min(self._heartbeat_s, RECONNECT_MAX_S), 0.2))
 
     def _note_restart(self, record: NodeRecord, status: pb.AgentStatus) -> None:
         if record.status is None:
