@@ -86,8 +86,9 @@ def make_routes(inventory: Inventory, planner: Planner, manager: CoordinatorMana
                 if event.id > last:
                     await response.write(f"id: {event.id}\ndata: {json.dumps(event.to_json())}\n\n".encode())
                     last = event.id
-        except (ConnectionResetError, asyncio.CancelledError):
-            # The browser went away (or the controller is stopping): the stream simply ends.
+        except ConnectionResetError:
+            # The browser went away: the stream simply ends. (A cancel, when the controller
+            # stops, is let through: swallowing it would keep the handler's task alive.)
             return response
         finally:
             events.unsubscribe(queue)

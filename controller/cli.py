@@ -419,6 +419,8 @@ def ps(controller: str, as_json: bool) -> None:
                       if doc.get("parallel") else ""))
         if doc["state"] != "ready" and doc["detail"]:
             click.echo(f"{'':<29}{doc['detail']}")
+        if doc.get("log_error"):
+            click.echo(f"{'':<29}log: {doc['log_error']} ({doc.get('log_lines_lost', 0)} line(s) not kept)")
 
 
 @cli.command()

@@ -16,6 +16,7 @@ from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.llamacpp.build import current_manifest
 from llamafleet.common.llamacpp.install import Manifest, adopt_install
 from llamafleet.common.restart import RestartPolicy
+from llamafleet.common.supervised import RETRY_FOREVER, Supervised
 from llamafleet.common.systemd import Notifier
 from llamafleet.controller.api import make_routes
 from llamafleet.controller.coordinator.deployment import Runtime
@@ -115,9 +116,11 @@ async def _keep_systemd_informed(settings: ControllerSettings, inventory: Invent
             last = line
 
 
-def _llama_server(settings: ControllerSettings, planner: Planner) -> Path:
-    """The llama-server to start now: a build made since the controller started is picked up."""
-    manifest = coordinator_build(settings)
+async def _llama_server(settings: ControllerSettings, planner: Planner) -> Path:
+    """The llama-server to start now: a build made since the controller started is picked up.
+
+    In a thread: adopting a plain build runs it to read its version (seconds, up to a minute)."""
+    manifest = await asyncio.to_thread(coordinator_build, settings)
     planner.coordinator = manifest
     if manifest is None:
         raise LlamafleetError("the controller has no llama.cpp build to run llama-server from: "
@@ -194,7 +197,7 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
                           events=events.record)
     await inventory.start(settings.agents)
     digests = ModelDigests(settings.state_path)
-    planner = Planner(models, inventory, coordinator_build(settings),
+    planner = Planner(models, inventory, await asyncio.to_thread(coordinator_build, settings),
                       Headroom(settings.headroom_fraction, settings.headroom_min), settings.parallel,
                       settings.default_ctx, settings.max_parallel, digests)
     # One HTTP client for everything the controller calls: coordinators and pool nodes. A new
@@ -210,7 +213,12 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
     manager = CoordinatorManager(planner, inventory, store, runtime, settings.keep_alive, settings.prompt_cache_mib,
                                  tensor_hashes)
     metrics = ControllerMetrics(inventory, manager)
+    metrics.events_not_stored = lambda: events.write_failures
     events.listen(metrics.on_event)
+    stall_watch = Supervised("event loop stall watch", metrics.loop_stalls.watch, restart=RETRY_FOREVER,
+                             events=events.record, subject="controller")
+    header_reader = Supervised("model header read-ahead", planner.keep_headers_read, restart=RETRY_FOREVER,
+                               events=events.record, subject="controller")
     pool = OllamaPool(settings.ollama_nodes, session)
     await pool.start()
     router = Router(planner, pool, routes, settings.ollama_node_memory)
@@ -236,6 +244,8 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
             # Stops a hash in progress at its next chunk, so exit does not wait for a large file.
             ("model digests", STOP_STEP_S, lambda: asyncio.to_thread(digests.close)),
             ("tensor hashes", STOP_STEP_S, lambda: asyncio.to_thread(tensor_hashes.close)),
+            ("event loop stall watch", STOP_STEP_S, stall_watch.stop),
+            ("model header read-ahead", STOP_STEP_S, header_reader.stop),
         ]
         for name, limit_s, step in steps:
             await _bounded_step(name, limit_s, step)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,21 +56,41 @@ class EventLog:
         self._since_prune = 0
         self._subscribers: set[asyncio.Queue[Event]] = set()
         self._listeners: list[Callable[[Event], None]] = []
+        # Ids are given here, not by SQLite, so that an event that could not be stored still has
+        # one, in order, for the live streams.
+        self._last_id = store.last_event_id()
+        self.write_failures = 0  # events that could not be stored (a full or read-only disk)
+        self.write_error = ""  # the last reason ("" while none failed)
 
     def record(self, kind: str, subject: str, message: str, **data: Any) -> None:
+        """Store and deliver one event. Never raises: a state change is not undone because its
+        record could not be written; the live streams and metrics still get it."""
         at_ms = int(time.time() * 1000)
-        event = Event(self._store.add_event(at_ms, kind, subject, message, data), at_ms, kind, subject, message, data)
+        self._last_id += 1
+        event = Event(self._last_id, at_ms, kind, subject, message, data)
         log.debug("event %s %s: %s", kind, subject, message)
-        self._since_prune += 1
-        if self._since_prune >= PRUNE_EVERY:
-            self._store.prune_events(self._retention)
-            self._since_prune = 0
+        self._store_event(event)
         for listener in self._listeners:
             listener(event)
         for queue in self._subscribers:
             with contextlib.suppress(asyncio.QueueFull):
                 # A reader that fell this far behind misses events; it can re-read the log.
                 queue.put_nowait(event)
+
+    def _store_event(self, event: Event) -> None:
+        try:
+            self._store.add_event(event.id, event.at_ms, event.kind, event.subject, event.message, event.data)
+            self._since_prune += 1
+            if self._since_prune >= PRUNE_EVERY:
+                self._store.prune_events(self._retention)
+                self._since_prune = 0
+        except sqlite3.Error as exc:
+            self.write_failures += 1
+            if str(exc) != self.write_error:
+                # Once per cause, not per event: a full disk would otherwise fill the journal too.
+                log.error("cannot store events in %s: %s; they are still streamed, not kept",
+                          self._store.path, exc)
+            self.write_error = str(exc)
 
     def recent(self, after_id: int = 0, limit: int = 200) -> list[Event]:
         return [Event(*row) for row in self._store.events(after_id, limit)]

@@ -23,6 +23,8 @@ from llamafleet.agent.settings import split_host_port
 from llamafleet.common.agent_client import AgentAddress, AgentCallError, aio_channel, describe_rpc_error
 from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.common.proto_json import message_to_json
+from llamafleet.common.restart import RestartPolicy
+from llamafleet.common.supervised import Supervised, TaskFailure
 from llamafleet.controller.agent_bounds import address_ips, bound_status
 from llamafleet.controller.credentials import WATCH_METHOD, method_path
 from llamafleet.controller.events import EventSink, no_events
@@ -37,6 +39,15 @@ RECONNECT_MAX_S = 5.0
 _CUDA = re.compile(r"^CUDA(\d+)$")
 _CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
                     ("grpc.keepalive_permit_without_calls", 1)]
+# The watch dials a fresh channel each time and paces itself; gRPC's own reconnect back-off
+# (1 s growing to 120 s, with a 20 s floor on each connect attempt) would otherwise keep a node
+# that came back after a partition unwatched for up to a minute. A connect attempt into a
+# partition now gives up after a second and the loop's own capped delay decides the next one.
+_WATCH_CHANNEL_OPTIONS = [*_CHANNEL_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 200),
+                          ("grpc.min_reconnect_backoff_ms", 1_000), ("grpc.max_reconnect_backoff_ms", 1_000)]
+# A watcher or the transition monitor that raised what nobody expected runs again, for as long
+# as the controller runs, after a capped back-off: a node is never left unwatched for good.
+WATCH_RESTART = RestartPolicy(initial_s=0.5, max_s=RECONNECT_MAX_S * 2, max_failures=1_000_000, healthy_reset_s=60.0)
 
 
 @dataclass
@@ -47,7 +58,7 @@ class NodeRecord:
     last_heartbeat: float | None = None  # monotonic
     last_seen_unix_ms: int = 0
     error: str = ""
-    task: asyncio.Task[None] | None = field(default=None, repr=False)
+    task: Supervised | None = field(default=None, repr=False)
 
 
 def validate_address(address: str) -> str:
@@ -131,27 +142,32 @@ class Inventory:
         self._clock = clock
         self._nodes: dict[str, NodeRecord] = {}
         self._states: dict[str, str] = {}
-        self._monitor: asyncio.Task[None] | None = None
+        self._monitor: Supervised | None = None
 
     async def start(self, extra_agents: tuple[str, ...] = ()) -> None:
         for address in extra_agents:
             self._store.add_node(validate_address(address))
         for address, maintenance in self._store.nodes():
             self._watch(NodeRecord(address, maintenance))
-        self._monitor = asyncio.create_task(self._log_transitions())
+        self._monitor = Supervised("node transition monitor", self._log_transitions, restart=WATCH_RESTART,
+                                   events=self._events, subject="controller")
 
     async def close(self) -> None:
         tasks = [r.task for r in self._nodes.values() if r.task] + ([self._monitor] if self._monitor else [])
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                # Cancelling is how watchers are told to end.
-                await task
+        await asyncio.gather(*(task.stop() for task in tasks))
 
     def _watch(self, record: NodeRecord) -> None:
         self._nodes[record.address] = record
-        record.task = asyncio.create_task(self._watch_loop(record), name=f"watch {record.address}")
+        self._start_watcher(record)
+
+    def _start_watcher(self, record: NodeRecord) -> None:
+        def failed(failure: TaskFailure, exc: Exception) -> None:
+            # Shown by `llamafleet nodes`; the heartbeats stop, so the node turns unreachable meanwhile.
+            record.error = f"watching {record.address} failed: {failure.cause}"
+
+        record.task = Supervised(f"watcher of {record.address}", lambda: self._watch_loop(record),
+                                 on_failure=failed, restart=WATCH_RESTART, events=self._events,
+                                 subject=record.address)
 
     # ---- membership ---------------------------------------------------------------------------
 
@@ -171,10 +187,7 @@ class Inventory:
         self._store.remove_node(address)
         self._events("node.removed", address, "removed from the fleet")
         if record.task is not None:
-            record.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                # The watcher of a removed node is told to end by cancellation.
-                await record.task
+            await record.task.stop()
         return True
 
     async def redial(self, address: str) -> None:
@@ -183,11 +196,8 @@ class Inventory:
         if record is None:
             return
         if record.task is not None:
-            record.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                # Cancelling is how a watcher is told to end.
-                await record.task
-        record.task = asyncio.create_task(self._watch_loop(record), name=f"watch {address}")
+            await record.task.stop()
+        self._start_watcher(record)
 
     def set_maintenance(self, address: str, enabled: bool) -> bool:
         record = self._nodes.get(address)
@@ -216,8 +226,11 @@ class Inventory:
         out = []
         shares = self.gpu_shares()
         for record in self.records():
+            failure = record.task.failure if record.task is not None else None
             doc: dict[str, Any] = {"address": record.address, "state": self.state(record),
-                                   "error": record.error, "last_seen_unix_ms": record.last_seen_unix_ms}
+                                   "error": record.error, "last_seen_unix_ms": record.last_seen_unix_ms,
+                                   # The watcher's last unexpected failure (None: it never had one).
+                                   "watch_failure": failure.to_json() if failure is not None else None}
             status = message_to_json(record.status) if record.status is not None else {}
             for key in ("node", "build", "rpc_server", "rpc_servers", "devices", "host", "memory_limit_bytes",
                         "models", "models_omitted", "models_dir", "rpc_cache", "rpc_layout"):
@@ -252,7 +265,7 @@ class Inventory:
                 continue
             own_ips = await address_ips(record.address)
             try:
-                channel = aio_channel(target, _CHANNEL_OPTIONS)
+                channel = aio_channel(target, _WATCH_CHANNEL_OPTIONS)
             except LlamafleetError as exc:
                 # An unreadable TLS file: say so on the node and try again later (it may be fixed).
                 record.error = exc.message
@@ -282,7 +295,8 @@ class Inventory:
             finally:
                 await channel.close()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, RECONNECT_MAX_S)
+            # Capped at one heartbeat: a node back from a partition is ready within one of its return.
+            delay = min(delay * 2, max(min(self._heartbeat_s, RECONNECT_MAX_S), 0.2))
 
     def _note_restart(self, record: NodeRecord, status: pb.AgentStatus) -> None:
         if record.status is None:

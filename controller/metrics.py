@@ -8,13 +8,14 @@ read from their owners at scrape time, so they can never drift from the truth.
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from llamafleet.controller.coordinator.deployment import CoordinatorState
+from llamafleet.common.loop_stalls import LoopStalls
 from llamafleet.controller.coordinator.manager import CoordinatorManager
+from llamafleet.controller.coordinator.states import CoordinatorState
 from llamafleet.controller.events import Event
 from llamafleet.controller.inventory import Inventory
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -78,6 +79,15 @@ class ControllerMetrics:
         self.stream_pause = Histogram("llamafleet_stream_pause_seconds", "How long a resumed answer paused.",
                                       ["model"], buckets=LOAD_BUCKETS, registry=self.registry)
         self.registry.register(_States(inventory, manager))
+        self.loop_stalls = LoopStalls()
+        longest = Gauge("llamafleet_event_loop_stall_seconds_max",
+                        "The longest time the event loop ran nothing else, since the start.", registry=self.registry)
+        longest.set_function(lambda: self.loop_stalls.longest_s)
+        # Set by the daemon to the event log's count (a full or read-only state dir).
+        self.events_not_stored: Callable[[], int] = lambda: 0
+        events_lost = Gauge("llamafleet_events_not_stored",
+                            "Events that could not be written to the state database.", registry=self.registry)
+        events_lost.set_function(lambda: self.events_not_stored())
 
     def on_event(self, event: Event) -> None:
         if event.kind == "placement.failed":

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from llamafleet.common.errors import UsageError
+from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.common.llamacpp.install import Manifest
 from llamafleet.common.llamacpp.patches import PRECOMPUTED_HASHES_PATCH
 from llamafleet.controller.estimate import MemoryEstimate, estimate_memory
@@ -22,7 +24,11 @@ MAX_CTX = 1 << 24
 # With auto slots, at most this many: past 8 streams a GPU's aggregate decode barely grows
 # (680 vs 598 tok/s at 8 vs 4 on an H200) while every slot costs a context's KV cache.
 DEFAULT_MAX_PARALLEL = 8
-HEADERS_KEPT = 32
+# Every model in use, however many alternate (a header without its arrays is small).
+HEADERS_KEPT = 512
+# How often the known models' files are looked at again for headers to read ahead.
+HEADER_SCAN_S = 10.0
+log = logging.getLogger(__name__)
 
 
 class Planner:
@@ -60,11 +66,41 @@ class Planner:
         stat = path.stat()
         key = (path, stat.st_mtime_ns, stat.st_size)
         header = self._headers.pop(key, None) or read_gguf_header(path)
+        self._remember(key, header)
+        return header
+
+    async def read_header(self, model: str) -> None:
+        """Have `model`'s header in the cache, read in a thread: the async paths call this first,
+        so that `plan()` on the event loop finds it there rather than reading the file."""
+        await self._read_into_cache(self.models.resolve(model).path)
+
+    async def keep_headers_read(self) -> None:
+        """Run forever (supervised): every known model's header in the cache, read in a thread.
+
+        A header read walks a vocabulary of up to 262k strings (~0.1 s); the gateway routes a
+        request synchronously, so the first request for a model would otherwise pay for it on
+        the event loop. A model that appears (a pull, a new file) is read within a scan."""
+        while True:
+            for model in await asyncio.to_thread(self.models.list):
+                try:
+                    await self._read_into_cache(model.path)
+                except (LlamafleetError, OSError) as exc:
+                    # Not a usable GGUF (or gone meanwhile): its requests get the error when they plan.
+                    log.debug("not caching the header of %s: %s", model.path, exc)
+            await asyncio.sleep(HEADER_SCAN_S)
+
+    async def _read_into_cache(self, path: Path) -> None:
+        stat = await asyncio.to_thread(path.stat)
+        key = (path, stat.st_mtime_ns, stat.st_size)
+        if key not in self._headers:
+            self._remember(key, await asyncio.to_thread(read_gguf_header, path))
+
+    def _remember(self, key: tuple[Path, int, int], header: GGUFHeader) -> None:
+        self._headers.pop(key, None)
         self._headers[key] = header  # most recently used last
         while len(self._headers) > HEADERS_KEPT:
             # Several models alternate on one fleet: keep theirs, not just the last one's.
             del self._headers[next(iter(self._headers))]
-        return header
 
     def plan(self, model: str, ctx: int | None = None, reserved: Mapping[tuple[str, str], int] | None = None,
              load: dict[str, int] | None = None,

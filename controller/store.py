@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llamafleet.common.errors import LlamafleetError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
     address     TEXT PRIMARY KEY,
@@ -45,6 +47,10 @@ CREATE TABLE IF NOT EXISTS events (
     data_json   TEXT NOT NULL
 );
 """
+
+
+class StateNotWritable(LlamafleetError):
+    """The controller's state dir refuses a write (full, read-only): said as the cause, with a 503."""
 
 
 class Store:
@@ -136,13 +142,15 @@ class Store:
     def remove_placement(self, model: str) -> None:
         self._tx("DELETE FROM placements WHERE model = ?", (model,))
 
-    def add_event(self, at_ms: int, kind: str, subject: str, message: str, data: dict[str, Any]) -> int:
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            cursor = self._db.execute(
-                "INSERT INTO events(at_ms, kind, subject, message, data_json) VALUES (?, ?, ?, ?, ?)",
-                (at_ms, kind, subject, message, json.dumps(data, sort_keys=True, default=str)))
-            return int(cursor.lastrowid or 0)
+    def add_event(self, event_id: int, at_ms: int, kind: str, subject: str, message: str, data: dict[str, Any]) -> None:
+        self._tx("INSERT INTO events(id, at_ms, kind, subject, message, data_json) VALUES (?, ?, ?, ?, ?, ?)",
+                 (event_id, at_ms, kind, subject, message, json.dumps(data, sort_keys=True, default=str)))
+
+    def last_event_id(self) -> int:
+        """The highest id ever given to an event (pruned ones included: ids are never reused)."""
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        newest = self._db.execute("SELECT MAX(id) FROM events").fetchone()
+        return max(int(row[0]) if row else 0, int(newest[0] or 0))
 
     def events(self, after_id: int = 0, limit: int = 200) -> list[tuple[int, int, str, str, str, dict[str, Any]]]:
         """The newest `limit` events with an id above `after_id`, oldest first."""

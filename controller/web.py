@@ -7,9 +7,11 @@ its clients parse. Nothing raises out of a handler as a traceback.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import logging
+import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,7 +30,7 @@ from llamafleet.controller.access import (
     is_same_origin,
     route_access,
 )
-from llamafleet.controller.coordinator.deployment import DoesNotFit
+from llamafleet.controller.coordinator.deployment import DoesNotFit, ShuttingDown
 from llamafleet.controller.coordinator.process import CoordinatorExited
 from llamafleet.controller.estimate import EstimateError
 from llamafleet.controller.events import EventSink
@@ -39,6 +41,7 @@ from llamafleet.controller.gguf import GGUFError
 from llamafleet.controller.metrics import ControllerMetrics
 from llamafleet.controller.models import InvalidModelName, ModelNotFound
 from llamafleet.controller.pull import PullRefused
+from llamafleet.controller.store import StateNotWritable
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -51,10 +54,14 @@ class BodyTooLarge(UsageError):
 
 # Domain errors → HTTP status, in one place. Subclasses first.
 _STATUS: list[tuple[type[LlamafleetError], int]] = [
-    (BodyTooLarge, 413), (InvalidModelName, 400), (UsageError, 400), (ModelNotFound, 404), (DoesNotFit, 507),
+    (BodyTooLarge, 413), (InvalidModelName, 400), (UsageError, 400), (ModelNotFound, 404), (DoesNotFit, 507), (ShuttingDown, 503), (StateNotWritable, 503),
     (PullRefused, 409), (GGUFError, 422), (EstimateError, 422), (CoordinatorExited, 503), (UpstreamUnavailable, 502),
     (PoolUnavailable, 502), (LlamafleetError, 500),
 ]
+
+
+# A disk that refuses writes: full, over quota, read-only, failing.
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 
 def status_for(exc: LlamafleetError) -> int:
@@ -85,6 +92,15 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         if exc.status < 400:
             raise
         return error(exc.status, exc.reason or "error", openai)
+    except sqlite3.Error as exc:
+        # The state dir full or read-only under a write nobody wrapped: the cause, not a traceback.
+        log.error("%s %s: the controller's state database refused a write: %s", request.method, request.path, exc)
+        return error(503, f"the controller cannot write its state: {exc}", openai)
+    except OSError as exc:
+        if exc.errno not in _DISK_ERRNOS:
+            raise
+        log.error("%s %s: %s", request.method, request.path, exc)
+        return error(503, f"the controller cannot write its state: {exc.strerror}", openai)
 
 
 def read_api_keys(path: Path, what: str = "API key") -> tuple[str, ...]:

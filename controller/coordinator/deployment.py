@@ -1,6 +1,7 @@
 """One model's coordinator: the single owner of its lifecycle state.
 
-Only `Deployment._lifecycle()` changes the state; requests ask for the model (`acquire`),
+Only `Deployment._lifecycle()` changes the state (a variant of `states.Phase`, each move checked
+against `states.TRANSITIONS`); requests ask for the model (`acquire`),
 hand it back (`release`, with Ollama's keep-alive), or ask for it to go (`unload`).
 
     stopped ──acquire──► starting ──/health 200──► ready ──idle past keep-alive / unload──► stopping ──► stopped
@@ -11,6 +12,11 @@ hand it back (`release`, with Ollama's keep-alive), or ask for it to go (`unload
                                    ▼
                                  failed (the cause and the last lines kept; the next request tries again)
 
+The lifecycle runs supervised (common/supervised.py): anything it raises that nobody expected
+(a full disk, a bug) is logged once with its traceback, recorded, releases what was placed, and
+leaves the deployment `failed` with the cause; the requests waiting get that cause as their
+error, and only the next request tries again: never a hot loop of placements.
+
 A backend whose rpc-server generation changed holds none of our tensors any more, so the
 coordinator is restarted (re-placed) as soon as the agent reports it, not when a user's request
 finds out.
@@ -20,10 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -34,9 +39,22 @@ from llamafleet.common.llamacpp.probe import free_loopback_port
 from llamafleet.common.process import STOP_GRACE_S
 from llamafleet.common.restart import RestartPolicy
 from llamafleet.controller.coordinator.command import CoordinatorSpec
+from llamafleet.common.supervised import Supervised, TaskFailure
 from llamafleet.controller.coordinator.process import (
     CoordinatorExited,
     CoordinatorProcess,
+)
+from llamafleet.controller.coordinator.states import (
+    BackingOff,
+    CoordinatorState,
+    Failed,
+    Loading,
+    Phase,
+    Placing,
+    Ready,
+    Stopped,
+    Stopping,
+    check_transition,
 )
 from llamafleet.controller.events import EventSink, no_events
 
@@ -48,16 +66,12 @@ TICK_S = 0.25
 BROKEN_STOP_GRACE_S = 0.5
 
 
-class CoordinatorState(enum.Enum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
-    FAILED = "failed"
-
-
 class DoesNotFit(LlamafleetError):
     """No set of ready workers holds the model now (the message is the plan's reason)."""
+
+
+class ShuttingDown(LlamafleetError):
+    """The controller is stopping: it starts no coordinator any more (503)."""
 
 
 class Placer(Protocol):
@@ -73,7 +87,7 @@ class Placer(Protocol):
 class Runtime:
     """What every coordinator is started with."""
 
-    llama_server: Callable[[], Path]  # raises LlamafleetError when the controller has no build
+    llama_server: Callable[[], Awaitable[Path]]  # raises LlamafleetError when the controller has no build
     log_root: Path
     session: aiohttp.ClientSession
     policy: RestartPolicy
@@ -101,11 +115,8 @@ class Deployment:
         self._placer = placer
         self._runtime = runtime
         self.default_keep_alive_s = default_keep_alive_s
-        self.state = CoordinatorState.STOPPED
+        self.phase: Phase = Stopped()
         self.state_since = time.time()
-        self.detail = ""
-        self.spec: CoordinatorSpec | None = None
-        self.process: CoordinatorProcess | None = None
         self.incarnation = 0  # +1 per healthy start
         self.restarts = 0  # unplanned restarts
         self.last_exit = ""
@@ -115,6 +126,7 @@ class Deployment:
         self.waiting = 0  # requests waiting for a load
         self.last_used = time.monotonic()
         self.expires_at: float | None = None  # monotonic; None: never (or in use)
+        self.closing = False  # the controller is stopping: nothing starts again
         self._wanted = False
         self._unload_reason = ""
         self._want_ctx = 0
@@ -122,9 +134,27 @@ class Deployment:
         self._attempt = 0
         self._failure: LlamafleetError | None = None
         self._failure_attempt = 0
-        self._task: asyncio.Task[None] | None = None
+        self._task: Supervised | None = None
         self._changed = asyncio.Event()
         self._wake = asyncio.Event()
+
+    # ---- what the phase says ------------------------------------------------------------------
+
+    @property
+    def state(self) -> CoordinatorState:
+        return self.phase.kind
+
+    @property
+    def detail(self) -> str:
+        return self.phase.detail
+
+    @property
+    def spec(self) -> CoordinatorSpec | None:
+        return self.phase.spec if isinstance(self.phase, (Loading, Ready, Stopping)) else None
+
+    @property
+    def process(self) -> CoordinatorProcess | None:
+        return self.phase.process if isinstance(self.phase, (Loading, Ready, Stopping)) else None
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -134,7 +164,7 @@ class Deployment:
         loaded = False
         self.waiting += 1
         try:
-            while not self._usable(ctx, after_incarnation):
+            while (ready := self._usable(ctx, after_incarnation)) is None:
                 attempt = self._want(ctx)
                 loaded = True
                 changed = self._changed
@@ -143,10 +173,9 @@ class Deployment:
                     raise self._failure
         finally:
             self.waiting -= 1
-        assert self.process is not None
         self.active += 1
         self.expires_at = None
-        return Lease(self.process.url, self.incarnation, time.monotonic() - started if loaded else 0.0)
+        return Lease(ready.process.url, ready.incarnation, time.monotonic() - started if loaded else 0.0)
 
     async def refresh(self, lease: Lease, ctx: int) -> Lease:
         """`lease` if its coordinator is still the live one, else the one that replaced it.
@@ -154,7 +183,7 @@ class Deployment:
         A request that waited for a turn at the slots may find its coordinator restarted
         meanwhile; it keeps its hold on the model throughout (the caller's `release` balances).
         """
-        if lease.incarnation == self.incarnation and self._usable(ctx, 0):
+        if lease.incarnation == self.incarnation and self._usable(ctx, 0) is not None:
             return lease
         self.active -= 1
         try:
@@ -176,7 +205,7 @@ class Deployment:
 
     def report_broken(self, incarnation: int) -> None:
         """A request found this incarnation unusable (connection refused, reset): restart it."""
-        if incarnation == self.incarnation and self.state is CoordinatorState.READY:
+        if incarnation == self.incarnation and isinstance(self.phase, Ready):
             self._broken_incarnation = incarnation
             self._wake.set()
 
@@ -186,11 +215,13 @@ class Deployment:
         self._want_ctx = 0
         self._unload_reason = reason
         self._wake.set()
-        while self._task is not None and not self._task.done():
+        while self.running:
             changed = self._changed
             await changed.wait()
 
     async def close(self) -> None:
+        """The controller is stopping: unload, and refuse every later request (nothing starts again)."""
+        self.closing = True
         await self.unload("the controller is stopping")
 
     @property
@@ -199,136 +230,157 @@ class Deployment:
 
     @property
     def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return self._task is not None and self._task.running
 
     # ---- the owner --------------------------------------------------------------------------------
 
-    def _usable(self, ctx: int, after_incarnation: int) -> bool:
-        return (self.state is CoordinatorState.READY and self.process is not None and self.process.alive
-                and self.spec is not None and self.spec.ctx_per_slot >= ctx and self.incarnation > after_incarnation
-                and self._broken_incarnation != self.incarnation)
+    def _usable(self, ctx: int, after_incarnation: int) -> Ready | None:
+        ready = self.phase
+        if (isinstance(ready, Ready) and ready.process.alive and ready.spec.ctx_per_slot >= ctx
+                and ready.incarnation > after_incarnation and self._broken_incarnation != ready.incarnation):
+            return ready
+        return None
 
     def _want(self, ctx: int) -> int:
+        if self.closing:
+            raise ShuttingDown(f"not loading {self.model}: the controller is stopping")
         self._wanted = True
         self._unload_reason = ""
         self._want_ctx = max(self._want_ctx, ctx)
         if not self.running:
             self._attempt += 1
             self._failure = None
-            self._task = asyncio.create_task(self._lifecycle(), name=f"coordinator {self.model}")
+            self._task = Supervised(f"coordinator {self.model}", self._lifecycle, on_failure=self._crashed,
+                                    events=self._runtime.events, subject=self.model)
         self._wake.set()
         return self._attempt
 
-    def _set(self, state: CoordinatorState, detail: str = "") -> None:
-        if state is not self.state:
-            log.info("coordinator %s: %s → %s%s", self.model, self.state.value, state.value,
-                     f" ({detail})" if detail else "")
+    def _set(self, phase: Phase) -> None:
+        check_transition(self.phase, phase)
+        old, self.phase = self.phase, phase
+        self._notify()
+        if phase.kind is not old.kind:
+            log.info("coordinator %s: %s → %s%s", self.model, old.kind.value, phase.kind.value,
+                     f" ({phase.detail})" if phase.detail else "")
             self.state_since = time.time()
-            self._runtime.events(f"coordinator.{state.value}", self.model, detail or state.value,
-                                 backends=self.spec.endpoints if self.spec else [], restarts=self.restarts,
+            spec = self.spec
+            self._runtime.events(f"coordinator.{phase.kind.value}", self.model, phase.detail or phase.kind.value,
+                                 backends=spec.endpoints if spec else [], restarts=self.restarts,
                                  pid=self.process.proc.pid if self.process else None)
-        self.state = state
-        self.detail = detail
+
+    def _notify(self) -> None:
+        """Wake every request waiting on this deployment, to look at its phase again."""
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    def _fail(self, exc: LlamafleetError, state: CoordinatorState) -> None:
+    def _fail(self, exc: LlamafleetError, phase: Stopped | Failed) -> None:
         self._failure = exc
         self._failure_attempt = self._attempt
         self._wanted = False
         self._want_ctx = 0
-        self._set(state, exc.message)
+        self._set(phase)
+
+    def _crashed(self, failure: TaskFailure, exc: Exception) -> None:
+        """The supervisor's report: the lifecycle raised what nobody expected (it has cleaned up)."""
+        cause = f"the coordinator for {self.model} failed: {failure.cause}"
+        self._fail(LlamafleetError(cause), Failed(cause))
 
     async def _lifecycle(self) -> None:
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            await self._clean_up()
+            self._set(Stopped("the controller is stopping"))
+            raise
+        except BaseException:
+            await self._clean_up()  # then the supervisor reports it, and `_crashed` says failed
+            raise
+
+    async def _clean_up(self) -> None:
+        """Never leave a process behind, nor memory promised to one."""
+        process = self.process
+        if process is not None and process.alive:
+            await asyncio.shield(process.stop())
+        self._placer.release(self.model)
+
+    async def _run(self) -> None:
         failures = 0
         # After an unplanned end a refusal to place is worth retrying (a backend is coming
         # back); on a first load it is the answer, given at once.
         restarting = False
-        try:
-            while self._wanted:
-                self._set(CoordinatorState.STARTING, "placing")
-                try:
-                    spec = await self._placer.place(self.model, self._want_ctx)
-                except DoesNotFit as exc:
-                    if not restarting:
-                        self._fail(exc, CoordinatorState.STOPPED)
-                        return
-                    failures += 1
-                    if not await self._back_off_or_fail(failures, exc):
-                        return
-                    continue
-                except LlamafleetError as exc:
-                    # The model file went away or no llama.cpp build: nothing a retry fixes.
-                    self._fail(exc, CoordinatorState.STOPPED)
-                    return
-                if not self._wanted:
-                    # Unloaded while it was being placed (pre-staging can take minutes): do not
-                    # start a load only to stop it.
-                    self._placer.release(self.model)
-                    continue
-                self.spec = spec
-                loading_since = time.monotonic()
-                try:
-                    process = await CoordinatorProcess.spawn(self._runtime.llama_server(), spec, free_loopback_port(),
-                                                             self._runtime.log_root)
-                    self.process = process
-                    self._set(CoordinatorState.STARTING, f"loading over {len(spec.backends)} backend(s)")
-                    await process.wait_ready(self._runtime.session, self._runtime.policy.start_timeout_s)
-                except LlamafleetError as exc:
-                    self.process = None
-                    self._placer.release(self.model)
-                    if not isinstance(exc, CoordinatorExited):
-                        self._fail(exc, CoordinatorState.STOPPED)  # no llama.cpp build: a retry fixes nothing
-                        return
-                    self._record_exit(exc)
-                    failures += 1
-                    restarting = True
-                    if not await self._back_off_or_fail(failures, exc):
-                        return
-                    continue
-                self.load_duration_s = time.monotonic() - loading_since
-                self.incarnation += 1
-                if restarting:
-                    self.restarts += 1
-                ready_at = time.monotonic()
-                self._set(CoordinatorState.READY)
-                reason = await self._watch(process, spec)
-                if (time.monotonic() - ready_at >= self._runtime.policy.healthy_reset_s
-                        or reason.kind == "backends"):
-                    # Healthy for a while, or it was ready and lost an rpc-server under it: that is
-                    # the worker's failure (the agent bounds its restarts), not a crash loop of ours.
-                    failures = 0
-                self._set(CoordinatorState.STOPPING, reason.message)
-                if process.alive:
-                    await process.stop(BROKEN_STOP_GRACE_S if reason.kind in ("backends", "broken") else STOP_GRACE_S)
-                else:
-                    self._record_exit(process.exit_error())
-                self.process = None
+        while self._wanted:
+            self._set(Placing(self._want_ctx))
+            try:
+                spec = await self._placer.place(self.model, self._want_ctx)
+            except DoesNotFit as exc:
                 self._placer.release(self.model)
-                if reason.kind in ("unload", "ctx"):
-                    restarting = False
-                    continue  # planned: a request that came meanwhile may want it back
-                log.warning("coordinator %s: restarting: %s", self.model, reason.message)
+                if not restarting:
+                    self._fail(exc, Stopped(exc.message))
+                    return
+                failures += 1
+                if not await self._back_off_or_fail(failures, exc):
+                    return
+                continue
+            except LlamafleetError as exc:
+                # The model file went away, or the state cannot be written: nothing a retry fixes.
+                self._placer.release(self.model)
+                self._fail(exc, Stopped(exc.message))
+                return
+            if not self._wanted:
+                # Unloaded while it was being placed (pre-staging can take minutes): do not
+                # start a load only to stop it.
+                self._placer.release(self.model)
+                continue
+            loading_since = time.monotonic()
+            try:
+                process = await CoordinatorProcess.spawn(await self._runtime.llama_server(), spec, free_loopback_port(),
+                                                         self._runtime.log_root)
+                self._set(Loading(spec, process))
+                await process.wait_ready(self._runtime.session, self._runtime.policy.start_timeout_s)
+            except LlamafleetError as exc:
+                self._placer.release(self.model)
+                if not isinstance(exc, CoordinatorExited):
+                    self._fail(exc, Stopped(exc.message))  # no llama.cpp build: a retry fixes nothing
+                    return
+                self._record_exit(exc)
                 failures += 1
                 restarting = True
-                error = LlamafleetError(f"coordinator for {self.model} failed {failures} times in a row; "
-                                        f"last: {reason.message}")
-                if not await self._back_off_or_fail(failures, error, reason.message):
+                if not await self._back_off_or_fail(failures, exc):
                     return
-            self._set(CoordinatorState.STOPPED, self.detail if self.state is CoordinatorState.STOPPING else "")
-        finally:
-            if self.process is not None:
-                # Cancelled (the controller is going away): never leave the process behind.
-                await asyncio.shield(self.process.stop())
-                self.process = None
-                self._placer.release(self.model)
-            if self.state not in (CoordinatorState.STOPPED, CoordinatorState.FAILED):
-                self._set(CoordinatorState.STOPPED)
+                continue
+            self.load_duration_s = time.monotonic() - loading_since
+            self.incarnation += 1
+            if restarting:
+                self.restarts += 1
+            ready_at = time.monotonic()
+            self._set(Ready(spec, process, self.incarnation))
+            reason = await self._watch(process, spec)
+            if time.monotonic() - ready_at >= self._runtime.policy.healthy_reset_s or reason.kind == "backends":
+                # Healthy for a while, or it was ready and lost an rpc-server under it: that is the
+                # worker's failure (the agent bounds its restarts), not a crash loop of ours.
+                failures = 0
+            self._set(Stopping(spec, process, reason.message))
+            if process.alive:
+                await process.stop(BROKEN_STOP_GRACE_S if reason.kind in ("backends", "broken") else STOP_GRACE_S)
+            else:
+                self._record_exit(process.exit_error())
+            self._placer.release(self.model)
+            if reason.kind in ("unload", "ctx"):
+                restarting = False
+                continue  # planned: a request that came meanwhile may want it back
+            log.warning("coordinator %s: restarting: %s", self.model, reason.message)
+            failures += 1
+            restarting = True
+            error = LlamafleetError(f"coordinator for {self.model} failed {failures} times in a row; "
+                                    f"last: {reason.message}")
+            if not await self._back_off_or_fail(failures, error, reason.message):
+                return
+        self._set(Stopped(self.phase.reason if isinstance(self.phase, Stopping) else ""))
 
     async def _back_off_or_fail(self, failures: int, error: LlamafleetError, cause: str | None = None) -> bool:
         """Wait before the next try; False (and `failed`, with `error`) once the policy gives up."""
         if failures >= self._runtime.policy.max_failures:
-            self._fail(error, CoordinatorState.FAILED)
+            self._fail(error, Failed(error.message))
             return False
         await self._backoff(failures, cause or error.message)
         return True
@@ -340,7 +392,7 @@ class Deployment:
 
     async def _backoff(self, failures: int, cause: str) -> None:
         delay = self._runtime.policy.delay(failures)
-        self._set(CoordinatorState.STARTING, f"retrying in {delay:.1f}s after: {cause}")
+        self._set(BackingOff(failures, delay, cause))
         deadline = time.monotonic() + delay
         while self._wanted and (left := deadline - time.monotonic()) > 0:
             self._wake.clear()
@@ -368,7 +420,7 @@ class Deployment:
                     return _StopReason("ctx", f"reloading with a context of {self._want_ctx}")
                 self._failure, self._failure_attempt = refusal, self._attempt
                 self._want_ctx = spec.ctx_per_slot
-                self._set(CoordinatorState.READY)  # wakes the waiters, who get the refusal
+                self._notify()  # the waiters get the refusal
             if self.idle and self.expires_at is not None and time.monotonic() >= self.expires_at:
                 self._wanted = False
                 self._want_ctx = 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -21,11 +22,12 @@ from llamafleet.common.errors import LlamafleetError
 from llamafleet.controller.chat_template import builtin_template
 from llamafleet.controller.coordinator.command import Backend, CoordinatorSpec
 from llamafleet.controller.coordinator.deployment import (
-    CoordinatorState,
     Deployment,
     DoesNotFit,
     Runtime,
+    ShuttingDown,
 )
+from llamafleet.controller.coordinator.states import CoordinatorState
 from llamafleet.controller.coordinator.process import log_dir_name, numbered_logs
 from llamafleet.controller.gateway.fairness import FairQueue
 from llamafleet.controller.inventory import Inventory, rpc_server_at, rpc_state_name
@@ -33,7 +35,7 @@ from llamafleet.controller.models import ResolvedModel, parse_model_name
 from llamafleet.controller.placement.plan import DeviceAssignment, Plan
 from llamafleet.controller.planner import Planner, plan_to_json
 from llamafleet.controller.prestage import node_ranges
-from llamafleet.controller.store import Store
+from llamafleet.controller.store import StateNotWritable, Store
 from llamafleet.controller.tensor_hashes import HashFile, TensorHashes
 from llamafleet.proto.v1 import agent_pb2 as pb
 
@@ -92,9 +94,12 @@ class CoordinatorManager:
         self._idle_stops: set[asyncio.Task[None]] = set()
         self._queues: dict[str, FairQueue] = {}
         self._prestaged: dict[str, dict[str, Any]] = {}  # model → what its last placement pre-staged
+        self.closing = False
 
     def deployment(self, model: str) -> Deployment:
         key = canonical(model)
+        if self.closing:
+            raise ShuttingDown(f"not loading {key}: the controller is stopping")
         if key not in self._deployments:
             # Resolving first means a name that names nothing never gets a deployment.
             self.planner.models.resolve(model)
@@ -122,7 +127,7 @@ class CoordinatorManager:
         except LlamafleetError:
             return None  # not a model name: there is no such log, and no path is built from it
         deployment = self._deployments.get(key)
-        if deployment is not None and deployment.process is not None:
+        if deployment is not None and deployment.process is not None and deployment.process.log_path is not None:
             return deployment.process.log_path
         logs = numbered_logs(self.runtime.log_root / log_dir_name(key))
         return logs[-1][1] if logs else None
@@ -137,6 +142,7 @@ class CoordinatorManager:
                 yield deployment
 
     async def close(self) -> None:
+        self.closing = True  # from now on nothing starts a coordinator
         await asyncio.gather(*(d.close() for d in self._deployments.values()))
         for task in self._idle_stops:
             task.cancel()
@@ -199,6 +205,10 @@ class CoordinatorManager:
             return None
 
     async def _place(self, model: str, ctx: int) -> tuple[ResolvedModel, Plan, CoordinatorSpec]:
+        try:
+            await self.planner.read_header(model)
+        except (LlamafleetError, OSError):
+            pass  # said as the plan's own error just below, with the usual status
         async with self._placing:
             deadline = time.monotonic() + SWAP_WAIT_S
             while True:
@@ -333,8 +343,15 @@ class CoordinatorManager:
     def _placed(self, model: str, resolved: ResolvedModel, plan: Plan, generations: dict[str, int]) -> CoordinatorSpec:
         endpoints = {a.endpoint: a.node for a in plan.assignments}
         backends = tuple(Backend(node, endpoint, generations.get(endpoint, 0)) for endpoint, node in endpoints.items())
+        try:
+            # Recorded before it is booked: a restarted controller reloads what this says, and a
+            # load it could not record is refused (with the disk's reason) rather than half-done.
+            self.store.save_placement(model, plan_to_json(resolved, plan, [], self.planner.coordinator_protocol))
+        except sqlite3.Error as exc:
+            self._stop_later({(a.node, a.rpc_index, a.endpoint) for a in plan.assignments}, model)
+            raise StateNotWritable(f"not loading {model}: cannot record its placement in {self.store.path}: "
+                                   f"{exc}") from None
         self._plans[model] = plan
-        self.store.save_placement(model, plan_to_json(resolved, plan, [], self.planner.coordinator_protocol))
         self.runtime.events("placement", model, f"on {len(backends)} backend(s): --rpc {','.join(endpoints)} "
                             f"--tensor-split {','.join(map(str, plan.tensor_split))}",
                             backends=list(endpoints), tensor_split=plan.tensor_split,
@@ -350,7 +367,11 @@ class CoordinatorManager:
         plan = self._plans.pop(model, None)
         if plan is None:
             return
-        self.store.remove_placement(model)
+        try:
+            self.store.remove_placement(model)
+        except sqlite3.Error as exc:
+            # The row only makes a restarted controller load the model again: not worth failing for.
+            log.warning("cannot forget the placement of %s in %s: %s", model, self.store.path, exc)
         self._stop_later({(a.node, a.rpc_index, a.endpoint) for a in plan.assignments}, model)
 
     def _stop_later(self, slots: set[tuple[str, int, str]], model: str) -> None:
@@ -451,7 +472,10 @@ class CoordinatorManager:
                 "in_flight": d.active,
                 "queued": self.queue_depth(d.model),
                 "expires_at_unix": expires,
-                "log": str(d.process.log_path) if d.process else None,
+                "log": str(d.process.log_path) if d.process and d.process.log_path else None,
+                # A full or read-only disk: the output is still read (the child never blocks), not kept.
+                "log_lines_lost": d.process.log_lines_lost if d.process else 0,
+                "log_error": d.process.log_error if d.process else "",
             })
         return out
 

@@ -13,6 +13,7 @@ import logging
 import time
 from collections import deque
 from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
 from llamafleet.common.errors import LlamafleetError
@@ -22,6 +23,8 @@ from llamafleet.common.process import (
     spawn_group_async,
     stop_group_async,
 )
+from llamafleet.common.restart import RestartPolicy
+from llamafleet.common.supervised import Supervised
 from llamafleet.controller.coordinator.command import (
     CoordinatorSpec,
     coordinator_argv,
@@ -32,6 +35,11 @@ log = logging.getLogger(__name__)
 HEALTH_POLL_S = 0.1
 OUTPUT_LINES_KEPT = 30
 LOGS_KEPT_PER_MODEL = 10
+# A log reader that raised what nobody expected reads on after a short pause, for as long as the
+# process lives: while nobody reads, llama-server blocks on its full pipe.
+# A log that cannot be written is tried again this often (not at every line of a chatty child).
+LOG_RETRY_S = 1.0
+LOG_READER_RESTART = RestartPolicy(initial_s=0.05, max_s=1.0, max_failures=1_000_000)
 
 
 class CoordinatorExited(LlamafleetError):
@@ -61,20 +69,32 @@ def next_log_path(root: Path, model: str) -> Path:
 
 
 class CoordinatorProcess:
-    def __init__(self, proc: asyncio.subprocess.Process, spec: CoordinatorSpec, port: int, log_path: Path) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, spec: CoordinatorSpec, port: int,
+                 log_path: Path | None, log_error: str = "") -> None:
         self.proc = proc
         self.spec = spec
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
+        self.log_path = log_path  # None: no log file could be made (the output is still read)
         self.started = time.monotonic()
         self.output: deque[str] = deque(maxlen=OUTPUT_LINES_KEPT)
+        # Lines read but not written to the log (a full or read-only disk); the child never waits for them.
+        self.log_lines_lost = 0
+        self.log_error = log_error  # the last reason a log write failed ("" while none did)
+        self._log_started = False
         self.exited: asyncio.Task[int] = asyncio.create_task(proc.wait(), name=f"wait {spec.model}")
-        self._reader = asyncio.create_task(self._read_output(), name=f"log {spec.model}")
+        self._reader = Supervised(f"log reader of {spec.model}", self._read_output, restart=LOG_READER_RESTART)
 
     @classmethod
     async def spawn(cls, llama_server: Path, spec: CoordinatorSpec, port: int, log_root: Path) -> CoordinatorProcess:
-        log_path = next_log_path(log_root, spec.model)
+        log_path: Path | None = None
+        log_error = ""
+        try:
+            log_path = await asyncio.to_thread(next_log_path, log_root, spec.model)
+        except OSError as exc:
+            # The log is best effort: a full or read-only disk must not keep a model from loading.
+            log_error = f"cannot make a log file in {log_root}: {exc.strerror or exc}"
+            log.warning("coordinator for %s: %s; its output is kept in memory only", spec.model, log_error)
         argv = coordinator_argv(llama_server, spec, port)
         try:
             proc = await spawn_group_async(argv, env=coordinator_env(spec))
@@ -82,16 +102,64 @@ class CoordinatorProcess:
             raise CoordinatorExited(f"cannot start {llama_server}: {exc.strerror}") from None
         log.info("coordinator for %s: pid %d on 127.0.0.1:%d over %s (log %s)",
                  spec.model, proc.pid, port, ",".join(spec.endpoints), log_path)
-        return cls(proc, spec, port, log_path)
+        return cls(proc, spec, port, log_path, log_error)
 
     async def _read_output(self) -> None:
+        """Read every line llama-server prints until it closes its output, whatever the disk does.
+
+        llama-server blocks once the pipe is full, mid-answer: so the pipe is always drained, and
+        a line that cannot be written is counted (`ps` shows it) rather than ending the reader.
+        The log is opened again at most every LOG_RETRY_S, so a disk with room again gets it back."""
         assert self.proc.stdout is not None
-        with self.log_path.open("ab") as sink:
-            sink.write(f"# {' '.join(coordinator_argv(Path('llama-server'), self.spec, self.port))}\n".encode())
+        sink = self._open_log() if self.log_path is not None else None
+        retry_at = time.monotonic() + LOG_RETRY_S
+        try:
             while line := await self.proc.stdout.readline():
-                sink.write(line)
-                sink.flush()
                 self.output.append(line.decode(errors="replace").rstrip())
+                if sink is None and self.log_path is not None and time.monotonic() >= retry_at:
+                    retry_at = time.monotonic() + LOG_RETRY_S
+                    sink = self._open_log()
+                if sink is None:
+                    self.log_lines_lost += 1
+                    continue
+                try:
+                    # Unbuffered: one small write per line, nothing left to flush on the loop.
+                    sink.write(line)
+                except OSError as exc:
+                    self.log_lines_lost += 1
+                    self._log_failed(exc)
+                    sink = self._closed(sink)
+        finally:
+            if sink is not None:
+                self._closed(sink)
+
+    def _open_log(self) -> BinaryIO | None:
+        assert self.log_path is not None
+        sink: BinaryIO | None = None
+        try:
+            sink = self.log_path.open("ab", buffering=0)
+            if not self._log_started:
+                sink.write(f"# {' '.join(coordinator_argv(Path('llama-server'), self.spec, self.port))}\n".encode())
+                self._log_started = True
+            elif self.log_lines_lost:
+                sink.write(f"# {self.log_lines_lost} line(s) lost so far: {self.log_error}\n".encode())
+            return sink
+        except OSError as exc:
+            self._log_failed(exc)
+            return self._closed(sink) if sink is not None else None
+
+    @staticmethod
+    def _closed(sink: BinaryIO) -> None:
+        with contextlib.suppress(OSError):
+            # Nothing is buffered; a close that fails has nothing left to lose.
+            sink.close()
+
+    def _log_failed(self, exc: OSError) -> None:
+        first = not self.log_error
+        self.log_error = f"writing {self.log_path} failed: {exc.strerror or exc}"
+        if first:
+            log.warning("coordinator for %s: %s; its output is still read, and lost lines are counted",
+                        self.spec.model, self.log_error)
 
     def exit_error(self) -> CoordinatorExited:
         code = self.exited.result() if self.exited.done() else None
@@ -121,7 +189,7 @@ class CoordinatorProcess:
     async def _drain(self) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             # The last lines say why it died; a pipe held open by a stray child must not hang us.
-            await asyncio.wait_for(asyncio.shield(self._reader), timeout=1.0)
+            await asyncio.wait_for(asyncio.shield(self._reader.task), timeout=1.0)
 
     async def stop(self, grace_s: float = STOP_GRACE_S) -> int:
         code = await stop_group_async(self.proc, grace_s)

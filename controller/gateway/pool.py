@@ -9,7 +9,6 @@ next good check.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,11 +16,15 @@ from typing import Any
 
 import aiohttp
 from llamafleet.common.errors import LlamafleetError
+from llamafleet.common.restart import RestartPolicy
+from llamafleet.common.supervised import Supervised, TaskFailure
 from llamafleet.controller.models import InvalidModelName, parse_model_name
 
 log = logging.getLogger(__name__)
 CHECK_INTERVAL_S = 5.0
 CHECK_TIMEOUT = aiohttp.ClientTimeout(total=3)
+# The checker, should it raise what nobody expected, checks again after a capped back-off, forever.
+CHECKER_RESTART = RestartPolicy(initial_s=CHECK_INTERVAL_S, max_s=60.0, max_failures=1_000_000, healthy_reset_s=60.0)
 
 
 @dataclass
@@ -53,19 +56,22 @@ class OllamaPool:
         self.nodes = [PoolNode(u.rstrip("/")) for u in urls]
         self._session = session
         self._interval_s = interval_s
-        self._task: asyncio.Task[None] | None = None
+        self._task: Supervised | None = None
 
     async def start(self) -> None:
         if self.nodes:
             await asyncio.gather(*(self.check(n) for n in self.nodes))
-            self._task = asyncio.create_task(self._check_forever(), name="ollama pool checks")
+            self._task = Supervised("ollama pool checks", self._check_forever, on_failure=self._checks_failed,
+                                    restart=CHECKER_RESTART)
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                # Cancellation is how the checker is told to end.
-                await self._task
+            await self._task.stop()
+
+    def _checks_failed(self, failure: TaskFailure, exc: Exception) -> None:
+        # A node nobody checks may be gone: none takes requests until the checks run again.
+        for node in self.nodes:
+            self.mark_down(node, f"its health checks failed: {failure.cause}")
 
     async def _check_forever(self) -> None:
         while True:
