@@ -1,7 +1,10 @@
 """Ollama's API (`/api/*`) over the fleet: the same JSON in and out as `ollama serve`.
 
-Requests are checked field by field (unknown fields are a 400, not silently passed on), then
-either proxied to an Ollama pool node or turned into a llama-server request on a coordinator.
+Requests are checked field by field, as leniently as Ollama: unknown fields, options and message
+fields are dropped (never passed on; logged once per name and counted in /metrics), a role's
+case is forgiven, `content: null` is empty; a field we use with a wrong type is a 400 naming it.
+Then a request is either proxied to an Ollama pool node or turned into a llama-server request on
+a coordinator.
 Streaming answers are NDJSON, one object per piece, and a final object with Ollama's counts and
 durations (nanoseconds) taken from llama-server's own timings.
 """
@@ -22,6 +25,9 @@ from llamafleet.controller.gateway.dispatch import Dispatcher, Resume, RunInfo, 
 from llamafleet.controller.gateway.fairness import client_of
 from llamafleet.controller.gateway.options import (
     BadRequest,
+    Ignore,
+    IgnoredNames,
+    ignore_silently,
     keep_alive_seconds,
     ollama_options,
     response_format,
@@ -53,10 +59,12 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-def _check_fields(body: dict[str, Any], allowed: frozenset[str]) -> None:
+def _known_fields(body: dict[str, Any], allowed: frozenset[str], ignore: Ignore) -> dict[str, Any]:
+    """`body` without the fields we do not use (as Ollama, which ignores them); each one reported."""
     for key in body:
         if key not in allowed:
-            raise BadRequest(f"unknown field '{key}'")
+            ignore("field", key)
+    return {k: v for k, v in body.items() if k in allowed}
 
 
 def _unsupported(body: dict[str, Any], key: str, why: str) -> None:
@@ -151,7 +159,7 @@ def _ollama_tool_calls(piece: ToolCalls) -> list[dict[str, Any]]:
     return out
 
 
-def _messages(raw: Any) -> list[dict[str, Any]]:
+def _messages(raw: Any, ignore: Ignore = ignore_silently) -> list[dict[str, Any]]:
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -162,8 +170,12 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
             raise BadRequest(f"messages[{i}] must be an object")
         for key in message:
             if key not in MESSAGE_FIELDS:
-                raise BadRequest(f"messages[{i}] has an unknown field '{key}'")
-        role, content = message.get("role"), message.get("content", "")
+                ignore("message field", key)
+        role, content = message.get("role"), message.get("content")
+        if isinstance(role, str):
+            role = role.lower()  # "User" is "user" to Ollama's templates too
+        if content is None:
+            content = ""  # what OpenAI-style clients send beside tool calls
         if role not in ROLES:
             raise BadRequest(f"messages[{i}].role must be one of {sorted(ROLES)}")
         if not isinstance(content, str):
@@ -249,10 +261,11 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
     routes = web.RouteTableDef()
     manager = dispatcher.manager
     models = manager.planner.models
+    metrics = dispatcher.metrics
+    ignored = IgnoredNames("ollama", metrics.count_ignored if metrics is not None else None)
 
     async def body_of(request: web.Request, allowed: frozenset[str]) -> dict[str, Any]:
-        body = await json_body(request, max_body_bytes)
-        _check_fields(body, allowed)
+        body = _known_fields(await json_body(request, max_body_bytes), allowed, ignored)
         string_field(body, "model")
         parse_model_name(body["model"])
         return body
@@ -261,7 +274,7 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
                          prompt: str | None, piece_doc: PieceDoc,
                          tools: list[dict[str, Any]] | None = None) -> web.StreamResponse:
         model = body["model"]
-        options = ollama_options(body.get("options"))
+        options = ollama_options(body.get("options"), ignored)
         keep_alive = keep_alive_seconds(body.get("keep_alive"))
         stream = _stream_flag(body)
         fmt = response_format(body.get("format"))
@@ -319,7 +332,7 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await body_of(request, CHAT_FIELDS)
         tools = _tools(body.get("tools"))
-        messages = _messages(body.get("messages"))
+        messages = _messages(body.get("messages"), ignored)
         model = body["model"]
 
         def piece(text: str, thinking: str, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:

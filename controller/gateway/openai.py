@@ -1,8 +1,9 @@
 """OpenAI's API (`/v1/*`) over the fleet: passed through to llama-server with an allow-list.
 
 llama-server speaks this API itself, so requests go through nearly as they are: only fields on
-the allow-list travel, and the `model` in every answer is the name the client asked for (not
-llama-server's file path).
+the allow-list travel (others are dropped, logged once per name and counted, as Ollama ignores
+them), and the `model` in every answer is the name the client asked for (not llama-server's
+file path).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from llamafleet.controller.gateway.fairness import client_of
 from llamafleet.controller.gateway.options import (
     OPENAI_CHAT_FIELDS,
     OPENAI_COMPLETION_FIELDS,
+    IgnoredNames,
     openai_body,
 )
 from llamafleet.controller.gateway.resume import (
@@ -88,9 +90,11 @@ class _Chunks:
 def make_routes(dispatcher: Dispatcher, max_body_bytes: int) -> web.RouteTableDef:
     routes = web.RouteTableDef()
     models = dispatcher.manager.planner.models
+    metrics = dispatcher.metrics
+    ignored = IgnoredNames("openai", metrics.count_ignored if metrics is not None else None)
 
     async def passthrough(request: web.Request, allowed: frozenset[str], path: str) -> web.StreamResponse:
-        body = openai_body(await json_body(request, max_body_bytes), allowed)
+        body = openai_body(await json_body(request, max_body_bytes), allowed, ignored)
         model = string_field(body, "model")
         parse_model_name(model)
         route = dispatcher.route(model)
