@@ -23,7 +23,7 @@ from llamafleet.controller.credentials import Credentials, Tls
 from llamafleet.controller.coordinator.manager import CoordinatorManager
 from llamafleet.controller.dashboard import dashboard_routes
 from llamafleet.controller.events import EventLog
-from llamafleet.controller.gateway import ollama, openai
+from llamafleet.controller.gateway import embeddings, ollama, openai
 from llamafleet.controller.gateway.catalog import Catalog
 from llamafleet.controller.gateway.dispatch import Dispatcher, ResumePolicy
 from llamafleet.controller.gateway.pool import OllamaPool
@@ -169,6 +169,7 @@ def make_app(settings: ControllerSettings, keys: HttpKeys, inventory: Inventory,
     app.add_routes(dashboard_routes())
     app.add_routes(ollama.make_routes(dispatcher, Catalog(), settings.max_request_bytes))
     app.add_routes(openai.make_routes(dispatcher, settings.max_request_bytes))
+    app.add_routes(embeddings.make_routes(dispatcher, settings.max_request_bytes))
     return app
 
 

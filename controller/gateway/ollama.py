@@ -412,20 +412,6 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
             "modified_at": card.modified_at,
         })
 
-    @routes.post("/api/embed")
-    @routes.post("/api/embeddings")
-    async def embed(request: web.Request) -> web.StreamResponse:
-        body = await json_body(request, max_body_bytes)
-        model = string_field(body, "model")
-        route = dispatcher.route(model)
-        if route.target == "pool":
-            return await dispatcher.proxy_to_pool(request, route, request.path, body)
-        card = catalog.card(models.resolve(model))
-        if "embedding" not in card.capabilities:
-            raise BadRequest(f"'{model}' does not support embeddings")
-        raise BadRequest(f"'{model}' is an embedding model; the distributed coordinator serves generation only "
-                         "(route it to an Ollama pool node with --route)")
-
     @routes.get("/api/version")
     async def version(request: web.Request) -> web.Response:
         return web.json_response({"version": VERSION})
