@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 from llamafleet.common.errors import LlamafleetError
-from llamafleet.controller.gateway.catalog import Catalog, rfc3339
+from llamafleet.controller.gateway.catalog import Catalog, ModelCard, rfc3339
 from llamafleet.controller.gateway.dispatch import Dispatcher, Resume, RunInfo, run_info
 from llamafleet.controller.gateway.fairness import client_of
 from llamafleet.controller.gateway.options import (
@@ -46,6 +46,8 @@ from llamafleet.controller.models import ModelNotFound, parse_model_name
 from llamafleet.controller.web import error, json_body, stream_items, string_field
 
 VERSION = "0.1.0"
+# How long /api/tags waits for the sha256 of files it has not hashed yet (the rest come later).
+DIGEST_WAIT_S = 2.0
 CHAT_FIELDS = frozenset({"model", "messages", "stream", "format", "options", "keep_alive", "tools", "think"})
 GENERATE_FIELDS = frozenset({"model", "prompt", "suffix", "system", "template", "context", "stream", "raw", "format",
                              "images", "options", "keep_alive", "think"})
@@ -363,10 +365,22 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
                 {"thinking": thinking} if thinking else {})
         return await generation(request, body, messages, prompt if raw else None, piece)
 
+    digests = manager.planner.digests
+
+    def digest_of(card: ModelCard) -> str:
+        """An Ollama blob's name, else the file's sha256 once the digest thread has it ("" until then)."""
+        if card.digest or digests is None:
+            return card.digest
+        return digests.digest(card.path) or ""
+
     @routes.get("/api/tags")
     async def tags(request: web.Request) -> web.Response:
         out, seen = [], set()
-        for resolved in models.list():
+        listed = models.list()
+        if digests is not None:
+            # Clients tell models apart by digest (llm-ollama groups by it): give new files a moment.
+            await digests.settle([m.path for m in listed], DIGEST_WAIT_S)
+        for resolved in listed:
             try:
                 card = catalog.card(resolved)
             except (LlamafleetError, OSError):
@@ -377,7 +391,7 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
                 continue
             seen.add(name)
             out.append({"name": name, "model": name, "modified_at": card.modified_at, "size": card.size,
-                        "digest": card.digest, "details": card.details})
+                        "digest": digest_of(card), "details": card.details})
         for name in sorted(dispatcher.pool.models() - seen):
             out.append({"name": name, "model": name, "details": {}})
         return web.json_response({"models": out})
@@ -390,7 +404,7 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
             card = catalog.card(resolved)
             expires = rfc3339(doc["expires_at_unix"]) if doc["expires_at_unix"] else None
             out.append({"name": doc["model"], "model": doc["model"], "size": doc["size_bytes"],
-                        "size_vram": doc["gpu_bytes"], "digest": card.digest, "details": card.details,
+                        "size_vram": doc["gpu_bytes"], "digest": digest_of(card), "details": card.details,
                         "expires_at": expires, "context_length": doc["ctx"],
                         "state": doc["state"], "backends": doc["backends"]})
         return web.json_response({"models": out})
@@ -409,7 +423,7 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
         return web.json_response({
             "modelfile": "", "parameters": "", "template": card.template, "license": "",
             "details": card.details, "model_info": card.model_info, "capabilities": card.capabilities,
-            "modified_at": card.modified_at,
+            "modified_at": card.modified_at, "digest": digest_of(card),
         })
 
     @routes.get("/api/version")
