@@ -22,8 +22,8 @@ from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.controller.access import (
     SAFE_METHODS,
     Access,
+    is_allowed_origin,
     is_loopback_host,
-    is_loopback_origin,
     is_loopback_peer,
     is_same_origin,
     route_access,
@@ -106,6 +106,7 @@ class HttpKeys:
     api_keys: tuple[str, ...] | None
     admin_keys: tuple[str, ...] | None
     listen_host: str  # a Host naming it is as good as a loopback name (see access.is_loopback_host)
+    origins: tuple[str, ...] = ()  # --origins: more browser origins for the Ollama/OpenAI routes
 
     def identify(self, authorization: str) -> str | None:
         """The kind of key an `Authorization` header value presents: "admin", "api", or None."""
@@ -150,7 +151,7 @@ def judge(request: web.Request, credentials: HttpKeys) -> Refusal | None:
     if access is Access.INFERENCE:
         # As Ollama: a page from another site may not drive the API from a visitor's browser (an
         # `keep_alive: 0` unloads a model, a large load evicts others), a page on this host may.
-        if origin is not None and not (is_same_origin(origin, host) or is_loopback_origin(origin)):
+        if origin is not None and not (is_same_origin(origin, host) or is_allowed_origin(origin, credentials.origins)):
             return Refusal(403, "cross-origin", f"requests from web pages of {origin[:100]} are refused")
         if (is_loopback_host(credentials.listen_host, "") and not is_loopback_host(host, credentials.listen_host)):
             # Listening on loopback only, the one way in by another name is DNS rebinding.
