@@ -14,10 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import importlib.metadata
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.controller.gateway.catalog import Catalog, ModelCard, rfc3339
@@ -41,11 +44,14 @@ from llamafleet.controller.gateway.upstream import (
     UpstreamRejected,
     chat_pieces,
     completion_pieces,
+    one_answer,
 )
 from llamafleet.controller.models import ModelNotFound, parse_model_name
 from llamafleet.controller.web import error, json_body, stream_items, string_field
 
-VERSION = "0.1.0"
+log = logging.getLogger(__name__)
+# The Ollama release whose API this one matches (clients gate features on it); ours is beside it.
+OLLAMA_API_VERSION = "0.12.0"
 # How long /api/tags waits for the sha256 of files it has not hashed yet (the rest come later).
 DIGEST_WAIT_S = 2.0
 CHAT_FIELDS = frozenset({"model", "messages", "stream", "format", "options", "keep_alive", "tools", "think"})
@@ -55,6 +61,7 @@ ROLES = frozenset({"system", "user", "assistant", "tool"})
 MESSAGE_FIELDS = frozenset({"role", "content", "images", "tool_calls", "tool_name", "tool_call_id", "thinking"})
 THINK_LEVELS = ("high", "medium", "low")
 PieceDoc = Callable[[str, str, list[dict[str, Any]]], dict[str, Any]]  # content, thinking, tool calls
+LLAMAFLEET_VERSION = importlib.metadata.version("llamafleet")
 
 
 def now() -> str:
@@ -211,6 +218,60 @@ def _stream_flag(body: dict[str, Any]) -> bool:
     return stream
 
 
+def _context(value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                              for t in value):
+        raise BadRequest("'context' must be a list of token ids (from an earlier /api/generate answer)")
+    return value
+
+
+async def _templated(session: aiohttp.ClientSession, url: str, messages: list[dict[str, Any]]) -> str:
+    """The prompt the coordinator's chat template makes of `messages`."""
+    async for doc in one_answer(session, f"{url}/apply-template", {"messages": messages}):
+        return str(doc.get("prompt") or "")
+    return ""
+
+
+async def _after_context(session: aiohttp.ClientSession, url: str, messages: list[dict[str, Any]],
+                         context: list[int], raw: dict[str, Any], state: dict[str, Any]) -> AsyncIterator[Piece]:
+    """An answer after an earlier /api/generate's (deprecated) `context`, made as Ollama makes it:
+    that context detokenized in front of this turn's templated prompt, sent as a raw prompt
+    (kept in `state["prompt"]` for the answer's own context)."""
+    before = ""
+    async for doc in one_answer(session, f"{url}/detokenize", {"tokens": context}):
+        before = str(doc.get("content") or "")
+    state["prompt"] = before + await _templated(session, url, messages)
+    pieces = completion_pieces(session, url, raw | {"prompt": state["prompt"]})
+    async with contextlib.aclosing(pieces):
+        async for piece in pieces:
+            yield piece
+
+
+async def _context_of(session: aiohttp.ClientSession, pieces: AsyncIterator[Piece], messages: list[dict[str, Any]],
+                      state: dict[str, Any], out: dict[str, Any]) -> AsyncIterator[Piece]:
+    """`pieces`, with this answer's context put in `out["context"]` before the final piece: the tokens
+    of the prompt it answered and of its response, as Ollama makes them. `state["url"]` is the
+    coordinator that answered last (a resumed answer's is the healed one)."""
+    text: list[str] = []
+    async with contextlib.aclosing(pieces):
+        async for piece in pieces:
+            if isinstance(piece, Final):
+                try:
+                    url = state["url"]
+                    prompt = state.get("prompt") or await _templated(session, url, messages)
+                    body = {"content": prompt + "".join(text), "add_special": False, "parse_special": True}
+                    async for doc in one_answer(session, f"{url}/tokenize", body):
+                        out["context"] = [int(t) for t in doc.get("tokens") or []]
+                except LlamafleetError as exc:
+                    # The answer is whole; only the deprecated context is missing from it.
+                    log.info("no context for an /api/generate answer: %s", exc.message)
+            elif isinstance(piece, str):
+                text.append(piece)
+            yield piece
+
+
 def _final_fields(final: Final | None, info: RunInfo) -> dict[str, Any]:
     doc: dict[str, Any] = {"done": True, "total_duration": info.total_ns,
                            "load_duration": int(info.load_duration_s * 1e9)}
@@ -228,10 +289,12 @@ def _final_fields(final: Final | None, info: RunInfo) -> dict[str, Any]:
 
 
 async def _respond(request: web.Request, stream: bool, pieces: AsyncIterator[Piece],
-                   piece_doc: PieceDoc, info: RunInfo) -> web.StreamResponse:
+                   piece_doc: PieceDoc, info: RunInfo, final_extra: dict[str, Any] | None = None) -> web.StreamResponse:
     """NDJSON when streaming (an error after the first line is a last `{"error"}` line), else one JSON.
+    `final_extra`: more fields for the final object, filled in before the final piece comes.
 
     Tool calls come whole, in one line of their own before the final one, as Ollama sends them."""
+    extra = final_extra if final_extra is not None else {}
     async with contextlib.aclosing(pieces):
         if not stream:
             text, thinking, calls, final = [], [], [], None
@@ -244,11 +307,11 @@ async def _respond(request: web.Request, stream: bool, pieces: AsyncIterator[Pie
                     calls += _ollama_tool_calls(piece)
                 else:
                     text.append(piece)
-            return web.json_response(piece_doc("".join(text), "".join(thinking), calls) | _final_fields(final, info))
+            return web.json_response(piece_doc("".join(text), "".join(thinking), calls) | _final_fields(final, info) | extra)
 
         def line(piece: Piece) -> bytes:
             if isinstance(piece, Final):
-                doc = piece_doc("", "", []) | _final_fields(piece, info)
+                doc = piece_doc("", "", []) | _final_fields(piece, info) | extra
             elif isinstance(piece, Thinking):
                 doc = piece_doc("", piece.text, [])
             elif isinstance(piece, ToolCalls):
@@ -274,7 +337,9 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
 
     async def generation(request: web.Request, body: dict[str, Any], messages: list[dict[str, Any]] | None,
                          prompt: str | None, piece_doc: PieceDoc,
-                         tools: list[dict[str, Any]] | None = None) -> web.StreamResponse:
+                         tools: list[dict[str, Any]] | None = None,
+                         context: list[int] | None = None) -> web.StreamResponse:
+        """`context`: None where no context is asked for or answered (chat, raw), else /api/generate's."""
         model = body["model"]
         options = ollama_options(body.get("options"), ignored)
         keep_alive = keep_alive_seconds(body.get("keep_alive"))
@@ -299,11 +364,14 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
         session = dispatcher.session
         # A structured answer (a grammar from `format`, tool calls) is not resumed: a continuation
         # would start its grammar or parser afresh in the middle of the answer.
+        # Nor is one after an earlier context: it is a raw prompt made here, not the messages.
         progress = (Progress() if dispatcher.resume_policy.enabled and fmt is None and not body.get("tools")
-                    else None)
+                    and not context else None)
         sampling = {k: v for k, v in options.sampling.items() if k != "n_predict"}
         spec = ResumeSpec(sampling, int(options.sampling.get("n_predict", -1)), messages=messages or None,
                           prompt=None if messages else prompt)
+        # /api/generate's context: which coordinator answered, and what prompt it was sent when made here.
+        context_out: dict[str, Any] | None = {} if context is not None and messages else None
         if messages:
             upstream = {"messages": messages, **options.sampling}
             if "n_predict" in upstream:
@@ -316,7 +384,18 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
                 upstream |= _reasoning_fields(think)
 
             def open_stream(url: str) -> AsyncIterator[Piece]:
+                if context_out is not None:
+                    context_out["url"] = url
                 return chat_pieces(session, url, upstream, progress)
+            if context_out is not None and context:
+                raw_body = dict(options.sampling)
+                if fmt:
+                    raw_body["json_schema"] = fmt.get("json_schema", {}).get("schema", {})
+                turn, earlier, state = messages, context, context_out
+
+                def open_stream(url: str) -> AsyncIterator[Piece]:
+                    state["url"] = url
+                    return _after_context(session, url, turn, earlier, raw_body, state)
         else:
             raw = {"prompt": prompt, **options.sampling}
             if fmt:
@@ -326,9 +405,16 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
                 return completion_pieces(session, url, raw, progress)
         resume = None
         if progress is not None:
-            resume = Resume(progress, lambda url: continuation(session, url, spec, progress))
+            def reopen(url: str) -> AsyncIterator[Piece]:
+                if context_out is not None:
+                    context_out["url"] = url
+                return continuation(session, url, spec, progress)
+            resume = Resume(progress, reopen)
         pieces = dispatcher.fleet_stream(model, options.num_ctx, keep_alive, open_stream, info, resume)
-        return await _respond(request, stream, dispatcher.observed(model, pieces, info), piece_doc, info)
+        extra: dict[str, Any] = {}
+        if context_out is not None and messages:
+            pieces = _context_of(session, pieces, messages, context_out, extra)
+        return await _respond(request, stream, dispatcher.observed(model, pieces, info), piece_doc, info, extra)
 
     @routes.post("/api/chat")
     async def chat(request: web.Request) -> web.StreamResponse:
@@ -350,7 +436,7 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
     async def generate(request: web.Request) -> web.StreamResponse:
         body = await body_of(request, GENERATE_FIELDS)
         for key, why in (("suffix", "fill-in-the-middle is not served"), ("template", "the model's template is used"),
-                         ("context", "use /api/chat for conversations"), ("images", "this model server takes no images")):
+                         ("images", "this model server takes no images")):
             _unsupported(body, key, why)
         prompt, system, raw = body.get("prompt") or "", body.get("system") or "", body.get("raw") or False
         if not isinstance(prompt, str) or not isinstance(system, str) or not isinstance(raw, bool):
@@ -360,10 +446,13 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
         if prompt and not raw:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 
+        context = _context(body.get("context"))
+
         def piece(text: str, thinking: str, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
             return {"model": model, "created_at": now(), "response": text, "done": False} | (
                 {"thinking": thinking} if thinking else {})
-        return await generation(request, body, messages, prompt if raw else None, piece)
+        return await generation(request, body, messages, prompt if raw else None, piece,
+                                context=None if raw else (context or []))
 
     digests = manager.planner.digests
 
@@ -428,7 +517,7 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
 
     @routes.get("/api/version")
     async def version(request: web.Request) -> web.Response:
-        return web.json_response({"version": VERSION})
+        return web.json_response({"version": OLLAMA_API_VERSION, "llamafleet": LLAMAFLEET_VERSION})
 
     @routes.get("/")
     async def root(request: web.Request) -> web.Response:

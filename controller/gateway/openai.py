@@ -38,7 +38,7 @@ from llamafleet.controller.gateway.upstream import (
     one_answer,
     sse_events,
 )
-from llamafleet.controller.models import parse_model_name
+from llamafleet.controller.models import ModelNotFound, parse_model_name
 from llamafleet.controller.web import json_body, stream_items, string_field
 
 
@@ -162,6 +162,19 @@ def make_routes(dispatcher: Dispatcher, max_body_bytes: int) -> web.RouteTableDe
         for name in sorted(dispatcher.pool.models() - seen):
             data.append({"id": name, "object": "model", "created": 0, "owned_by": "ollama-pool"})
         return web.json_response({"object": "list", "data": data})
+
+    @routes.get("/v1/models/{model:.+}")  # names may have a namespace (user/model)
+    async def one_model(request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name in dispatcher.pool.models():
+            return web.json_response({"id": name, "object": "model", "created": 0, "owned_by": "ollama-pool"})
+        resolved = models.resolve(name)  # ModelNotFound: OpenAI's 404
+        try:
+            created = int(resolved.path.stat().st_mtime)
+        except OSError:
+            raise ModelNotFound(f"model '{name}' not found") from None
+        # The id as asked (what Ollama answers, and what a client compares with what it asked).
+        return web.json_response({"id": name, "object": "model", "created": created, "owned_by": "llamafleet"})
 
     return routes
 
