@@ -23,7 +23,7 @@ from llamafleet.controller.access import (
 from llamafleet.controller.client import key_for
 from llamafleet.controller.daemon import make_app
 from llamafleet.controller.settings import ControllerSettings
-from llamafleet.controller.web import HttpKeys, guard
+from llamafleet.controller.web import HttpKeys, guard, without_paths
 
 ADMIN, API = "admin-key-0123", "api-key-4567"
 
@@ -87,6 +87,12 @@ def test_a_wildcard_listen_address_is_no_host_name() -> None:
 def test_allowed_origins_are_ollamas_defaults_and_the_operators(origin: str, extra: tuple[str, ...],
                                                                  allowed: bool) -> None:
     assert is_allowed_origin(origin, extra) is allowed
+
+
+def test_error_texts_for_api_clients_name_no_server_path() -> None:
+    assert without_paths("model 'x' not found (looked in /srv/models, /root/.ollama/models)") == (
+        "model 'x' not found (looked in <path>, <path>)")
+    assert without_paths("/api/pull is not served; see /v1/models") == "/api/pull is not served; see /v1/models"
 
 
 @pytest.mark.parametrize(("origin", "host", "same"), [
