@@ -53,8 +53,8 @@ class IgnoredNames:
             shown = "other"
         if (kind, shown) not in self._seen:
             self._seen.add((kind, shown))
-            log.warning("%s requests: ignoring unknown %s '%s' (dropped, not passed on; logged once)",
-                        self.api, kind, shown)
+            log.warning("%s requests: dropping %s '%s', which this gateway does not use (never passed on; "
+                        "logged once per name, counted in llamafleet_ignored_fields_total)", self.api, kind, shown)
         if self._count is not None:
             self._count(self.api, kind, shown)
 
