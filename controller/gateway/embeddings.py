@@ -163,7 +163,9 @@ def make_routes(dispatcher: Dispatcher, max_body_bytes: int) -> web.RouteTableDe
                 raise BadRequest("'prompt' must be a string")
             inputs: list[Input] = [prompt] if prompt else []
         else:
-            inputs = _inputs(body.get("input") if body.get("input") is not None else [], "input", False)
+            given = body.get("input")
+            # As Ollama: no input, or an empty string, is nothing to embed (a load).
+            inputs = _inputs([] if given is None or given == "" else given, "input", False)
         truncate = _truncate_flag(body.get("truncate"))
         dimensions = _dimensions(body.get("dimensions"))
         route = dispatcher.route(model, options.num_ctx)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import importlib.metadata
 import json
 import math
 import os
@@ -85,6 +86,7 @@ def test_every_client_embeds_on_the_coordinator_that_also_chats(fleet: Fleet, cl
     first, second = both.embeddings
     assert len(first) == len(second) == 640 and abs(norm(first) - 1) < 1e-3  # /api/embed normalises
     assert cosine(first, second) < 0.999 and both.prompt_eval_count > 8
+    assert client.embed(model="gemma", input="").embeddings == []  # nothing to embed: a load, as Ollama
     short = client.embed(model="gemma", input=SEA, dimensions=64).embeddings[0]
     assert len(short) == 64 and abs(norm(short) - 1) < 1e-3
     legacy = client.embeddings(model="gemma", prompt=SEA).embedding  # the old route: the raw vector
@@ -170,7 +172,7 @@ def test_digests_are_the_files_sha256_so_llm_ollama_keeps_two_models_apart(fleet
 
 def test_version_cors_model_lookup_context_and_error_texts(fleet: Fleet, client: ollama.Client) -> None:
     status, _, raw = request(fleet, "GET", "/api/version")
-    assert status == 200 and json.loads(raw) == {"version": "0.12.0", "llamafleet": "0.1.0"}
+    assert status == 200 and json.loads(raw) == {"version": "0.12.0", "llamafleet": importlib.metadata.version("llamafleet")}
 
     preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
     for origin in ("http://localhost:5173", "http://127.0.0.1:8080", ALLOWED_SITE, "tauri://localhost"):
