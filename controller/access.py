@@ -18,6 +18,7 @@ Nothing here imports aiohttp: the CLI uses `is_inference_path` to pick the key i
 from __future__ import annotations
 
 import enum
+import fnmatch
 import ipaddress
 import urllib.parse
 
@@ -120,6 +121,28 @@ def is_loopback_origin(origin: str) -> bool:
         return True
     address = _ip(parts.hostname)
     return address is not None and address.is_loopback
+
+
+# What Ollama lets call its API from a browser without OLLAMA_ORIGINS, besides pages on this host:
+# desktop and editor apps' webviews.
+APP_ORIGINS = ("app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
+
+
+def is_allowed_origin(origin: str, extra: tuple[str, ...] = ()) -> bool:
+    """Whether a page of `origin` may call the Ollama/OpenAI routes, as OLLAMA_ORIGINS decides:
+    pages on this host (localhost, loopback, 0.0.0.0, any port), app webviews, and the
+    operator's `--origins` patterns (`https://app.example.com`, `http://*.lan:*`, `*`)."""
+    lowered = origin.lower()
+    if is_loopback_origin(origin) or (lowered.startswith(("http://", "https://")) and _hostname(origin) == "0.0.0.0"):
+        return True
+    return any(fnmatch.fnmatchcase(lowered, pattern.lower()) for pattern in (*APP_ORIGINS, *extra))
+
+
+def _hostname(url: str) -> str | None:
+    try:
+        return urllib.parse.urlsplit(url).hostname
+    except ValueError:
+        return None
 
 
 def is_same_origin(origin: str, host_header: str | None) -> bool:

@@ -36,6 +36,7 @@ from llamafleet.controller.client import (
     stream_json_lines,
     stream_sse,
 )
+from llamafleet.controller.gateway.options import is_known_option
 from llamafleet.controller.models import parse_model_name
 from llamafleet.controller.settings import DEFAULT_LISTEN, ControllerSettings
 
@@ -527,6 +528,9 @@ def parse_options(entries: tuple[str, ...]) -> dict[str, Any]:
         key, sep, value = entry.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"expected KEY=VALUE, not {entry!r}", param_hint="--option")
+        if not is_known_option(key):
+            # The gateway drops what it does not know, as Ollama does; an operator's typo is better said.
+            raise click.BadParameter(f"unknown option '{key}'", param_hint="--option")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:

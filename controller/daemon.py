@@ -24,7 +24,7 @@ from llamafleet.controller.credentials import Credentials, Tls
 from llamafleet.controller.coordinator.manager import CoordinatorManager
 from llamafleet.controller.dashboard import dashboard_routes
 from llamafleet.controller.events import EventLog
-from llamafleet.controller.gateway import ollama, openai
+from llamafleet.controller.gateway import cors, embeddings, ollama, openai
 from llamafleet.controller.gateway.catalog import Catalog
 from llamafleet.controller.gateway.dispatch import Dispatcher, ResumePolicy
 from llamafleet.controller.gateway.pool import OllamaPool
@@ -157,21 +157,23 @@ async def _reload_previous(store: Store, manager: CoordinatorManager, inventory:
 def read_http_keys(settings: ControllerSettings) -> HttpKeys:
     api = read_api_keys(settings.api_key_file) if settings.api_key_file is not None else None
     admin = read_api_keys(settings.admin_key_file, "admin key") if settings.admin_key_file is not None else None
-    return HttpKeys(api, admin, split_host_port(settings.listen)[0])
+    return HttpKeys(api, admin, split_host_port(settings.listen)[0], settings.origins)
 
 
 def make_app(settings: ControllerSettings, keys: HttpKeys, inventory: Inventory, planner: Planner,
              manager: CoordinatorManager, router: Router, dispatcher: Dispatcher, events: EventLog,
              metrics: ControllerMetrics, credentials: Credentials, pulls: PullManager) -> web.Application:
     # The guard is always there: with no key configured at all, control routes still need loopback.
-    middlewares = [count_requests(metrics), guard(keys, events.record), errors_as_json]
+    middlewares = [count_requests(metrics), cors.preflights(keys.origins), guard(keys, events.record), errors_as_json]
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_request_bytes)
+    app.on_response_prepare.append(cors.allow_origin_header(keys.origins))
     app.add_routes(make_routes(inventory, planner, manager, router, events, metrics, credentials, pulls))
     app.add_routes(pull_routes(pulls, planner, inventory))
     app.add_routes(join_routes(credentials, inventory))
     app.add_routes(dashboard_routes())
     app.add_routes(ollama.make_routes(dispatcher, Catalog(), settings.max_request_bytes))
     app.add_routes(openai.make_routes(dispatcher, settings.max_request_bytes))
+    app.add_routes(embeddings.make_routes(dispatcher, settings.max_request_bytes))
     return app
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,19 @@ class ModelDigests:
             else:
                 await asyncio.sleep(0.1)  # hashed while it changed: the next turn hashes it again
         return sha
+
+    async def settle(self, paths: Iterable[Path], timeout_s: float) -> None:
+        """Start hashing whichever of `paths` is not known, and wait up to `timeout_s` for those.
+
+        Never cancels a hash: one not done by then finishes in the background for the next ask.
+        """
+        waiting = []
+        for path in paths:
+            with contextlib.suppress(OSError):  # a file gone since listing: nothing to wait for
+                if self.digest(path) is None and (pending := self._pending.get(FileKey.of(path))) is not None:
+                    waiting.append(asyncio.wrap_future(pending))
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout_s)
 
     def error(self, path: Path) -> str:
         return self._errors.get(FileKey.of(path), "")

@@ -78,6 +78,9 @@ class ControllerMetrics:
                                       "ended (failed).", ["model", "outcome"], registry=self.registry)
         self.stream_pause = Histogram("llamafleet_stream_pause_seconds", "How long a resumed answer paused.",
                                       ["model"], buckets=LOAD_BUCKETS, registry=self.registry)
+        self.ignored_fields = Counter("llamafleet_ignored_fields", "Request fields and options the gateway dropped "
+                                      "unused, by API, kind and name.", ["api", "kind", "name"],
+                                      registry=self.registry)
         self.registry.register(_States(inventory, manager))
         self.loop_stalls = LoopStalls()
         longest = Gauge("llamafleet_event_loop_stall_seconds_max",
@@ -88,6 +91,9 @@ class ControllerMetrics:
         events_lost = Gauge("llamafleet_events_not_stored",
                             "Events that could not be written to the state database.", registry=self.registry)
         events_lost.set_function(lambda: self.events_not_stored())
+
+    def count_ignored(self, api: str, kind: str, name: str) -> None:
+        self.ignored_fields.labels(api, kind, name).inc()
 
     def on_event(self, event: Event) -> None:
         if event.kind == "placement.failed":

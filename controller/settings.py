@@ -63,6 +63,9 @@ class ControllerSettings:
     resume_attempts: int = setting(2, help="how often one answer may be resumed")
     load_timeout_s: float = setting(600.0, help="a coordinator must be healthy within this after its start")
     max_request_bytes: int = setting(8 * 2**20, parse=parse_size, help="largest request body the gateway accepts")
+    origins: tuple[str, ...] = setting((), help="browser origins allowed on the Ollama/OpenAI routes besides "
+                                               "pages on this host and app webviews, as OLLAMA_ORIGINS "
+                                               "(comma-separated; `*` wildcards: https://*.example.com, *)")
     ollama_nodes: tuple[str, ...] = setting((), help="an Ollama server (URL) in the pool for models one node holds",
                                             flag="--ollama-node", repeat=True)
     ollama_node_memory: int = setting(0, parse=parse_size,

@@ -11,6 +11,7 @@ import errno
 import hmac
 import json
 import logging
+import re
 import sqlite3
 import time
 from collections import OrderedDict
@@ -24,8 +25,9 @@ from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.controller.access import (
     SAFE_METHODS,
     Access,
+    is_allowed_origin,
+    is_inference_path,
     is_loopback_host,
-    is_loopback_origin,
     is_loopback_peer,
     is_same_origin,
     route_access,
@@ -70,6 +72,15 @@ def status_for(exc: LlamafleetError) -> int:
     return next(code for kind, code in _STATUS if isinstance(exc, kind))
 
 
+# An absolute file path in a message (not one of our own routes): the server's layout is not an
+# API client's business. The controller's log keeps the full text.
+_SERVER_PATH = re.compile(r"(?<![\w.:/-])/(?!api/|v1/|llamafleet/)[\w.@+~-]+(?:/[\w.@+~-]*)+")
+
+
+def without_paths(message: str) -> str:
+    return _SERVER_PATH.sub("<path>", message)
+
+
 def error(status: int, message: str, openai: bool = False) -> web.Response:
     if openai:
         kind = "invalid_request_error" if status < 500 else "server_error"
@@ -87,7 +98,7 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         status = status_for(exc)
         if status >= 500:
             log.warning("%s %s: %s", request.method, request.path, exc.message)
-        return error(status, exc.message, openai)
+        return error(status, without_paths(exc.message) if is_inference_path(request.path) else exc.message, openai)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -122,6 +133,7 @@ class HttpKeys:
     api_keys: tuple[str, ...] | None
     admin_keys: tuple[str, ...] | None
     listen_host: str  # a Host naming it is as good as a loopback name (see access.is_loopback_host)
+    origins: tuple[str, ...] = ()  # --origins: more browser origins for the Ollama/OpenAI routes
 
     def identify(self, authorization: str) -> str | None:
         """The kind of key an `Authorization` header value presents: "admin", "api", or None."""
@@ -166,7 +178,7 @@ def judge(request: web.Request, credentials: HttpKeys) -> Refusal | None:
     if access is Access.INFERENCE:
         # As Ollama: a page from another site may not drive the API from a visitor's browser (an
         # `keep_alive: 0` unloads a model, a large load evicts others), a page on this host may.
-        if origin is not None and not (is_same_origin(origin, host) or is_loopback_origin(origin)):
+        if origin is not None and not (is_same_origin(origin, host) or is_allowed_origin(origin, credentials.origins)):
             return Refusal(403, "cross-origin", f"requests from web pages of {origin[:100]} are refused")
         if (is_loopback_host(credentials.listen_host, "") and not is_loopback_host(host, credentials.listen_host)):
             # Listening on loopback only, the one way in by another name is DNS rebinding.
@@ -296,20 +308,27 @@ async def stream_items(request: web.Request, items: AsyncIterator[T], content_ty
     its own status; an error after it ends the stream with an in-band error, never a silent cut."""
     response: web.StreamResponse | None = None
     try:
-        async for item in items:
+        try:
+            async for item in items:
+                if response is None:
+                    response = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
+                    await response.prepare(request)
+                await response.write(encode(item))
+        except LlamafleetError as exc:
             if response is None:
-                response = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
-                await response.prepare(request)
-            await response.write(encode(item))
-    except LlamafleetError as exc:
+                raise
+            await response.write(late_error(exc.message, request.path.startswith("/v1/")))
+        else:
+            if response is None:
+                raise LlamafleetError("the coordinator sent nothing")
+            await response.write(trailer)
+        await response.write_eof()
+    except ConnectionResetError:
+        # The client hung up mid-answer (a stop button, a closed tab): its business, not an error.
+        # Leaving here closes `items`, and with it the request to the coordinator.
+        log.info("%s %s: the client closed the connection before the answer ended", request.method, request.path)
         if response is None:
             raise
-        await response.write(late_error(exc.message, request.path.startswith("/v1/")))
-    else:
-        if response is None:
-            raise LlamafleetError("the coordinator sent nothing")
-        await response.write(trailer)
-    await response.write_eof()
     return response
 
 

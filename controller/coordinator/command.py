@@ -13,6 +13,9 @@ from pathlib import Path
 _LLAMA_ARG_ENV = re.compile(r"^LLAMA_ARG_|^LLAMA_RPC_TENSOR_HASHES$")
 # Read by a llama-server built with patches/llama.cpp/0002 (a stock one ignores it).
 TENSOR_HASHES_ENV = "LLAMA_RPC_TENSOR_HASHES"
+# A generative model's embeddings: its last token's state (what causal embedding models use, and
+# unlike mean pooling it lets llama-server split a long input, so any input up to a slot's context fits).
+GENERATIVE_POOLING = "last"
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,9 @@ class CoordinatorSpec:
     # llama.cpp's built-in chat template for a GGUF that has none (controller/chat_template.py);
     # None: the GGUF's own template, or llama-server's ChatML fallback.
     builtin_chat_template: str | None = None
+    # `--pooling` for a model whose GGUF names none (a generative one): its embeddings are then its
+    # last token's state. "" leaves an embedding model's own pooling alone.
+    embedding_pooling: str = ""
 
     @property
     def endpoints(self) -> list[str]:
@@ -76,6 +82,11 @@ def coordinator_argv(llama_server: Path, spec: CoordinatorSpec, port: int) -> li
         "--port", str(port),
         "--no-webui",
         *template,
+        # Embeddings from the same coordinator as completions: llama-server turns them on per batch
+        # and never batches the two kinds together (same tokens at temperature 0, a few MiB more;
+        # a second coordinator would need its own rpc-servers and a second copy of the weights).
+        "--embeddings",
+        *(("--pooling", spec.embedding_pooling) if spec.embedding_pooling else ()),
     ]
 
 

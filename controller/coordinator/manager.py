@@ -20,7 +20,7 @@ from typing import Any
 
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.controller.chat_template import builtin_template
-from llamafleet.controller.coordinator.command import Backend, CoordinatorSpec
+from llamafleet.controller.coordinator.command import GENERATIVE_POOLING, Backend, CoordinatorSpec
 from llamafleet.controller.coordinator.deployment import (
     Deployment,
     DoesNotFit,
@@ -358,9 +358,12 @@ class CoordinatorManager:
                             layers=[assignment_doc(a) for a in plan.assignments])
         e = plan.estimate
         # The header is the one the plan just read (the planner keeps it).
-        template = builtin_template(self.planner.header(resolved.path))
+        header = self.planner.header(resolved.path)
+        own_pooling = header.arch_key("pooling_type") is not None
         return CoordinatorSpec(model, resolved.path, backends, tuple(plan.tensor_split), e.n_layers,
-                               e.ctx_per_slot, e.parallel, self.prompt_cache_mib, builtin_chat_template=template)
+                               e.ctx_per_slot, e.parallel, self.prompt_cache_mib,
+                               builtin_chat_template=builtin_template(header),
+                               embedding_pooling="" if own_pooling else GENERATIVE_POOLING)
 
     def release(self, model: str) -> None:
         self._prestaged.pop(model, None)

@@ -233,7 +233,13 @@ class Dispatcher:
                     await response.prepare(request)
                     try:
                         async for chunk in upstream.content.iter_any():
-                            await response.write(chunk)
+                            try:
+                                await response.write(chunk)
+                            except ConnectionResetError:
+                                # Our client hung up, not the node: one line, and the node stays up.
+                                log.info("%s %s: the client closed the connection before the answer ended",
+                                         request.method, request.path)
+                                return response
                     except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                         # Cut mid-answer: say so in the stream, the way this API's clients read it.
                         self.pool.mark_down(node, str(exc))

@@ -1,7 +1,10 @@
 """Ollama's API (`/api/*`) over the fleet: the same JSON in and out as `ollama serve`.
 
-Requests are checked field by field (unknown fields are a 400, not silently passed on), then
-either proxied to an Ollama pool node or turned into a llama-server request on a coordinator.
+Requests are checked field by field, as leniently as Ollama: unknown fields, options and message
+fields are dropped (never passed on; logged once per name and counted in /metrics), a role's
+case is forgiven, `content: null` is empty; a field we use with a wrong type is a 400 naming it.
+Then a request is either proxied to an Ollama pool node or turned into a llama-server request on
+a coordinator.
 Streaming answers are NDJSON, one object per piece, and a final object with Ollama's counts and
 durations (nanoseconds) taken from llama-server's own timings.
 """
@@ -11,17 +14,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import importlib.metadata
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from llamafleet.common.errors import LlamafleetError
-from llamafleet.controller.gateway.catalog import Catalog, rfc3339
+from llamafleet.controller.gateway.catalog import Catalog, ModelCard, rfc3339
 from llamafleet.controller.gateway.dispatch import Dispatcher, Resume, RunInfo, run_info
 from llamafleet.controller.gateway.fairness import client_of
 from llamafleet.controller.gateway.options import (
     BadRequest,
+    Ignore,
+    IgnoredNames,
+    ignore_silently,
     keep_alive_seconds,
     ollama_options,
     response_format,
@@ -35,11 +44,16 @@ from llamafleet.controller.gateway.upstream import (
     UpstreamRejected,
     chat_pieces,
     completion_pieces,
+    one_answer,
 )
 from llamafleet.controller.models import ModelNotFound, parse_model_name
 from llamafleet.controller.web import error, json_body, stream_items, string_field
 
-VERSION = "0.1.0"
+log = logging.getLogger(__name__)
+# The Ollama release whose API this one matches (clients gate features on it); ours is beside it.
+OLLAMA_API_VERSION = "0.12.0"
+# How long /api/tags waits for the sha256 of files it has not hashed yet (the rest come later).
+DIGEST_WAIT_S = 2.0
 CHAT_FIELDS = frozenset({"model", "messages", "stream", "format", "options", "keep_alive", "tools", "think"})
 GENERATE_FIELDS = frozenset({"model", "prompt", "suffix", "system", "template", "context", "stream", "raw", "format",
                              "images", "options", "keep_alive", "think"})
@@ -47,16 +61,19 @@ ROLES = frozenset({"system", "user", "assistant", "tool"})
 MESSAGE_FIELDS = frozenset({"role", "content", "images", "tool_calls", "tool_name", "tool_call_id", "thinking"})
 THINK_LEVELS = ("high", "medium", "low")
 PieceDoc = Callable[[str, str, list[dict[str, Any]]], dict[str, Any]]  # content, thinking, tool calls
+LLAMAFLEET_VERSION = importlib.metadata.version("llamafleet")
 
 
 def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-def _check_fields(body: dict[str, Any], allowed: frozenset[str]) -> None:
+def _known_fields(body: dict[str, Any], allowed: frozenset[str], ignore: Ignore) -> dict[str, Any]:
+    """`body` without the fields we do not use (as Ollama, which ignores them); each one reported."""
     for key in body:
         if key not in allowed:
-            raise BadRequest(f"unknown field '{key}'")
+            ignore("field", key)
+    return {k: v for k, v in body.items() if k in allowed}
 
 
 def _unsupported(body: dict[str, Any], key: str, why: str) -> None:
@@ -151,7 +168,7 @@ def _ollama_tool_calls(piece: ToolCalls) -> list[dict[str, Any]]:
     return out
 
 
-def _messages(raw: Any) -> list[dict[str, Any]]:
+def _messages(raw: Any, ignore: Ignore = ignore_silently) -> list[dict[str, Any]]:
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -162,8 +179,12 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
             raise BadRequest(f"messages[{i}] must be an object")
         for key in message:
             if key not in MESSAGE_FIELDS:
-                raise BadRequest(f"messages[{i}] has an unknown field '{key}'")
-        role, content = message.get("role"), message.get("content", "")
+                ignore("message field", key)
+        role, content = message.get("role"), message.get("content")
+        if isinstance(role, str):
+            role = role.lower()  # "User" is "user" to Ollama's templates too
+        if content is None:
+            content = ""  # what OpenAI-style clients send beside tool calls
         if role not in ROLES:
             raise BadRequest(f"messages[{i}].role must be one of {sorted(ROLES)}")
         if not isinstance(content, str):
@@ -197,6 +218,60 @@ def _stream_flag(body: dict[str, Any]) -> bool:
     return stream
 
 
+def _context(value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                              for t in value):
+        raise BadRequest("'context' must be a list of token ids (from an earlier /api/generate answer)")
+    return value
+
+
+async def _templated(session: aiohttp.ClientSession, url: str, messages: list[dict[str, Any]]) -> str:
+    """The prompt the coordinator's chat template makes of `messages`."""
+    async for doc in one_answer(session, f"{url}/apply-template", {"messages": messages}):
+        return str(doc.get("prompt") or "")
+    return ""
+
+
+async def _after_context(session: aiohttp.ClientSession, url: str, messages: list[dict[str, Any]],
+                         context: list[int], raw: dict[str, Any], state: dict[str, Any]) -> AsyncIterator[Piece]:
+    """An answer after an earlier /api/generate's (deprecated) `context`, made as Ollama makes it:
+    that context detokenized in front of this turn's templated prompt, sent as a raw prompt
+    (kept in `state["prompt"]` for the answer's own context)."""
+    before = ""
+    async for doc in one_answer(session, f"{url}/detokenize", {"tokens": context}):
+        before = str(doc.get("content") or "")
+    state["prompt"] = before + await _templated(session, url, messages)
+    pieces = completion_pieces(session, url, raw | {"prompt": state["prompt"]})
+    async with contextlib.aclosing(pieces):
+        async for piece in pieces:
+            yield piece
+
+
+async def _context_of(session: aiohttp.ClientSession, pieces: AsyncIterator[Piece], messages: list[dict[str, Any]],
+                      state: dict[str, Any], out: dict[str, Any]) -> AsyncIterator[Piece]:
+    """`pieces`, with this answer's context put in `out["context"]` before the final piece: the tokens
+    of the prompt it answered and of its response, as Ollama makes them. `state["url"]` is the
+    coordinator that answered last (a resumed answer's is the healed one)."""
+    text: list[str] = []
+    async with contextlib.aclosing(pieces):
+        async for piece in pieces:
+            if isinstance(piece, Final):
+                try:
+                    url = state["url"]
+                    prompt = state.get("prompt") or await _templated(session, url, messages)
+                    body = {"content": prompt + "".join(text), "add_special": False, "parse_special": True}
+                    async for doc in one_answer(session, f"{url}/tokenize", body):
+                        out["context"] = [int(t) for t in doc.get("tokens") or []]
+                except LlamafleetError as exc:
+                    # The answer is whole; only the deprecated context is missing from it.
+                    log.info("no context for an /api/generate answer: %s", exc.message)
+            elif isinstance(piece, str):
+                text.append(piece)
+            yield piece
+
+
 def _final_fields(final: Final | None, info: RunInfo) -> dict[str, Any]:
     doc: dict[str, Any] = {"done": True, "total_duration": info.total_ns,
                            "load_duration": int(info.load_duration_s * 1e9)}
@@ -214,10 +289,12 @@ def _final_fields(final: Final | None, info: RunInfo) -> dict[str, Any]:
 
 
 async def _respond(request: web.Request, stream: bool, pieces: AsyncIterator[Piece],
-                   piece_doc: PieceDoc, info: RunInfo) -> web.StreamResponse:
+                   piece_doc: PieceDoc, info: RunInfo, final_extra: dict[str, Any] | None = None) -> web.StreamResponse:
     """NDJSON when streaming (an error after the first line is a last `{"error"}` line), else one JSON.
+    `final_extra`: more fields for the final object, filled in before the final piece comes.
 
     Tool calls come whole, in one line of their own before the final one, as Ollama sends them."""
+    extra = final_extra if final_extra is not None else {}
     async with contextlib.aclosing(pieces):
         if not stream:
             text, thinking, calls, final = [], [], [], None
@@ -230,11 +307,11 @@ async def _respond(request: web.Request, stream: bool, pieces: AsyncIterator[Pie
                     calls += _ollama_tool_calls(piece)
                 else:
                     text.append(piece)
-            return web.json_response(piece_doc("".join(text), "".join(thinking), calls) | _final_fields(final, info))
+            return web.json_response(piece_doc("".join(text), "".join(thinking), calls) | _final_fields(final, info) | extra)
 
         def line(piece: Piece) -> bytes:
             if isinstance(piece, Final):
-                doc = piece_doc("", "", []) | _final_fields(piece, info)
+                doc = piece_doc("", "", []) | _final_fields(piece, info) | extra
             elif isinstance(piece, Thinking):
                 doc = piece_doc("", piece.text, [])
             elif isinstance(piece, ToolCalls):
@@ -249,19 +326,22 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
     routes = web.RouteTableDef()
     manager = dispatcher.manager
     models = manager.planner.models
+    metrics = dispatcher.metrics
+    ignored = IgnoredNames("ollama", metrics.count_ignored if metrics is not None else None)
 
     async def body_of(request: web.Request, allowed: frozenset[str]) -> dict[str, Any]:
-        body = await json_body(request, max_body_bytes)
-        _check_fields(body, allowed)
+        body = _known_fields(await json_body(request, max_body_bytes), allowed, ignored)
         string_field(body, "model")
         parse_model_name(body["model"])
         return body
 
     async def generation(request: web.Request, body: dict[str, Any], messages: list[dict[str, Any]] | None,
                          prompt: str | None, piece_doc: PieceDoc,
-                         tools: list[dict[str, Any]] | None = None) -> web.StreamResponse:
+                         tools: list[dict[str, Any]] | None = None,
+                         context: list[int] | None = None) -> web.StreamResponse:
+        """`context`: None where no context is asked for or answered (chat, raw), else /api/generate's."""
         model = body["model"]
-        options = ollama_options(body.get("options"))
+        options = ollama_options(body.get("options"), ignored)
         keep_alive = keep_alive_seconds(body.get("keep_alive"))
         stream = _stream_flag(body)
         fmt = response_format(body.get("format"))
@@ -284,11 +364,14 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
         session = dispatcher.session
         # A structured answer (a grammar from `format`, tool calls) is not resumed: a continuation
         # would start its grammar or parser afresh in the middle of the answer.
+        # Nor is one after an earlier context: it is a raw prompt made here, not the messages.
         progress = (Progress() if dispatcher.resume_policy.enabled and fmt is None and not body.get("tools")
-                    else None)
+                    and not context else None)
         sampling = {k: v for k, v in options.sampling.items() if k != "n_predict"}
         spec = ResumeSpec(sampling, int(options.sampling.get("n_predict", -1)), messages=messages or None,
                           prompt=None if messages else prompt)
+        # /api/generate's context: which coordinator answered, and what prompt it was sent when made here.
+        context_out: dict[str, Any] | None = {} if context is not None and messages else None
         if messages:
             upstream = {"messages": messages, **options.sampling}
             if "n_predict" in upstream:
@@ -301,7 +384,18 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
                 upstream |= _reasoning_fields(think)
 
             def open_stream(url: str) -> AsyncIterator[Piece]:
+                if context_out is not None:
+                    context_out["url"] = url
                 return chat_pieces(session, url, upstream, progress)
+            if context_out is not None and context:
+                raw_body = dict(options.sampling)
+                if fmt:
+                    raw_body["json_schema"] = fmt.get("json_schema", {}).get("schema", {})
+                turn, earlier, state = messages, context, context_out
+
+                def open_stream(url: str) -> AsyncIterator[Piece]:
+                    state["url"] = url
+                    return _after_context(session, url, turn, earlier, raw_body, state)
         else:
             raw = {"prompt": prompt, **options.sampling}
             if fmt:
@@ -311,15 +405,22 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
                 return completion_pieces(session, url, raw, progress)
         resume = None
         if progress is not None:
-            resume = Resume(progress, lambda url: continuation(session, url, spec, progress))
+            def reopen(url: str) -> AsyncIterator[Piece]:
+                if context_out is not None:
+                    context_out["url"] = url
+                return continuation(session, url, spec, progress)
+            resume = Resume(progress, reopen)
         pieces = dispatcher.fleet_stream(model, options.num_ctx, keep_alive, open_stream, info, resume)
-        return await _respond(request, stream, dispatcher.observed(model, pieces, info), piece_doc, info)
+        extra: dict[str, Any] = {}
+        if context_out is not None and messages:
+            pieces = _context_of(session, pieces, messages, context_out, extra)
+        return await _respond(request, stream, dispatcher.observed(model, pieces, info), piece_doc, info, extra)
 
     @routes.post("/api/chat")
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await body_of(request, CHAT_FIELDS)
         tools = _tools(body.get("tools"))
-        messages = _messages(body.get("messages"))
+        messages = _messages(body.get("messages"), ignored)
         model = body["model"]
 
         def piece(text: str, thinking: str, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
@@ -335,7 +436,7 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
     async def generate(request: web.Request) -> web.StreamResponse:
         body = await body_of(request, GENERATE_FIELDS)
         for key, why in (("suffix", "fill-in-the-middle is not served"), ("template", "the model's template is used"),
-                         ("context", "use /api/chat for conversations"), ("images", "this model server takes no images")):
+                         ("images", "this model server takes no images")):
             _unsupported(body, key, why)
         prompt, system, raw = body.get("prompt") or "", body.get("system") or "", body.get("raw") or False
         if not isinstance(prompt, str) or not isinstance(system, str) or not isinstance(raw, bool):
@@ -345,15 +446,30 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
         if prompt and not raw:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 
+        context = _context(body.get("context"))
+
         def piece(text: str, thinking: str, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
             return {"model": model, "created_at": now(), "response": text, "done": False} | (
                 {"thinking": thinking} if thinking else {})
-        return await generation(request, body, messages, prompt if raw else None, piece)
+        return await generation(request, body, messages, prompt if raw else None, piece,
+                                context=None if raw else (context or []))
+
+    digests = manager.planner.digests
+
+    def digest_of(card: ModelCard) -> str:
+        """An Ollama blob's name, else the file's sha256 once the digest thread has it ("" until then)."""
+        if card.digest or digests is None:
+            return card.digest
+        return digests.digest(card.path) or ""
 
     @routes.get("/api/tags")
     async def tags(request: web.Request) -> web.Response:
         out, seen = [], set()
-        for resolved in models.list():
+        listed = models.list()
+        if digests is not None:
+            # Clients tell models apart by digest (llm-ollama groups by it): give new files a moment.
+            await digests.settle([m.path for m in listed], DIGEST_WAIT_S)
+        for resolved in listed:
             try:
                 card = catalog.card(resolved)
             except (LlamafleetError, OSError):
@@ -364,7 +480,7 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
                 continue
             seen.add(name)
             out.append({"name": name, "model": name, "modified_at": card.modified_at, "size": card.size,
-                        "digest": card.digest, "details": card.details})
+                        "digest": digest_of(card), "details": card.details})
         for name in sorted(dispatcher.pool.models() - seen):
             out.append({"name": name, "model": name, "details": {}})
         return web.json_response({"models": out})
@@ -377,7 +493,7 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
             card = catalog.card(resolved)
             expires = rfc3339(doc["expires_at_unix"]) if doc["expires_at_unix"] else None
             out.append({"name": doc["model"], "model": doc["model"], "size": doc["size_bytes"],
-                        "size_vram": doc["gpu_bytes"], "digest": card.digest, "details": card.details,
+                        "size_vram": doc["gpu_bytes"], "digest": digest_of(card), "details": card.details,
                         "expires_at": expires, "context_length": doc["ctx"],
                         "state": doc["state"], "backends": doc["backends"]})
         return web.json_response({"models": out})
@@ -396,26 +512,12 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
         return web.json_response({
             "modelfile": "", "parameters": "", "template": card.template, "license": "",
             "details": card.details, "model_info": card.model_info, "capabilities": card.capabilities,
-            "modified_at": card.modified_at,
+            "modified_at": card.modified_at, "digest": digest_of(card),
         })
-
-    @routes.post("/api/embed")
-    @routes.post("/api/embeddings")
-    async def embed(request: web.Request) -> web.StreamResponse:
-        body = await json_body(request, max_body_bytes)
-        model = string_field(body, "model")
-        route = dispatcher.route(model)
-        if route.target == "pool":
-            return await dispatcher.proxy_to_pool(request, route, request.path, body)
-        card = catalog.card(models.resolve(model))
-        if "embedding" not in card.capabilities:
-            raise BadRequest(f"'{model}' does not support embeddings")
-        raise BadRequest(f"'{model}' is an embedding model; the distributed coordinator serves generation only "
-                         "(route it to an Ollama pool node with --route)")
 
     @routes.get("/api/version")
     async def version(request: web.Request) -> web.Response:
-        return web.json_response({"version": VERSION})
+        return web.json_response({"version": OLLAMA_API_VERSION, "llamafleet": LLAMAFLEET_VERSION})
 
     @routes.get("/")
     async def root(request: web.Request) -> web.Response:

@@ -1,8 +1,9 @@
 """OpenAI's API (`/v1/*`) over the fleet: passed through to llama-server with an allow-list.
 
 llama-server speaks this API itself, so requests go through nearly as they are: only fields on
-the allow-list travel, and the `model` in every answer is the name the client asked for (not
-llama-server's file path).
+the allow-list travel (others are dropped, logged once per name and counted, as Ollama ignores
+them), and the `model` in every answer is the name the client asked for (not llama-server's
+file path).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from llamafleet.controller.gateway.fairness import client_of
 from llamafleet.controller.gateway.options import (
     OPENAI_CHAT_FIELDS,
     OPENAI_COMPLETION_FIELDS,
+    IgnoredNames,
     openai_body,
 )
 from llamafleet.controller.gateway.resume import (
@@ -36,7 +38,7 @@ from llamafleet.controller.gateway.upstream import (
     one_answer,
     sse_events,
 )
-from llamafleet.controller.models import parse_model_name
+from llamafleet.controller.models import ModelNotFound, parse_model_name
 from llamafleet.controller.web import json_body, stream_items, string_field
 
 
@@ -88,9 +90,11 @@ class _Chunks:
 def make_routes(dispatcher: Dispatcher, max_body_bytes: int) -> web.RouteTableDef:
     routes = web.RouteTableDef()
     models = dispatcher.manager.planner.models
+    metrics = dispatcher.metrics
+    ignored = IgnoredNames("openai", metrics.count_ignored if metrics is not None else None)
 
     async def passthrough(request: web.Request, allowed: frozenset[str], path: str) -> web.StreamResponse:
-        body = openai_body(await json_body(request, max_body_bytes), allowed)
+        body = openai_body(await json_body(request, max_body_bytes), allowed, ignored)
         model = string_field(body, "model")
         parse_model_name(model)
         route = dispatcher.route(model)
@@ -158,6 +162,19 @@ def make_routes(dispatcher: Dispatcher, max_body_bytes: int) -> web.RouteTableDe
         for name in sorted(dispatcher.pool.models() - seen):
             data.append({"id": name, "object": "model", "created": 0, "owned_by": "ollama-pool"})
         return web.json_response({"object": "list", "data": data})
+
+    @routes.get("/v1/models/{model:.+}")  # names may have a namespace (user/model)
+    async def one_model(request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name in dispatcher.pool.models():
+            return web.json_response({"id": name, "object": "model", "created": 0, "owned_by": "ollama-pool"})
+        resolved = models.resolve(name)  # ModelNotFound: OpenAI's 404
+        try:
+            created = int(resolved.path.stat().st_mtime)
+        except OSError:
+            raise ModelNotFound(f"model '{name}' not found") from None
+        # The id as asked (what Ollama answers, and what a client compares with what it asked).
+        return web.json_response({"id": name, "object": "model", "created": created, "owned_by": "llamafleet"})
 
     return routes
 

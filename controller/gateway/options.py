@@ -3,11 +3,18 @@
 Nothing a client sends reaches llama-server unless it is named here: llama-server accepts
 fields that change how the server behaves for everyone (`n_discard`, `id_slot`, `lora`,
 `cache_prompt`…), and the gateway decides those, not the caller.
+
+As lenient as Ollama about what it does not use: an unknown field or option is dropped (never
+passed on), logged once per name and counted (`IgnoredNames`); Ollama's coercions are made
+(a float where an integer goes is truncated, as Go's decoding of `options` does). A field we do
+use with a wrong type is still a 400 that names it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,16 +22,51 @@ from typing import Any
 from llamafleet.common.errors import UsageError
 from llamafleet.common.units import parse_duration
 
+log = logging.getLogger(__name__)
 MAX_CTX = 1 << 24
 MAX_STOP_WORDS = 16
+# Names a client invents are unbounded: the log and the metric's labels take this many, then "other".
+MAX_IGNORED_NAMES = 256
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+Ignore = Callable[[str, str], None]  # (kind: "field" | "option" | "message field", name)
 
 
 class BadRequest(UsageError):
     """The request's body is wrong: the gateway answers 400 with this message."""
 
 
+class IgnoredNames:
+    """What requests carried that the gateway does not use: each name logged once, all counted.
+
+    `count(api, kind, name)` feeds `/metrics`; a name that is not plain text, or one past the
+    first MAX_IGNORED_NAMES, is logged and counted as "other" so a client cannot grow either.
+    """
+
+    def __init__(self, api: str, count: Callable[[str, str, str], None] | None = None) -> None:
+        self.api = api
+        self._count = count
+        self._seen: set[tuple[str, str]] = set()
+
+    def __call__(self, kind: str, name: str) -> None:
+        shown = name if _PLAIN_NAME.match(name) else "other"
+        if (kind, shown) not in self._seen and len(self._seen) >= MAX_IGNORED_NAMES:
+            shown = "other"
+        if (kind, shown) not in self._seen:
+            self._seen.add((kind, shown))
+            log.warning("%s requests: dropping %s '%s', which this gateway does not use (never passed on; "
+                        "logged once per name, counted in llamafleet_ignored_fields_total)", self.api, kind, shown)
+        if self._count is not None:
+            self._count(self.api, kind, shown)
+
+
+def ignore_silently(kind: str, name: str) -> None:
+    """For callers with no log or metric of their own (tests, the CLI's checks)."""
+
+
 def _int(name: str, low: int | None = None, high: int | None = None) -> Callable[[Any], int]:
     def check(value: Any) -> int:
+        if isinstance(value, float) and math.isfinite(value):
+            value = int(value)  # as Ollama: 8.0 (or 8.5) for an integer option is 8
         if not isinstance(value, int) or isinstance(value, bool):
             raise BadRequest(f"option '{name}' must be an integer, not {type(value).__name__}")
         if (low is not None and value < low) or (high is not None and value > high):
@@ -94,7 +136,8 @@ class OllamaOptions:
     num_ctx: int | None
 
 
-def ollama_options(raw: Any) -> OllamaOptions:
+def ollama_options(raw: Any, ignore: Ignore = ignore_silently) -> OllamaOptions:
+    """Ollama's `options` as llama-server fields; options we do not know are dropped (`ignore`)."""
     if raw is None:
         return OllamaOptions({}, None)
     if not isinstance(raw, dict):
@@ -110,7 +153,7 @@ def ollama_options(raw: Any) -> OllamaOptions:
             option = OLLAMA_SAMPLING[key]
             sampling[option.target] = option.check(value)
         elif key not in OLLAMA_LOAD_OPTIONS:
-            raise BadRequest(f"unknown option '{key}'")
+            ignore("option", str(key))
     return OllamaOptions(sampling, num_ctx)
 
 
@@ -155,13 +198,18 @@ OPENAI_IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", 
                                    "reasoning_effort", "verbosity", "prompt_cache_key", "safety_identifier"})
 
 
-def openai_body(body: Mapping[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
+def is_known_option(name: str) -> bool:
+    return name == "num_ctx" or name in OLLAMA_SAMPLING or name in OLLAMA_LOAD_OPTIONS
+
+
+def openai_body(body: Mapping[str, Any], allowed: frozenset[str], ignore: Ignore = ignore_silently) -> dict[str, Any]:
+    """The allowed fields of an OpenAI body; the SDKs' bookkeeping fields dropped, others too (`ignore`)."""
     out: dict[str, Any] = {}
     for key, value in body.items():
         if key in allowed:
             out[key] = value
         elif key not in OPENAI_IGNORED_FIELDS:
-            raise BadRequest(f"unsupported field '{key}'")
+            ignore("field", key)
     n = out.get("n", 1)
     if n not in (1, None):
         raise BadRequest("'n' must be 1: one completion per request")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
 import time
+import urllib.parse
 from pathlib import Path
 
 import ollama
@@ -86,6 +88,18 @@ def test_loading_a_second_model_that_does_not_fit_beside_the_first_unloads_the_i
         assert [d["model"] for d in fleet.ps()] == ["gemma:latest"]
 
 
+def hang_up_mid_stream(base_url: str, body: dict[str, object]) -> None:
+    """Start a streamed /api/generate, read its first line, and close the socket."""
+    url = urllib.parse.urlsplit(base_url)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
+    connection.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
+    reply = connection.getresponse()
+    assert reply.status == 200 and json.loads(reply.readline())["done"] is False
+    assert connection.sock is not None
+    connection.sock.close()
+    connection.close()
+
+
 def test_ollama_pool_route_skips_a_dead_node_and_serves_through_a_live_one(tmp_path: Path, llama_cpp: Manifest,
                                                                            test_model: Path) -> None:
     from llamafleet.common.llamacpp.probe import free_loopback_port
@@ -109,5 +123,17 @@ def test_ollama_pool_route_skips_a_dead_node_and_serves_through_a_live_one(tmp_p
             assert front.ps() == [] and [d["model"] for d in pool_node.ps()] == ["gemma:latest"]
             [down] = [n for n in json.loads(front.cli("pool", "--json").stdout) if n["url"] == dead]
             assert not down["healthy"] and down["error"]
+            # Embeddings go the pool's way too, the fields we drop left behind.
+            embedded = client.embed(model="gemma", input=["hi", "there"], options={"keep_alive": "5m"})
+            assert len(embedded.embeddings) == 2 and len(embedded.embeddings[0]) == 640
+            # A client that hangs up mid-answer is its own business: one info line, the node stays up.
+            before = len(front.log_path.read_text())
+            hang_up_mid_stream(front.url, {"model": "gemma", "prompt": PROMPT, "options": {"num_predict": 200}})
+            wait_for(lambda: "closed the connection" in front.log_path.read_text()[before:], 30, "the hang-up noticed")
+            time.sleep(1)
+            after = front.log_path.read_text()[before:]
+            assert "Traceback" not in after and "is down" not in after, after
+            [live] = [n for n in json.loads(front.cli("pool", "--json").stdout) if n["url"] == pool_node.url]
+            assert live["healthy"]
         finally:
             front.stop_controller()

@@ -14,6 +14,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from llamafleet.controller.access import (
     Access,
+    is_allowed_origin,
     is_loopback_host,
     is_loopback_peer,
     is_same_origin,
@@ -22,7 +23,7 @@ from llamafleet.controller.access import (
 from llamafleet.controller.client import key_for
 from llamafleet.controller.daemon import make_app
 from llamafleet.controller.settings import ControllerSettings
-from llamafleet.controller.web import HttpKeys, guard
+from llamafleet.controller.web import HttpKeys, guard, without_paths
 
 ADMIN, API = "admin-key-0123", "api-key-4567"
 
@@ -72,6 +73,26 @@ def test_host_must_be_a_loopback_name_or_the_listen_address(host: str | None, al
 def test_a_wildcard_listen_address_is_no_host_name() -> None:
     assert not is_loopback_host("0.0.0.0:11434", "0.0.0.0")
     assert not is_loopback_host("[::]:11434", "::")
+
+
+@pytest.mark.parametrize(("origin", "extra", "allowed"), [
+    ("http://localhost:3000", (), True), ("https://127.0.0.1", (), True), ("http://0.0.0.0:8080", (), True),
+    ("app://obsidian.md", (), True), ("tauri://localhost", (), True), ("vscode-webview://abc", (), True),
+    ("https://evil.example", (), False), ("http://0.0.0.0.evil.example", (), False), ("null", (), False),
+    ("https://app.example.com", ("https://app.example.com",), True),
+    ("https://a.example.com", ("https://*.example.com",), True),
+    ("https://example.com.evil", ("https://*.example.com",), False),
+    ("https://anything", ("*",), True),
+])
+def test_allowed_origins_are_ollamas_defaults_and_the_operators(origin: str, extra: tuple[str, ...],
+                                                                 allowed: bool) -> None:
+    assert is_allowed_origin(origin, extra) is allowed
+
+
+def test_error_texts_for_api_clients_name_no_server_path() -> None:
+    assert without_paths("model 'x' not found (looked in /srv/models, /root/.ollama/models)") == (
+        "model 'x' not found (looked in <path>, <path>)")
+    assert without_paths("/api/pull is not served; see /v1/models") == "/api/pull is not served; see /v1/models"
 
 
 @pytest.mark.parametrize(("origin", "host", "same"), [

@@ -31,6 +31,13 @@ def test_argv_spells_the_plan_and_keeps_llama_server_on_loopback() -> None:
     assert flag(argv, "--alias") == "llama3:70b"
 
 
+def test_embeddings_are_served_beside_completions_with_a_pooling_only_where_the_model_has_none() -> None:
+    plain = coordinator_argv(Path("/bin/llama-server"), SPEC, 1)
+    assert "--embeddings" in plain and "--pooling" not in plain  # an embedding model's own pooling stays
+    generative = coordinator_argv(Path("/bin/llama-server"), replace(SPEC, embedding_pooling="last"), 1)
+    assert "--embeddings" in generative and flag(generative, "--pooling") == "last"
+
+
 def test_inherited_llama_arg_variables_cannot_change_the_flags() -> None:
     env = coordinator_env(SPEC, {"PATH": "/usr/bin", "LLAMA_ARG_HOST": "0.0.0.0", "LLAMA_ARG_N_PARALLEL": "8",
                                  "LLAMA_ARG_CACHE_RAM": "8192", "LLAMA_CACHE": "/c"})

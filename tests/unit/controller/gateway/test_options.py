@@ -7,8 +7,10 @@ import pytest
 from llamafleet.common.errors import UsageError
 from llamafleet.common.units import parse_duration
 from llamafleet.controller.gateway.options import (
+    MAX_IGNORED_NAMES,
     OPENAI_CHAT_FIELDS,
     BadRequest,
+    IgnoredNames,
     keep_alive_seconds,
     ollama_options,
     openai_body,
@@ -27,10 +29,10 @@ def test_ollama_options_map_to_llama_server_fields() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"n_discard": 4}, "unknown option 'n_discard'"),
         ({"temperature": "hot"}, "'temperature' must be a number"),
         ({"temperature": float("nan")}, "'temperature' must be a number"),
-        ({"num_predict": 1.5}, "'num_predict' must be an integer"),
+        ({"num_predict": "8"}, "'num_predict' must be an integer"),
+        ({"num_predict": float("inf")}, "'num_predict' must be an integer"),
         ({"num_predict": True}, "'num_predict' must be an integer"),
         ({"num_predict": -3}, "'num_predict' must be between"),
         ({"num_ctx": 0}, "'num_ctx' must be between"),
@@ -44,6 +46,38 @@ def test_ollama_options_map_to_llama_server_fields() -> None:
 def test_bad_options_are_400_with_the_option_named(options: dict, message: str) -> None:
     with pytest.raises(BadRequest, match=message):
         ollama_options(options)
+
+
+def test_unknown_options_are_dropped_and_reported_never_passed_on() -> None:
+    seen: list[tuple[str, str]] = []
+    options = ollama_options({"n_discard": 4, "id_slot": 1, "keep_alive": "5m", "draft_num_predict": 3,
+                              "rope_frequency_base": 1e4, "temperature": 0}, lambda kind, name: seen.append((kind, name)))
+    assert options.sampling == {"temperature": 0.0}
+    assert seen == [("option", "n_discard"), ("option", "id_slot"), ("option", "keep_alive"),
+                    ("option", "draft_num_predict"), ("option", "rope_frequency_base")]
+
+
+def test_floats_for_integer_options_are_truncated_as_ollama_does() -> None:
+    assert ollama_options({"num_predict": 8.0, "top_k": 40.7, "seed": 3.0}).sampling == {
+        "n_predict": 8, "top_k": 40, "seed": 3}
+    assert ollama_options({"num_ctx": 2048.0}).num_ctx == 2048
+
+
+def test_ignored_names_are_logged_once_and_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    counted: list[tuple[str, str, str]] = []
+    ignored = IgnoredNames("ollama", lambda *labels: counted.append(labels))
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            ignored("option", "keep_alive")
+        ignored("field", "bad\nname")
+        for i in range(MAX_IGNORED_NAMES + 10):
+            ignored("field", f"f{i}")
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("'keep_alive'" in line for line in lines) == 1  # once per name, however often it comes
+    assert counted[:3] == [("ollama", "option", "keep_alive")] * 3
+    assert counted[3] == ("ollama", "field", "other")  # not plain text: no label of the client's making
+    assert len({name for _, _, name in counted}) <= MAX_IGNORED_NAMES + 1 and counted[-1][2] == "other"
+    assert len(lines) <= MAX_IGNORED_NAMES + 1
 
 
 def test_options_must_be_an_object() -> None:
@@ -82,10 +116,13 @@ def test_format_becomes_a_response_format() -> None:
 
 
 def test_openai_bodies_pass_the_allow_list_only() -> None:
-    body = {"model": "m", "messages": [], "max_tokens": 5, "user": "u", "metadata": {"a": 1}}
-    assert openai_body(body, OPENAI_CHAT_FIELDS) == {"model": "m", "messages": [], "max_tokens": 5}
-    for bad, message in [({"n_discard": 1}, "unsupported field 'n_discard'"), ({"id_slot": 0}, "unsupported field"),
-                         ({"n": 2}, "'n' must be 1"), ({"max_tokens": "5"}, "'max_tokens' must be an integer"),
+    body = {"model": "m", "messages": [], "max_tokens": 5, "user": "u", "metadata": {"a": 1}, "n_discard": 1,
+            "id_slot": 0, "cache_prompt": False}
+    seen: list[str] = []
+    assert openai_body(body, OPENAI_CHAT_FIELDS, lambda kind, name: seen.append(name)) == {
+        "model": "m", "messages": [], "max_tokens": 5}
+    assert seen == ["n_discard", "id_slot", "cache_prompt"]  # the SDKs' own fields go without a word
+    for bad, message in [({"n": 2}, "'n' must be 1"), ({"max_tokens": "5"}, "'max_tokens' must be an integer"),
                          ({"stream": "yes"}, "'stream' must be true or false")]:
         with pytest.raises(BadRequest, match=message):
             openai_body({"model": "m", **bad}, OPENAI_CHAT_FIELDS)
