@@ -38,7 +38,7 @@ from llamafleet.controller.estimate import EstimateError
 from llamafleet.controller.events import EventSink
 from llamafleet.controller.gateway.fairness import VALID_KEY
 from llamafleet.controller.gateway.pool import PoolUnavailable
-from llamafleet.controller.gateway.upstream import UpstreamRejected, UpstreamUnavailable
+from llamafleet.controller.gateway.upstream import UpstreamGarbage, UpstreamRejected, UpstreamUnavailable
 from llamafleet.controller.gguf import GGUFError
 from llamafleet.controller.metrics import ControllerMetrics
 from llamafleet.controller.models import InvalidModelName, ModelNotFound
@@ -57,7 +57,7 @@ class BodyTooLarge(UsageError):
 # Domain errors → HTTP status, in one place. Subclasses first.
 _STATUS: list[tuple[type[LlamafleetError], int]] = [
     (BodyTooLarge, 413), (InvalidModelName, 400), (UsageError, 400), (ModelNotFound, 404), (DoesNotFit, 507), (ShuttingDown, 503), (StateNotWritable, 503),
-    (PullRefused, 409), (GGUFError, 422), (EstimateError, 422), (CoordinatorExited, 503), (UpstreamUnavailable, 502),
+    (PullRefused, 409), (GGUFError, 422), (EstimateError, 422), (CoordinatorExited, 503), (UpstreamUnavailable, 502), (UpstreamGarbage, 502),
     (PoolUnavailable, 502), (LlamafleetError, 500),
 ]
 
