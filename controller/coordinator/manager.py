@@ -29,6 +29,7 @@ from llamafleet.controller.coordinator.deployment import (
 )
 from llamafleet.controller.coordinator.states import CoordinatorState
 from llamafleet.controller.coordinator.process import log_dir_name, numbered_logs
+from llamafleet.controller.coordinator.reachability import RpcReachability
 from llamafleet.controller.gateway.fairness import FairQueue
 from llamafleet.controller.inventory import Inventory, rpc_server_at, rpc_state_name
 from llamafleet.controller.models import ResolvedModel, parse_model_name
@@ -94,6 +95,7 @@ class CoordinatorManager:
         self._idle_stops: set[asyncio.Task[None]] = set()
         self._queues: dict[str, FairQueue] = {}
         self._prestaged: dict[str, dict[str, Any]] = {}  # model → what its last placement pre-staged
+        self.reachability = RpcReachability()
         self.closing = False
 
     def deployment(self, model: str) -> Deployment:
@@ -146,6 +148,7 @@ class CoordinatorManager:
         await asyncio.gather(*(d.close() for d in self._deployments.values()))
         for task in self._idle_stops:
             task.cancel()
+        self.reachability.close()
 
     def serving(self) -> dict[str, str]:
         """rpc-server endpoint → the model whose coordinator holds it."""
@@ -413,6 +416,12 @@ class CoordinatorManager:
             record = self.inventory.record(backend.node)
             if record is None:
                 return f"node {backend.node} was removed"
+            if self.inventory.state(record) != "unreachable":
+                self.reachability.forget(backend.endpoint)
+            elif self.reachability.gone(backend.endpoint):
+                # A cut link: llama-server would wait on its RPC socket for ever (see reachability.py).
+                return (f"node {backend.node} is unreachable and its rpc-server {backend.endpoint} accepts no "
+                        "connection")
             if record.status is None:
                 continue  # not heard from since a controller restart: the process will tell
             rpc = rpc_server_at(record.status, backend.endpoint)

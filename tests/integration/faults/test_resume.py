@@ -17,7 +17,9 @@ import http.client
 import json
 import os
 import random
+import shutil
 import signal
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -28,9 +30,9 @@ from typing import Any
 import openai
 import pytest
 
+from bench.netns import shaped_links
 from llamafleet.common.llamacpp.install import Manifest
-from tests.integration.agent.harness import wait_for
-from tests.integration.controller.harness import Fleet, running_fleet
+from tests.integration.controller.harness import AgentHost, Fleet, running_fleet
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 N = 96  # tokens per answer: long enough to kill in the middle, short enough for 2 cores
@@ -158,3 +160,29 @@ def test_a_model_that_cannot_come_back_ends_with_the_error_line(tmp_path: Path, 
         assert time.monotonic() - started < 60
         events = fleet.cli("events", "--json").stdout
         assert "stream.resume_failed" in events
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("tc")),
+                    reason="a cut link needs root and iproute2 (network namespaces the test makes itself)")
+def test_a_cut_link_is_a_pause_and_the_answer_goes_on_without_that_worker(tmp_path: Path, llama_cpp: Manifest,
+                                                                          test_model: Path) -> None:
+    # Three workers, each in a network namespace of its own; the model needs two. One backend's
+    # link is cut mid-answer: no RST, no FIN, so llama-server would wait on its socket for ever.
+    with shaped_links(3) as links, running_fleet(
+            tmp_path, llama_cpp, test_model, agents=3,
+            hosts=tuple(AgentHost(link.worker_address, link.exec_prefix) for link in links)) as fleet:
+        body = {"model": "gemma", "prompt": PROMPT, "raw": True, "options": OPTIONS}
+        whole, _ = stream(fleet, "/api/generate", body)
+        [before] = fleet.ps()
+        victim = next(link for link in links if any(b.startswith(f"{link.worker_address}:") for b in before["backends"]))
+
+        def cut() -> None:
+            subprocess.run(["ip", "link", "set", victim.host_device, "down"], check=True)
+        docs, pause = stream(fleet, "/api/generate", body, RANDOM.randint(3, N - 10), cut)
+        print(f"a cut link: paused {pause:.1f} s")
+        assert "error" not in docs[-1], docs[-1]
+        assert text_of(docs) == text_of(whole) and docs[-1]["resumed"] == 1
+        assert pause < 30, "a stuck connection held the answer"
+        [after] = fleet.ps()
+        assert not any(b.startswith(f"{victim.worker_address}:") for b in after["backends"])
+        assert "accepts no connection" in fleet.cli("events", "--json").stdout
