@@ -405,6 +405,11 @@ class Deployment:
         process.exited.add_done_callback(lambda _: self._wake.set())
         while True:
             if not process.alive:
+                await process.drain()  # its last lines say whether an rpc-server took it down
+                if process.backend_lost:
+                    # Aborted by llama.cpp because an rpc-server under it died: a backend's failure
+                    # (the agent bounds those), not a crash of the coordinator.
+                    return _StopReason("backends", f"an rpc-server failed under it; {process.exit_error().message}")
                 return _StopReason("exit", process.exit_error().message)
             if not self._wanted:
                 return _StopReason("unload", self._unload_reason or "unloaded")

@@ -34,6 +34,9 @@ from llamafleet.controller.coordinator.command import (
 log = logging.getLogger(__name__)
 HEALTH_POLL_S = 0.1
 OUTPUT_LINES_KEPT = 30
+# What llama.cpp's RPC client prints (ggml-rpc.cpp) before it aborts the process when an
+# rpc-server died or its connection broke: the coordinator did not fail, a backend did.
+RPC_BACKEND_LOST = "Remote RPC server crashed"
 LOGS_KEPT_PER_MODEL = 10
 # A log reader that raised what nobody expected reads on after a short pause, for as long as the
 # process lives: while nobody reads, llama-server blocks on its full pipe.
@@ -78,6 +81,7 @@ class CoordinatorProcess:
         self.log_path = log_path  # None: no log file could be made (the output is still read)
         self.started = time.monotonic()
         self.output: deque[str] = deque(maxlen=OUTPUT_LINES_KEPT)
+        self.backend_lost = False  # llama.cpp said an rpc-server went away (RPC_BACKEND_LOST)
         # Lines read but not written to the log (a full or read-only disk); the child never waits for them.
         self.log_lines_lost = 0
         self.log_error = log_error  # the last reason a log write failed ("" while none did)
@@ -115,7 +119,10 @@ class CoordinatorProcess:
         retry_at = time.monotonic() + LOG_RETRY_S
         try:
             while line := await self.proc.stdout.readline():
-                self.output.append(line.decode(errors="replace").rstrip())
+                text = line.decode(errors="replace").rstrip()
+                self.output.append(text)
+                if RPC_BACKEND_LOST in text:
+                    self.backend_lost = True
                 if sink is None and self.log_path is not None and time.monotonic() >= retry_at:
                     retry_at = time.monotonic() + LOG_RETRY_S
                     sink = self._open_log()
@@ -185,6 +192,10 @@ class CoordinatorProcess:
         await self.stop()
         raise CoordinatorExited(f"llama-server for {self.spec.model} was not healthy within {timeout_s:.0f}s "
                                 f"(log: {self.log_path})", detail="\n".join(self.output))
+
+    async def drain(self) -> None:
+        """Wait (briefly) until every line the process printed has been read."""
+        await self._drain()
 
     async def _drain(self) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
