@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -125,7 +126,7 @@ def test_what_ollama_ignores_is_dropped_counted_and_logged_once(fleet: Fleet) ->
     body = {
         "model": "gemma", "stream": False, "logprobs": True, "top_logprobs": 3, "truncate": True, "shift": False,
         "messages": [{"role": "System", "content": "Answer briefly."},
-                     {"role": "User", "content": "Say hi", "tool_call_id": "call_1"},
+                     {"role": "User", "content": "Say hi", "name": "Ada"},
                      {"role": "assistant", "content": None},
                      {"role": "user", "content": "Again"}],
         "options": {"keep_alive": "5m", "draft_num_predict": 4, "rope_frequency_base": 10000.0,
@@ -140,7 +141,7 @@ def test_what_ollama_ignores_is_dropped_counted_and_logged_once(fleet: Fleet) ->
     assert log.count("dropping option 'keep_alive'") == 1 and "dropping field 'shift'" in log
     _, _, metrics = request(fleet, "GET", "/metrics")
     assert 'llamafleet_ignored_fields_total{api="ollama",kind="option",name="keep_alive"} 2.0' in metrics.decode()
-    assert 'kind="message field",name="tool_call_id"' in metrics.decode()
+    assert 'kind="message field",name="name"' in metrics.decode()  # OpenAI's, not Ollama's
     status, _, raw = request(fleet, "POST", "/api/chat", body | {"options": {"num_predict": "8"}})
     assert status == 400 and "option 'num_predict' must be an integer" in json.loads(raw)["error"]
 
@@ -221,3 +222,24 @@ def test_a_client_that_hangs_up_mid_stream_is_one_info_line(fleet: Fleet, client
     assert after.count("closed the connection before the answer ended") == 1 and "Traceback" not in after, after
     answer = client.generate(model="gemma", prompt="hi", options={"num_predict": 2})
     assert answer.done  # the slot was given back
+
+
+def test_a_generate_resumed_after_a_worker_died_still_carries_its_context(fleet: Fleet) -> None:
+    body = {"model": "gemma", "prompt": "Count from 1 to 200.", "options": {"num_predict": 48, "temperature": 0}}
+
+    def lines(kill_after: int | None = None) -> list[dict[str, Any]]:
+        url = urllib.parse.urlsplit(fleet.url)
+        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=180)
+        connection.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
+        docs = []
+        for raw in connection.getresponse():
+            docs.append(json.loads(raw))
+            if len(docs) == kill_after:
+                os.kill(fleet.agents[0].rpc().pid, signal.SIGKILL)  # the context is made on the healed one
+        connection.close()
+        return docs
+
+    whole = lines()
+    resumed = lines(kill_after=5)
+    assert resumed[-1]["done"] and resumed[-1].get("resumed") == 1, resumed[-1]
+    assert resumed[-1]["context"] == whole[-1]["context"]
