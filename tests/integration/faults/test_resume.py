@@ -29,7 +29,6 @@ import openai
 import pytest
 
 from llamafleet.common.llamacpp.install import Manifest
-from tests.integration.agent.harness import wait_for
 from tests.integration.controller.harness import Fleet, running_fleet
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
