@@ -125,7 +125,7 @@ async def serve(settings: AgentSettings, notifier: Notifier | None = None) -> No
     # A supervisor, the model store or the cache keeper only ends when cancelled; if one dies of
     # a bug, the agent must not linger half alive (it exits with the error, and systemd restarts it).
     for task in (*supervisor_tasks, *background):
-        task.add_done_callback(lambda task: task.cancelled() or stop.set())
+        task.add_done_callback(lambda task: None if task.cancelled() else stop.set())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

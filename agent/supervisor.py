@@ -179,7 +179,7 @@ class RpcServerSupervisor:
             # The first keeps its old line ("rpc-server starting → running"): journals are grepped.
             name = "rpc-server" if old.index == 0 else f"rpc-server #{old.index}"
             log.info("%s %s → %s", name, old.state.value, state.value)
-        self._snapshot = RpcServerSnapshot(**values)  # type: ignore[arg-type]
+        self._snapshot = RpcServerSnapshot(**values)
         self._changes.bump()
         self._on_change()
 

@@ -88,7 +88,7 @@ def rpc_servers(build: Manifest, workdir: Path) -> Iterator[list[str]]:
             endpoints.append(f"{host}:{port}")
         for endpoint in endpoints:
             host, port = endpoint.split(":")
-            wait_for(lambda: _connects(host, int(port)), 30, f"rpc-server {endpoint}")
+            wait_for(lambda: _connects(host, int(port)), 30, f"rpc-server {endpoint}")  # noqa: B023
         yield endpoints
     finally:
         for p in procs:

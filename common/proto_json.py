@@ -20,7 +20,7 @@ def enum_short_name(enum: EnumDescriptor, number: int) -> str:
     return value.name.removeprefix(prefix).lower()
 
 
-def _value(field: FieldDescriptor, value: Any) -> Any:
+def _value(field: Any, value: Any) -> Any:  # a FieldDescriptor of either protobuf backend
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         return message_to_json(value)
     if field.type == FieldDescriptor.TYPE_ENUM:

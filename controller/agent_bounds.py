@@ -80,7 +80,7 @@ def _rpc_servers(status: pb.AgentStatus) -> Iterator[pb.RpcServerStatus]:
     yield status.rpc_server
     # Agents that run several rpc-servers list them all (a newer wire contract).
     if "rpc_servers" in status.DESCRIPTOR.fields_by_name:
-        yield from getattr(status, "rpc_servers")
+        yield from status.rpc_servers
 
 
 def _clamp(message: Message, notes: dict[str, None]) -> None:
@@ -112,7 +112,7 @@ def _clamp(message: Message, notes: dict[str, None]) -> None:
                 notes[f"{where}.{name}: {len(value)} characters, cut to {limit}"] = None
                 setattr(message, name, value[:limit])
         elif field.type == FieldDescriptor.TYPE_ENUM:
-            if value not in field.enum_type.values_by_number:
+            if field.enum_type is not None and value not in field.enum_type.values_by_number:
                 notes[f"{where}.{name}: unknown value {value}"] = None
                 setattr(message, name, 0)
         elif name.endswith("_bytes") and value > MAX_BYTES:

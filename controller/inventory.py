@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -347,7 +347,7 @@ class Inventory:
         reply: pb.PrepareModelPushResponse = await self._call(address, "PrepareModelPush", request, timeout_s)
         return reply
 
-    async def push_model(self, address: str, header: pb.PushModelHeader, data: Callable[[int], AsyncIterator[bytes]],
+    async def push_model(self, address: str, header: pb.PushModelHeader, data: Callable[[int], AsyncGenerator[bytes]],
                          sent: Callable[[int], None]) -> pb.PushModelDone:
         """Stream a model file into a node's models dir: the header, then, once the agent accepted it,
         `data(offset)`; `sent` is told each chunk's size once gRPC has taken it. No deadline: a large

@@ -33,8 +33,8 @@ class _States(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         nodes = GaugeMetricFamily("llamafleet_nodes", "Nodes by state.", labels=["state"])
         tally = Tally(self.inventory.state(r) for r in self.inventory.records())
-        for state in NODE_STATES:
-            nodes.add_metric([state], tally[state])
+        for node_state in NODE_STATES:
+            nodes.add_metric([node_state], tally[node_state])
         yield nodes
         states = GaugeMetricFamily("llamafleet_coordinator_state",
                                    "1 for the state each model's coordinator is in.", labels=["model", "state"])

@@ -32,7 +32,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -326,7 +326,7 @@ class PullManager:
         self._events("pull.failed", part.node, f"pulling {pull.model} failed: {message}",
                      model=pull.model, name=part.name, sent_bytes=part.sent, completed=part.completed)
 
-    async def _read(self, path: Path, offset: int, size: int) -> AsyncIterator[bytes]:
+    async def _read(self, path: Path, offset: int, size: int) -> AsyncGenerator[bytes]:
         """The file from `offset` in CHUNK_BYTES pieces, read in a thread, paced by the rate limit."""
         fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
         try:

@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.check:
         stale = stale_files()
-        for rel in stale:
-            print(f"stale: proto/{rel}", file=sys.stderr)
+        for name in stale:
+            print(f"stale: proto/{name}", file=sys.stderr)
         return 1 if stale else 0
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)

@@ -414,8 +414,8 @@ class Deployment:
             if not self._wanted:
                 return _StopReason("unload", self._unload_reason or "unloaded")
             if self._broken_incarnation == self.incarnation:
-                why = self._placer.backends_changed(spec) or "a request found llama-server unreachable"
-                return _StopReason("broken", why)
+                return _StopReason("broken", self._placer.backends_changed(spec)
+                                   or "a request found llama-server unreachable")
             if (why := self._placer.backends_changed(spec)) is not None:
                 return _StopReason("backends", why)
             if self._want_ctx > spec.ctx_per_slot and self.active == 0:

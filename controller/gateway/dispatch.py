@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -75,7 +75,7 @@ class Resume(Generic[T]):
     """A generation that can go on elsewhere: its progress, and how to open the continuation."""
 
     progress: Progress
-    open: Callable[[str], AsyncIterator[T]]
+    open: Callable[[str], AsyncGenerator[T]]
 
 
 class ClientGone(LlamafleetError):
@@ -93,7 +93,7 @@ class Dispatcher:
         self.session = session
         self.metrics = metrics
 
-    async def observed(self, model: str, pieces: AsyncIterator[Piece], info: RunInfo) -> AsyncIterator[Piece]:
+    async def observed(self, model: str, pieces: AsyncGenerator[Piece], info: RunInfo) -> AsyncGenerator[Piece]:
         """`pieces`, with the time to the first one and the final counts recorded in the metrics."""
         first: float | None = None
         model = canonical(model)  # one series per model, however clients spell it
@@ -110,8 +110,8 @@ class Dispatcher:
         return self.router.route(model, ctx)
 
     async def fleet_stream(self, model: str, ctx: int | None, keep_alive_s: float | None,
-                           open_stream: Callable[[str], AsyncIterator[T]], info: RunInfo,
-                           resume: Resume[T] | None = None) -> AsyncIterator[T]:
+                           open_stream: Callable[[str], AsyncGenerator[T]], info: RunInfo,
+                           resume: Resume[T] | None = None) -> AsyncGenerator[T]:
         """Yield what `open_stream(coordinator_url)` yields, with a lease held and one retry; with
         `resume`, a stream that breaks after it began goes on from where it stopped."""
         deployment = self.manager.deployment(model)

@@ -17,7 +17,7 @@ import base64
 import contextlib
 import math
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,7 +127,7 @@ def make_routes(dispatcher: Dispatcher, max_body_bytes: int) -> web.RouteTableDe
                                  "tokens); send truncate: true to cut it")
             return tokens[:limit]
 
-        async def open_stream(url: str) -> AsyncIterator[Embedded]:
+        async def open_stream(url: str) -> AsyncGenerator[Embedded]:
             deployment = dispatcher.manager.find(model)
             spec = deployment.spec if deployment is not None else None
             if spec is None:

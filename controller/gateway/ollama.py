@@ -17,7 +17,7 @@ import datetime as dt
 import importlib.metadata
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import aiohttp
@@ -235,7 +235,7 @@ async def _templated(session: aiohttp.ClientSession, url: str, messages: list[di
 
 
 async def _after_context(session: aiohttp.ClientSession, url: str, messages: list[dict[str, Any]],
-                         context: list[int], raw: dict[str, Any], state: dict[str, Any]) -> AsyncIterator[Piece]:
+                         context: list[int], raw: dict[str, Any], state: dict[str, Any]) -> AsyncGenerator[Piece]:
     """An answer after an earlier /api/generate's (deprecated) `context`, made as Ollama makes it:
     that context detokenized in front of this turn's templated prompt, sent as a raw prompt
     (kept in `state["prompt"]` for the answer's own context)."""
@@ -249,8 +249,8 @@ async def _after_context(session: aiohttp.ClientSession, url: str, messages: lis
             yield piece
 
 
-async def _context_of(session: aiohttp.ClientSession, pieces: AsyncIterator[Piece], messages: list[dict[str, Any]],
-                      state: dict[str, Any], out: dict[str, Any]) -> AsyncIterator[Piece]:
+async def _context_of(session: aiohttp.ClientSession, pieces: AsyncGenerator[Piece], messages: list[dict[str, Any]],
+                      state: dict[str, Any], out: dict[str, Any]) -> AsyncGenerator[Piece]:
     """`pieces`, with this answer's context put in `out["context"]` before the final piece: the tokens
     of the prompt it answered and of its response, as Ollama makes them. `state["url"]` is the
     coordinator that answered last (a resumed answer's is the healed one)."""
@@ -288,7 +288,7 @@ def _final_fields(final: Final | None, info: RunInfo) -> dict[str, Any]:
     return doc
 
 
-async def _respond(request: web.Request, stream: bool, pieces: AsyncIterator[Piece],
+async def _respond(request: web.Request, stream: bool, pieces: AsyncGenerator[Piece],
                    piece_doc: PieceDoc, info: RunInfo, final_extra: dict[str, Any] | None = None) -> web.StreamResponse:
     """NDJSON when streaming (an error after the first line is a last `{"error"}` line), else one JSON.
     `final_extra`: more fields for the final object, filled in before the final piece comes.
@@ -383,7 +383,7 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
             if think is not None and "thinking" in capabilities:
                 upstream |= _reasoning_fields(think)
 
-            def open_stream(url: str) -> AsyncIterator[Piece]:
+            def open_stream(url: str) -> AsyncGenerator[Piece]:
                 if context_out is not None:
                     context_out["url"] = url
                 return chat_pieces(session, url, upstream, progress)
@@ -393,7 +393,7 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
                     raw_body["json_schema"] = fmt.get("json_schema", {}).get("schema", {})
                 turn, earlier, state = messages, context, context_out
 
-                def open_stream(url: str) -> AsyncIterator[Piece]:
+                def open_stream(url: str) -> AsyncGenerator[Piece]:
                     state["url"] = url
                     return _after_context(session, url, turn, earlier, raw_body, state)
         else:
@@ -401,11 +401,11 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
             if fmt:
                 raw["json_schema"] = fmt.get("json_schema", {}).get("schema", {})
 
-            def open_stream(url: str) -> AsyncIterator[Piece]:
+            def open_stream(url: str) -> AsyncGenerator[Piece]:
                 return completion_pieces(session, url, raw, progress)
         resume = None
         if progress is not None:
-            def reopen(url: str) -> AsyncIterator[Piece]:
+            def reopen(url: str) -> AsyncGenerator[Piece]:
                 if context_out is not None:
                     context_out["url"] = url
                 return continuation(session, url, spec, progress)
@@ -499,7 +499,7 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
         return web.json_response({"models": out})
 
     @routes.post("/api/show")
-    async def show(request: web.Request) -> web.Response:
+    async def show(request: web.Request) -> web.StreamResponse:
         body = await json_body(request, max_body_bytes)
         name = body.get("model") or body.get("name")
         if not isinstance(name, str) or not name:

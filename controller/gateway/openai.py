@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from aiohttp import web
@@ -78,7 +78,7 @@ class _Chunks:
         if isinstance(piece, str):
             content = {"delta": {"content": piece}} if self.chat else {"text": piece, "logprobs": None}
             return [self._chunk({"index": 0, **content, "finish_reason": None})]
-        end = {"delta": {}} if self.chat else {"text": "", "logprobs": None}
+        end: dict[str, Any] = {"delta": {}} if self.chat else {"text": "", "logprobs": None}
         out = [self._chunk({"index": 0, **end, "finish_reason": piece.done_reason}, resumed=resumed)]
         if self.usage:
             out.append(self.head | {"object": out[0]["object"], "choices": [], "usage": {
@@ -107,7 +107,7 @@ def make_routes(dispatcher: Dispatcher, max_body_bytes: int) -> web.RouteTableDe
         if dispatcher.resume_policy.enabled and _resumable(body):
             progress, spec, chunks = Progress(), _resume_spec(body), _Chunks(body, "messages" in body)
 
-            async def tracked(url: str) -> AsyncIterator[dict[str, Any]]:
+            async def tracked(url: str) -> AsyncGenerator[dict[str, Any]]:
                 # The same events, with the id of every token recorded (and its logprobs, which
                 # the client did not ask for, taken out again).
                 async for event in sse_events(session, f"{url}{path}", body | CHAT_TRACKING):
@@ -118,13 +118,13 @@ def make_routes(dispatcher: Dispatcher, max_body_bytes: int) -> web.RouteTableDe
                             choice.pop("logprobs", None)
                     yield event
 
-            async def resumed(url: str) -> AsyncIterator[dict[str, Any]]:
+            async def resumed(url: str) -> AsyncGenerator[dict[str, Any]]:
                 async for piece in continuation(session, url, spec, progress):
                     for chunk in chunks.of(piece, info.resumed):
                         yield chunk
             resume = Resume(progress, resumed)
 
-        def open_stream(url: str) -> AsyncIterator[dict[str, Any]]:
+        def open_stream(url: str) -> AsyncGenerator[dict[str, Any]]:
             if resume is not None:
                 return tracked(url)
             if stream:

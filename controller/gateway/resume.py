@@ -22,7 +22,7 @@ already seen is checked against it and skipped, and a continuation that disagree
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -152,7 +152,7 @@ async def prompt_ids(session: aiohttp.ClientSession, base: str, spec: ResumeSpec
 
 
 async def continuation(session: aiohttp.ClientSession, base: str, spec: ResumeSpec,
-                       progress: Progress) -> AsyncIterator[str | Final]:
+                       progress: Progress) -> AsyncGenerator[str | Final]:
     """Stream the rest of the answer from the coordinator at `base`: text pieces, then one Final."""
     prompt = await prompt_ids(session, base, spec)
     if progress.prompt_tokens is not None and len(prompt) != progress.prompt_tokens:

@@ -8,7 +8,7 @@ that asked for one JSON answer: a stream shows a dead backend at once and carrie
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +66,7 @@ async def _error_text(response: aiohttp.ClientResponse) -> str:
     return str(error or doc)
 
 
-async def sse_events(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+async def sse_events(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any]]:
     """POST `body` and yield each `data:` JSON object of the event stream until `[DONE]` or the end."""
     try:
         async with session.post(url, json=body, timeout=UPSTREAM_TIMEOUT) as response:
@@ -98,7 +98,7 @@ async def sse_events(session: aiohttp.ClientSession, url: str, body: dict[str, A
     raise UpstreamUnavailable("the coordinator's stream ended before its end marker")
 
 
-async def one_answer(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+async def one_answer(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any]]:
     """POST `body` for one JSON answer (no stream), yielded once."""
     try:
         async with session.post(url, json=body, timeout=UPSTREAM_TIMEOUT) as response:
@@ -201,7 +201,7 @@ def chat_event_token(event: dict[str, Any], progress: Progress) -> str:
 
 
 async def chat_pieces(session: aiohttp.ClientSession, base: str, body: dict[str, Any],
-                      progress: Progress | None = None) -> AsyncIterator[Piece]:
+                      progress: Progress | None = None) -> AsyncGenerator[Piece]:
     """Stream `/v1/chat/completions`: content and Thinking pieces, the ToolCalls if any, then one
     Final. With `progress`, every token's id is asked for and recorded, so that the answer can be
     resumed elsewhere (gateway/resume.py)."""
@@ -239,7 +239,7 @@ async def chat_pieces(session: aiohttp.ClientSession, base: str, body: dict[str,
 
 
 async def completion_pieces(session: aiohttp.ClientSession, base: str, body: dict[str, Any],
-                            progress: Progress | None = None) -> AsyncIterator[str | Final]:
+                            progress: Progress | None = None) -> AsyncGenerator[str | Final]:
     """Stream llama-server's native `/completion` (a raw prompt): content pieces, then one Final.
     With `progress`, every token's id is asked for and recorded (see gateway/resume.py)."""
     body = body | {"stream": True}

@@ -74,7 +74,7 @@ def free_rpc_server(busy: Mapping[str, str]) -> Filter:
 
     def choose(node: NodeView) -> NodeView | str:
         slots = _slots(node)
-        for number, group in slots:
+        for _, group in slots:
             if all(s.state == "running" and s.endpoint not in busy for s in group):
                 return _on_slot(node, group, booked=())
         for number, group in slots:

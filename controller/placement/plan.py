@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from llamafleet.common.units import format_size
 from llamafleet.controller.estimate import MemoryEstimate
 from llamafleet.controller.placement.filters import (
+    Filter,
     FilterResult,
     free_rpc_server,
     has_usable_memory,
@@ -197,14 +198,14 @@ def make_plan(
     """`busy`: rpc-server endpoints other loaded models hold (endpoint → model): never shared.
     `max_nodes`: use no more nodes than this (more request slots must not cost a network hop).
     `holders`: addresses of nodes that hold the model's file (preferred; see the module doc)."""
-    filters = [ready_nodes, running_rpc_server]
+    filters: list[Filter] = [ready_nodes, running_rpc_server]
     if coordinator_protocol is not None:  # unknown when the controller has no build yet
         filters.append(protocol_major(coordinator_protocol))
     filters.append(free_rpc_server(busy or {}))
-    chosen = run_filters(nodes, filters)
-    usable = {n.address: _usable(n, headroom) for n in chosen.survivors}  # used by every step below
-    kept = run_filters(chosen.survivors, [has_usable_memory(lambda n: usable[n.address])])
-    kept = FilterResult(kept.survivors, chosen.dropped | kept.dropped)
+    eligible = run_filters(nodes, filters)
+    usable = {n.address: _usable(n, headroom) for n in eligible.survivors}  # used by every step below
+    kept = run_filters(eligible.survivors, [has_usable_memory(lambda n: usable[n.address])])
+    kept = FilterResult(kept.survivors, eligible.dropped | kept.dropped)
     ranked = sorted(kept.survivors, key=lambda n: (-usable[n.address], n.load, n.address))
     most = len(ranked) if max_nodes is None else min(max_nodes, len(ranked))
     for k in range(_fewest_that_could_hold(estimate, ranked, headroom), most + 1):

@@ -72,7 +72,7 @@ def test_a_push_lands_ready_and_every_refusal_is_one_line_with_its_code(tmp_path
         # Every call needs the node credential: a client stream is refused before it is read.
         for metadata in ([], [("authorization", "Bearer wrong")],
                          [("authorization", make_proof(agent.token, method_path("PrepareModelPush")))]):
-            error = refused(lambda: push(header, PAYLOAD, metadata))
+            error = refused(lambda: push(header, PAYLOAD, metadata))  # noqa: B023
             assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
             assert push.sent == 0
         assert list(store.iterdir()) == []
@@ -80,9 +80,9 @@ def test_a_push_lands_ready_and_every_refusal_is_one_line_with_its_code(tmp_path
         # Names outside the index's grammar, bad digests and sizes: INVALID_ARGUMENT, before anything.
         for name in ("../escape", "/etc/passwd", ".hidden", "a/b/c", "a..b"):
             bad = pb.PrepareModelPushRequest(name=name, sha256=SHA, size_bytes=len(PAYLOAD))
-            error = refused(lambda: agent.stub.PrepareModelPush(bad, metadata=agent.metadata, timeout=10))
+            error = refused(lambda: agent.stub.PrepareModelPush(bad, metadata=agent.metadata, timeout=10))  # noqa: B023
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "invalid model file name" in error.details()
-            error = refused(lambda: push(pb.PushModelHeader(name=name, sha256=SHA, size_bytes=len(PAYLOAD)),
+            error = refused(lambda: push(pb.PushModelHeader(name=name, sha256=SHA, size_bytes=len(PAYLOAD)),  # noqa: B023
                                          PAYLOAD))
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and push.sent == 0  # refused before any byte
         error = refused(lambda: agent.stub.PrepareModelPush(pb.PrepareModelPushRequest(name="x", sha256="abc",

@@ -247,7 +247,7 @@ def test_a_pull_whose_sha256_does_not_match_is_refused_and_leaves_nothing(tmp_pa
         assert refused.returncode == 1
         last = refused.stderr.strip().splitlines()[-1]
         assert last.startswith(f"error: 1 of 1 node(s) failed: {second.address}: ") and "DATA_LOSS: gemma: the bytes " \
-            f"received have sha256 " in last and f"not {GEMMA_SHA256[:12]}… as announced: nothing was kept" in last
+            "received have sha256 " in last and f"not {GEMMA_SHA256[:12]}… as announced: nothing was kept" in last
         assert list(stores[1].iterdir()) == []  # no file, no partial, no record
         assert second.status().models == []
         [failed] = events(fleet, "pull.failed")
@@ -270,7 +270,7 @@ def test_nodes_sharing_one_models_dir_never_interleave_their_bytes(tmp_path: Pat
         assert filecmp.cmp(shared / "gemma.gguf", test_model, shallow=False) and hidden(shared) == []
         # The other node finds the file at its next rescan: both hold it, nothing is left to pull.
         for agent in fleet.agents:
-            wait_for(lambda: ready_models(agent) == [("gemma", GEMMA_SHA256)], 60, "the shared file listed ready")
+            wait_for(lambda: ready_models(agent) == [("gemma", GEMMA_SHA256)], 60, "the shared file listed ready")  # noqa: B023
         wait_for(lambda: "nothing to do: 2 node(s)" in fleet.cli("pull", "gemma").stdout, 30,
                  "the controller to see both holders", interval_s=0.5)
         # The node that pulled staged the model after it; these rpc-servers are patched, so the

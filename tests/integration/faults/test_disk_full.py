@@ -9,7 +9,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import ollama
 import pytest
 
 from llamafleet.common.llamacpp.install import Manifest

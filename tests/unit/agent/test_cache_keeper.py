@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from typing import Any
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def test_a_failing_pass_is_logged_reported_and_retried_later(tmp_path: Path, fnv
     calls: list[float] = []
     real = cache.enforce
 
-    def broken_once(*args: object, **kwargs: object) -> object:
+    def broken_once(*args: Any, **kwargs: Any) -> Any:
         calls.append(time.monotonic())
         if len(calls) == 1:
             raise RuntimeError("disk on fire")

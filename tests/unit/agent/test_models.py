@@ -94,7 +94,7 @@ def test_a_restart_reuses_the_cache_and_a_changed_file_is_hashed_again(tmp_path:
     hashed: list[str] = []
     real = models_module.sha256_file
     monkeypatch.setattr(models_module, "sha256_file",
-                        lambda path, stop=None: hashed.append(path.name) or real(path, stop))
+                        lambda path, stop=None: hashed.append(path.name) or real(path, stop))  # type: ignore[func-returns-value]
     again = ModelIndex(root, state)  # a new agent process over the same state dir
     run_refresh(again)
     assert hashed == [] and again.files[0].state == "ready"

@@ -106,7 +106,7 @@ def test_a_malformed_endpoint_is_refused() -> None:
 
 def test_an_unknown_enum_value_becomes_unspecified() -> None:
     odd = status()
-    odd.rpc_server.state = 99  # a newer or hostile agent: naming it would raise
+    odd.rpc_server.state = 99  # type: ignore[assignment]  # a newer or hostile agent: naming it would raise
     bounded = bound_status(odd, ADDRESS, OWN)
     assert bounded.status.rpc_server.state == pb.RPC_SERVER_STATE_UNSPECIFIED and "unknown value 99" in bounded.reason
 

@@ -20,7 +20,7 @@ def test_type_table_matches_gguf_py() -> None:
         assert GGML_TYPES[int(qtype)][1:] == (block, size), qtype.name
 
 
-def _oracle_value(field) -> object:  # type: ignore[no-untyped-def]
+def _oracle_value(field) -> object:
     if field.types and field.types[0] == GGUFValueType.ARRAY:
         return len(field.data)
     if field.types[0] == GGUFValueType.STRING:

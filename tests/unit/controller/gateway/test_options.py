@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from llamafleet.common.errors import UsageError
@@ -110,7 +112,7 @@ def test_format_becomes_a_response_format() -> None:
     assert response_format(None) is None and response_format("") is None
     assert response_format("json") == {"type": "json_object"}
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
-    assert response_format(schema)["json_schema"]["schema"] == schema
+    assert (formatted := response_format(schema)) is not None and formatted["json_schema"]["schema"] == schema
     with pytest.raises(BadRequest):
         response_format("yaml")
 
@@ -122,7 +124,9 @@ def test_openai_bodies_pass_the_allow_list_only() -> None:
     assert openai_body(body, OPENAI_CHAT_FIELDS, lambda kind, name: seen.append(name)) == {
         "model": "m", "messages": [], "max_tokens": 5}
     assert seen == ["n_discard", "id_slot", "cache_prompt"]  # the SDKs' own fields go without a word
-    for bad, message in [({"n": 2}, "'n' must be 1"), ({"max_tokens": "5"}, "'max_tokens' must be an integer"),
-                         ({"stream": "yes"}, "'stream' must be true or false")]:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"n": 2}, "'n' must be 1"), ({"max_tokens": "5"}, "'max_tokens' must be an integer"),
+        ({"stream": "yes"}, "'stream' must be true or false")]
+    for bad, message in cases:
         with pytest.raises(BadRequest, match=message):
             openai_body({"model": "m", **bad}, OPENAI_CHAT_FIELDS)

@@ -22,7 +22,7 @@ from llamafleet.controller.gateway.options import BadRequest
 from llamafleet.controller.gateway.upstream import Final, Thinking, ToolCall, ToolCalls, UpstreamRejected
 
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": CITY}}
+WEATHER: dict[str, Any] = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": CITY}}
 
 
 def test_a_conversation_with_calls_and_results_becomes_openai_messages() -> None:
@@ -89,7 +89,7 @@ def test_llama_server_calls_become_ollama_calls_with_object_arguments() -> None:
 
 
 def test_streamed_call_fragments_and_reasoning_come_out_whole_and_apart() -> None:
-    events = [
+    events: list[dict[str, Any]] = [
         {"choices": [{"delta": {"reasoning_content": "Look it "}}]},
         {"choices": [{"delta": {"reasoning_content": "up."}}]},
         {"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "c1", "type": "function",
