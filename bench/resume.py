@@ -38,7 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llamafleet.common.llamacpp.install import read_manifest  # noqa: E402
-from tests.integration.agent.harness import wait_for  # noqa: E402
+from tests.integration.agent.harness import RunningAgent, wait_for  # noqa: E402
 from tests.integration.controller.harness import Fleet, running_fleet  # noqa: E402
 
 PROMPT = "Count from 1 to 500, one number after another: 1, 2, 3, 4,"
@@ -103,17 +103,18 @@ def main() -> int:
             victim = rng.choice(backend_agents(fleet))
             at = rng.randint(3, args.tokens - 10)
             agent = fleet.agents[victim]
-            if mode == "rpc-kill":
-                def kill() -> None:
+
+            def kill(agent: RunningAgent = agent, mode: str = mode) -> None:
+                if mode == "rpc-kill":
                     os.kill(agent.rpc().pid, signal.SIGKILL)
-            else:
-                def kill() -> None:
+                else:
                     agent.proc.kill()
             result = answer(fleet, args.tokens, at, kill)
             if mode == "worker-lost":
                 agent.proc.wait()
                 agent.start_again()
-                wait_for(lambda: fleet.node(agent.address)["state"] == "ready", 60, "the lost worker back")
+                back = agent.address
+                wait_for(lambda: fleet.node(back)["state"] == "ready", 60, "the lost worker back")  # noqa: B023
             rounds.append({"mode": mode, "kill_after": at, "agent": victim, "same": result["text"] == whole["text"],
                            "time_ratio": result["seconds"] / whole["seconds"],
                            **{k: v for k, v in result.items() if k != "text"}})
