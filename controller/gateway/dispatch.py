@@ -187,7 +187,7 @@ class Dispatcher:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 # Won the race with the cancel: hand the hold back (the caller never saw it).
                 await acquiring
-                deployment.release(0 if isinstance(exc, ClientGone) else None)
+                deployment.release()
             if isinstance(exc, LlamafleetError):  # given up, timed out, or the model fits nowhere now
                 self._resume_failed(deployment.model, exc.message, None)
             raise

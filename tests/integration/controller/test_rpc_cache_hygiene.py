@@ -134,4 +134,4 @@ def test_a_corrupted_entry_is_replaced_and_the_answer_is_the_same(tmp_path: Path
         with pytest.raises(grpc.RpcError) as refused:
             holder.stub.StageTensors(beyond, metadata=holder.metadata, timeout=10)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert refused.value.details() == "no rpc-server #99: this agent runs at most 4 (--max-rpc-servers)"
+        assert refused.value.details() == "no rpc-server #99: this agent runs at most 4 (--max-rpc-servers 4 × 1 per slot)"

@@ -32,6 +32,7 @@ import pytest
 
 from bench.netns import shaped_links
 from llamafleet.common.llamacpp.install import Manifest
+from tests.integration.agent.harness import wait_for
 from tests.integration.controller.harness import AgentHost, Fleet, running_fleet
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -143,23 +144,39 @@ def test_an_openai_stream_and_a_one_json_answer_resume_too(fleet: Fleet) -> None
     assert answer["response"] == expected and answer["eval_count"] == N
 
 
-def test_a_model_that_cannot_come_back_ends_with_the_error_line(tmp_path: Path, llama_cpp: Manifest,
-                                                               test_model: Path) -> None:
-    # Both workers are needed; one is lost for good (agent and rpc-server): nowhere to resume.
+def test_a_model_that_cannot_come_back_ends_with_the_error_line_and_a_hang_up_ends_the_pause(
+        tmp_path: Path, llama_cpp: Manifest, test_model: Path) -> None:
+    # Both workers are needed; one is lost (agent and rpc-server): nowhere to resume.
     with running_fleet(tmp_path, llama_cpp, test_model, agents=2,
                        controller_args=("--resume-timeout", "20")) as fleet:
         body = {"model": "gemma", "prompt": PROMPT, "raw": True, "options": OPTIONS}
+        lost = fleet.agents[1]
+
+        # A client that hangs up while its answer is paused: the gateway stops waiting for it.
+        conn, lines = ndjson(fleet.url, "/api/generate", body)
+        for _ in range(3):
+            next(lines)
+        lost.proc.kill()
+        lost.proc.wait()
+        time.sleep(2.0)  # into the pause: the coordinator is gone, the model cannot be placed
+        conn.close()
+        deadline = time.monotonic() + 10
+        while "hung up" not in fleet.cli("events", "--json").stdout:
+            assert time.monotonic() < deadline, "the paused request outlived its client"
+            time.sleep(0.5)
+
+        lost.start_again()
+        wait_for(lambda: fleet.node(lost.address)["state"] == "ready", 30, "the worker back")
 
         def lose_worker() -> None:
-            fleet.agents[1].proc.kill()
-            fleet.agents[1].proc.wait()
+            lost.proc.kill()
+            lost.proc.wait()
         started = time.monotonic()
         docs, _ = stream(fleet, "/api/generate", body, 3, lose_worker)
         assert "error" in docs[-1] and docs[-1]["error"], docs[-1]
         assert all(not d.get("done") for d in docs)
         assert time.monotonic() - started < 60
-        events = fleet.cli("events", "--json").stdout
-        assert "stream.resume_failed" in events
+        assert "stream.resume_failed" in fleet.cli("events", "--json").stdout
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("tc")),
