@@ -355,15 +355,17 @@ class Deployment:
             ready_at = time.monotonic()
             self._set(Ready(spec, process, self.incarnation))
             reason = await self._watch(process, spec)
-            if time.monotonic() - ready_at >= self._runtime.policy.healthy_reset_s or reason.kind == "backends":
-                # Healthy for a while, or it was ready and lost an rpc-server under it: that is the
-                # worker's failure (the agent bounds its restarts), not a crash loop of ours.
-                failures = 0
             self._set(Stopping(spec, process, reason.message))
             if process.alive:
                 await process.stop(BROKEN_STOP_GRACE_S if reason.kind in ("backends", "broken") else STOP_GRACE_S)
             else:
                 self._record_exit(process.exit_error())
+            if (time.monotonic() - ready_at >= self._runtime.policy.healthy_reset_s or reason.kind == "backends"
+                    or process.backend_lost):
+                # Healthy for a while, or it was ready and lost an rpc-server under it (whoever noticed
+                # first: the agent, llama.cpp's abort, a request): that is the worker's failure (the
+                # agent bounds its restarts), not a crash loop of ours.
+                failures = 0
             self._placer.release(self.model)
             if reason.kind in ("unload", "ctx"):
                 restarting = False
