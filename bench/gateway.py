@@ -42,6 +42,7 @@ MESSAGES = [{"role": "user", "content": "Tell me a long story about a lighthouse
 def stream(url: str, path: str, body: dict) -> tuple[float, float, int]:
     """POST a streaming request; (time to first content, content tokens per second after it, pieces)."""
     parsed = urllib.parse.urlsplit(url)
+    assert parsed.hostname is not None, parsed
     conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=300)
     started = time.perf_counter()
     conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})

@@ -91,6 +91,7 @@ def test_loading_a_second_model_that_does_not_fit_beside_the_first_unloads_the_i
 def hang_up_mid_stream(base_url: str, body: dict[str, object]) -> None:
     """Start a streamed /api/generate, read its first line, and close the socket."""
     url = urllib.parse.urlsplit(base_url)
+    assert url.hostname is not None, url
     connection = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
     connection.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
     reply = connection.getresponse()

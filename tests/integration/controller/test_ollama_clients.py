@@ -207,6 +207,7 @@ def test_version_cors_model_lookup_context_and_error_texts(fleet: Fleet, client:
 def test_a_client_that_hangs_up_mid_stream_is_one_info_line(fleet: Fleet, client: ollama.Client) -> None:
     before = len(log_text(fleet))
     url = urllib.parse.urlsplit(fleet.url)
+    assert url.hostname is not None, url
     connection = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
     connection.request("POST", "/api/generate", json.dumps({"model": "gemma", "prompt": "Count to one hundred.",
                                                             "options": {"num_predict": 200}}),
@@ -229,6 +230,7 @@ def test_a_generate_resumed_after_a_worker_died_still_carries_its_context(fleet:
 
     def lines(kill_after: int | None = None) -> list[dict[str, Any]]:
         url = urllib.parse.urlsplit(fleet.url)
+        assert url.hostname is not None, url
         connection = http.client.HTTPConnection(url.hostname, url.port, timeout=180)
         connection.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
         docs = []

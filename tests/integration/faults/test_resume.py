@@ -48,6 +48,7 @@ print(f"resume kill points: seed {SEED}")
 
 def ndjson(url: str, path: str, body: dict[str, Any]) -> tuple[http.client.HTTPConnection, Iterator[dict[str, Any]]]:
     parsed = urllib.parse.urlsplit(url)
+    assert parsed.hostname is not None, parsed
     conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=180)
     conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     reply = conn.getresponse()
