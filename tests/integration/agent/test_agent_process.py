@@ -105,7 +105,8 @@ def test_a_second_rpc_server_runs_beside_the_first_on_the_next_port(tmp_path: Pa
         assert status.rpc_server.pid == first.pid and status.rpc_servers[0].pid == first.pid
         with pytest.raises(grpc.RpcError) as caught:
             agent.stub.StartRpcServer(pb.StartRpcServerRequest(index=2), metadata=agent.metadata, timeout=10)
-        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "--max-rpc-servers" in (caught.value.details() or "")
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "--max-rpc-servers" in (caught.value.details() or "")
         stopped = agent.stub.StopRpcServer(pb.StopRpcServerRequest(index=1), metadata=agent.metadata,
                                            timeout=30).rpc_server
         assert stopped.state == pb.RPC_SERVER_STATE_STOPPED and wait_gone(second.pid, 2) and pid_alive(first.pid)

@@ -133,7 +133,8 @@ def test_staged_entries_are_what_rpc_server_writes_and_the_tokens_match(tmp_path
                                                                                     size=1)])
         with pytest.raises(grpc.RpcError) as bad:
             holder.stub.StageTensors(past_end, metadata=holder.metadata, timeout=10)
-        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "runs past the end" in (bad.value.details() or "")
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "runs past the end" in (bad.value.details() or "")
 
 
 def test_a_truncated_entry_is_rewritten_by_the_next_staging(tmp_path: Path, llama_cpp: Manifest,
