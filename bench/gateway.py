@@ -42,6 +42,7 @@ MESSAGES = [{"role": "user", "content": "Tell me a long story about a lighthouse
 def stream(url: str, path: str, body: dict) -> tuple[float, float, int]:
     """POST a streaming request; (time to first content, content tokens per second after it, pieces)."""
     parsed = urllib.parse.urlsplit(url)
+    assert parsed.hostname is not None, parsed
     conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=300)
     started = time.perf_counter()
     conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
@@ -126,7 +127,7 @@ def main() -> int:
             proc = spawn_group(argv)
             try:
                 health = ["curl", "-sf", f"http://127.0.0.1:{by_hand_port}/health"]
-                wait_for(lambda h=health: subprocess.run(h, capture_output=True).returncode == 0, 120,
+                wait_for(lambda: subprocess.run(health, capture_output=True).returncode == 0, 120,  # noqa: B023
                          "hand-started llama-server")
                 direct(f"http://127.0.0.1:{by_hand_port}", args.tokens)
                 by_hand += [direct(f"http://127.0.0.1:{by_hand_port}", args.tokens) for _ in range(args.rounds // 2)]

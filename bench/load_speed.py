@@ -87,8 +87,8 @@ def rpc_servers(build: Manifest, workdir: Path) -> Iterator[list[str]]:
                                           stdout=log, stderr=subprocess.STDOUT))
             endpoints.append(f"{host}:{port}")
         for endpoint in endpoints:
-            host, port = endpoint.split(":")
-            wait_for(lambda: _connects(host, int(port)), 30, f"rpc-server {endpoint}")  # noqa: B023
+            host, port_text = endpoint.split(":")
+            wait_for(lambda: _connects(host, int(port_text)), 30, f"rpc-server {endpoint}")  # noqa: B023
         yield endpoints
     finally:
         for p in procs:

@@ -38,6 +38,7 @@ PROMPT = "Tell me a long story about a lighthouse keeper and the storm that chan
 def generate(fleet: Fleet, model: str, tokens: int) -> tuple[float, int, float]:
     """One streamed /api/generate: (seconds to the first piece, tokens, seconds for the whole)."""
     url = urllib.parse.urlsplit(fleet.url)
+    assert url.hostname is not None, url
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=600)
     started = time.perf_counter()
     body = {"model": model, "prompt": PROMPT, "raw": True, "stream": True,

@@ -204,12 +204,12 @@ def run() -> None:
     medians: dict[str, dict[str, dict[str, float]]] = {}  # build → mode → key → median
     for b in runs:
         for mode in modes:
-            mine = [r for r in rows if r["build"] == b.label and r["mode"] == mode]
+            of_mode = [r for r in rows if r["build"] == b.label and r["mode"] == mode]
             medians.setdefault(b.label, {})[mode] = {
-                "load_request_s": statistics.median(r["load"]["request_s"] for r in mine),
-                "reload_request_s": statistics.median(r["reload"]["request_s"] for r in mine),
-                "idle_s": statistics.median(r["idle"]["s"] for r in mine),
-                "busy_s": statistics.median(r["busy"]["s"] for r in mine)}
+                "load_request_s": statistics.median(r["load"]["request_s"] for r in of_mode),
+                "reload_request_s": statistics.median(r["reload"]["request_s"] for r in of_mode),
+                "idle_s": statistics.median(r["idle"]["s"] for r in of_mode),
+                "busy_s": statistics.median(r["busy"]["s"] for r in of_mode)}
     # build → "baseline ÷ pre-staged mode" → key → baseline's median ÷ that mode's
     ratios: dict[str, dict[str, dict[str, float]]] = {}
     for build, by_mode in medians.items():

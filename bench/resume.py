@@ -49,6 +49,7 @@ def answer(fleet: Fleet, tokens: int, kill_after: int | None = None,
     body = {"model": "gemma", "prompt": PROMPT, "raw": True,
             "options": {"num_predict": tokens, "temperature": 0, "seed": 3}}
     parsed = urllib.parse.urlsplit(fleet.url)
+    assert parsed.hostname is not None, parsed
     conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=300)
     started = last = time.monotonic()
     docs: list[dict[str, Any]] = []

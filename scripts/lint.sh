@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ruff and mypy over the repository, as configured in pyproject.toml; exits non-zero on any finding.
 # scripts/test.sh runs it before pytest. Needs the dev extra installed (LLAMAFLEET_VENV, default .venv).
-# mypy covers the program and the unit tests; tests/integration and bench/ are linted by ruff only.
+# mypy covers the program, every test and the benches (bench/gpu's device-only imports: pyproject.toml).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${LLAMAFLEET_VENV:-$ROOT/.venv}
@@ -15,4 +15,4 @@ for package in agent common controller patches proto; do
   ln -sfn "../../../$package" "$links/$package"
 done
 "$VENV/bin/ruff" check --quiet .
-"$VENV/bin/mypy" "$links" tests/unit tests/fixtures tests/conftest.py
+"$VENV/bin/mypy" "$links" tests bench

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
@@ -156,7 +156,7 @@ def _pad(out: BinaryIO, written: int) -> None:
     out.write(b"\0" * (-written % ALIGNMENT))
 
 
-def write_model(path: Path, shape: Shape, type_name: str, seed: int = 1) -> dict[str, object]:
+def write_model(path: Path, shape: Shape, type_name: str, seed: int = 1) -> dict[str, Any]:
     """Write the GGUF at `path`; return a summary (bytes per part) that is also saved as PATH.json."""
     qtype, file_type = TYPES[type_name]
     specs = tensor_specs(shape, qtype)
@@ -210,7 +210,7 @@ def write_model(path: Path, shape: Shape, type_name: str, seed: int = 1) -> dict
     embd = sum(s.n_bytes for s in specs if s.name == "token_embd.weight")
     output = sum(s.n_bytes for s in specs if s.name in ("output.weight", "output_norm.weight"))
     layers = sum(s.n_bytes for s in specs if s.name.startswith("blk."))
-    summary: dict[str, object] = {
+    summary: dict[str, Any] = {  # a JSON document
         "path": str(path),
         "shape": asdict(shape),
         "type": type_name,

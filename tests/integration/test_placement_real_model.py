@@ -59,7 +59,8 @@ def test_llama_cpp_puts_the_bytes_where_the_plan_says(llama_cpp: Manifest, test_
             "--tensor-split", ",".join(map(str, plan.tensor_split)), "-ngl", "999", "-c", "2048", "-np", "1",
             "--fit", "off", "--host", "127.0.0.1", "--port", str(http_port), "-lv", "4",
         ])
-        deadline, output = time.monotonic() + 120, []
+        deadline = time.monotonic() + 120
+        output: list[str] = []
         while time.monotonic() < deadline:
             line = coordinator.stdout.readline()  # type: ignore[union-attr]
             assert line, "llama-server exited:\n" + "".join(output[-30:])

@@ -23,12 +23,12 @@ SPAWNS = 300
 
 
 def test_every_child_starts_while_a_grpc_server_and_channel_are_live() -> None:
-    async def scenario() -> list[tuple[int, bytes]]:
+    async def scenario() -> list[tuple[int | None, bytes]]:
         server = grpc.aio.server()
         server.add_insecure_port("127.0.0.1:0")
         await server.start()
         channel = grpc.aio.insecure_channel("127.0.0.1:1")
-        failed = []
+        failed: list[tuple[int | None, bytes]] = []
         try:
             for _ in range(SPAWNS):
                 proc = await spawn_group_async(["true"])

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import grpc
 
@@ -24,7 +24,9 @@ AGENT = str(Path(sys.executable).parent / "llamafleet-agent")
 T = TypeVar("T")
 
 
-def wait_for(predicate: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.05) -> T:
+def wait_for(predicate: Callable[[], T | Literal[False] | None], timeout_s: float, what: str,
+             interval_s: float = 0.05) -> T:
+    # Only a truthy value comes back, so `lambda: cond and value` waits for (and returns) the value.
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()

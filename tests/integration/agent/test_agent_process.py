@@ -105,7 +105,8 @@ def test_a_second_rpc_server_runs_beside_the_first_on_the_next_port(tmp_path: Pa
         assert status.rpc_server.pid == first.pid and status.rpc_servers[0].pid == first.pid
         with pytest.raises(grpc.RpcError) as caught:
             agent.stub.StartRpcServer(pb.StartRpcServerRequest(index=2), metadata=agent.metadata, timeout=10)
-        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "--max-rpc-servers" in caught.value.details()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "--max-rpc-servers" in (caught.value.details() or "")
         stopped = agent.stub.StopRpcServer(pb.StopRpcServerRequest(index=1), metadata=agent.metadata,
                                            timeout=30).rpc_server
         assert stopped.state == pb.RPC_SERVER_STATE_STOPPED and wait_gone(second.pid, 2) and pid_alive(first.pid)
@@ -133,7 +134,9 @@ def test_calls_without_the_right_token_are_refused_before_any_effect(tmp_path: P
         assert (after.state, after.pid, after.generation) == (RUNNING, before.pid, before.generation)
         assert not (agent.state_dir / "llama.cpp").exists(), "the refused build wrote nothing"
         # Health stays public, and the token never reaches the log.
-        health = health_pb2_grpc.HealthStub(agent.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        # types-grpcio-health-checking declares HealthStub without its methods.
+        health_stub = health_pb2_grpc.HealthStub(agent.channel)
+        health = health_stub.Check(health_pb2.HealthCheckRequest(), timeout=5)  # type: ignore[attr-defined]
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         assert agent.token not in agent.log() and "wrong-token" not in agent.log()
         assert "refused /llamafleet.v1.AgentService/StopRpcServer" in agent.log()
@@ -144,7 +147,7 @@ def test_build_rpc_with_a_bad_source_is_invalid_argument(tmp_path: Path, llama_c
         with pytest.raises(grpc.RpcError) as caught:
             list(agent.stub.Build(pb.BuildRequest(source="not-a-source"), metadata=agent.metadata, timeout=10))
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "unknown source kind" in caught.value.details()
+        assert "unknown source kind" in (caught.value.details() or "")
 
 
 def test_systemd_notify_protocol(tmp_path: Path, llama_cpp: Manifest) -> None:

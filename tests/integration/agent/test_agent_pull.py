@@ -31,7 +31,8 @@ class Pusher:
 
     def __call__(self, header: pb.PushModelHeader, data: bytes, metadata: list[tuple[str, str]] | None = None,
                  first: pb.PushModelRequest | None = None) -> pb.PushModelDone:
-        answered, accepted = threading.Event(), []
+        answered = threading.Event()
+        accepted: list[bool] = []
         self.sent = 0
 
         def messages() -> Iterator[pb.PushModelRequest]:
@@ -61,6 +62,12 @@ def refused(call: object) -> grpc.RpcError:
     return error.value
 
 
+def details(error: grpc.RpcError) -> str:
+    text = error.details()
+    assert text is not None, f"{error.code()} without a message"
+    return text
+
+
 def test_a_push_lands_ready_and_every_refusal_is_one_line_with_its_code(tmp_path: Path, llama_cpp: Manifest) -> None:
     store = tmp_path / "store"
     store.mkdir()
@@ -81,27 +88,27 @@ def test_a_push_lands_ready_and_every_refusal_is_one_line_with_its_code(tmp_path
         for name in ("../escape", "/etc/passwd", ".hidden", "a/b/c", "a..b"):
             bad = pb.PrepareModelPushRequest(name=name, sha256=SHA, size_bytes=len(PAYLOAD))
             error = refused(lambda: agent.stub.PrepareModelPush(bad, metadata=agent.metadata, timeout=10))  # noqa: B023
-            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "invalid model file name" in error.details()
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "invalid model file name" in details(error)
             error = refused(lambda: push(pb.PushModelHeader(name=name, sha256=SHA, size_bytes=len(PAYLOAD)),  # noqa: B023
                                          PAYLOAD))
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and push.sent == 0  # refused before any byte
         error = refused(lambda: agent.stub.PrepareModelPush(pb.PrepareModelPushRequest(name="x", sha256="abc",
                                                                                        size_bytes=1),
                                                             metadata=agent.metadata, timeout=10))
-        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "sha256 must be 64" in error.details()
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "sha256 must be 64" in details(error)
         error = refused(lambda: push(header, PAYLOAD, first=pb.PushModelRequest(data=b"no header")))
-        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "must be the header" in error.details()
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "must be the header" in details(error)
 
         # More than the disk holds (the real statvfs of the store): RESOURCE_EXHAUSTED, naming both.
         huge = pb.PrepareModelPushRequest(name="huge", sha256=SHA, size_bytes=2**50)
         error = refused(lambda: agent.stub.PrepareModelPush(huge, metadata=agent.metadata, timeout=10))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert error.details().startswith(f"not enough disk space for huge in {store}: needs 1024.0 TiB, ")
-        assert error.details().endswith(" free") and "\n" not in error.details()
+        assert details(error).startswith(f"not enough disk space for huge in {store}: needs 1024.0 TiB, ")
+        assert details(error).endswith(" free") and "\n" not in details(error)
 
         # Bytes that are not the file announced: DATA_LOSS, and nothing usable is left.
         error = refused(lambda: push(header, PAYLOAD[:-1] + b"\x00"))
-        assert error.code() == grpc.StatusCode.DATA_LOSS and "nothing was kept" in error.details()
+        assert error.code() == grpc.StatusCode.DATA_LOSS and "nothing was kept" in details(error)
         assert [p.name for p in store.rglob("*") if p.is_file()] == []
         assert agent.status().models == []
 
@@ -123,7 +130,7 @@ def test_a_push_lands_ready_and_every_refusal_is_one_line_with_its_code(tmp_path
         # A different file under a name that is taken is refused; the file there is kept.
         other = pb.PrepareModelPushRequest(name="tiny/model", sha256="0" * 64, size_bytes=10)
         error = refused(lambda: agent.stub.PrepareModelPush(other, metadata=agent.metadata, timeout=10))
-        assert error.code() == grpc.StatusCode.ALREADY_EXISTS and "already holds another file" in error.details()
+        assert error.code() == grpc.StatusCode.ALREADY_EXISTS and "already holds another file" in details(error)
         error = refused(lambda: push(pb.PushModelHeader(name="tiny/model", sha256="0" * 64, size_bytes=10),
                                      b"0123456789"))
         assert error.code() == grpc.StatusCode.ALREADY_EXISTS and push.sent == 0

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from llamafleet.agent.supervisor import RpcLaunch, RpcServerSupervisor, RpcState
+from llamafleet.agent.supervisor import RpcLaunch, RpcServerSnapshot, RpcServerSupervisor, RpcState
 from llamafleet.common.restart import RestartPolicy
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.process import pid_alive
@@ -21,14 +22,15 @@ def _launch(script: str) -> RpcLaunch:
     return RpcLaunch(["/bin/sh", "-c", script], dict(os.environ), port=1, endpoint="127.0.0.1:1", cache_dir="")
 
 
-async def _until(supervisor: RpcServerSupervisor, predicate, timeout_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+async def _until(supervisor: RpcServerSupervisor, predicate: Callable[[RpcServerSnapshot], bool],
+                 timeout_s: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while not predicate(supervisor.snapshot()):
         assert asyncio.get_running_loop().time() < deadline, f"stuck in {supervisor.snapshot()}"
         await asyncio.sleep(0.01)
 
 
-async def _run(supervisor: RpcServerSupervisor, body) -> None:  # type: ignore[no-untyped-def]
+async def _run(supervisor: RpcServerSupervisor, body: Callable[[], Awaitable[None]]) -> None:
     task = asyncio.create_task(supervisor.run())
     try:
         await body()

@@ -120,6 +120,7 @@ def control_routes() -> list[tuple[str, str]]:
     app = make_app(ControllerSettings(), HttpKeys(None, None, "127.0.0.1"), *[mock.Mock() for _ in range(9)])
     found = set()
     for route in app.router.routes():
+        assert route.resource is not None, route
         method, template = ("GET" if route.method == "*" else route.method), route.resource.canonical
         if route_access(method, template) is Access.ADMIN:
             found.add((method, re.sub(r"\{[^}]+\}", "127.0.0.1:1", template)))

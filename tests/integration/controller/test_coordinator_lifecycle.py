@@ -25,7 +25,7 @@ PROMPT = "Once upon a time, in a small village by the sea,"
 
 def raw_tokens(fleet: Fleet, model: str = "gemma") -> str:
     reply = ollama.Client(host=fleet.url).generate(model=model, prompt=PROMPT, raw=True, options=GREEDY)
-    assert reply.eval_count == GREEDY["num_predict"]
+    assert reply.eval_count == GREEDY["num_predict"] and reply.response is not None
     return reply.response
 
 
@@ -91,6 +91,7 @@ def test_loading_a_second_model_that_does_not_fit_beside_the_first_unloads_the_i
 def hang_up_mid_stream(base_url: str, body: dict[str, object]) -> None:
     """Start a streamed /api/generate, read its first line, and close the socket."""
     url = urllib.parse.urlsplit(base_url)
+    assert url.hostname is not None, url
     connection = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
     connection.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
     reply = connection.getresponse()
@@ -117,7 +118,7 @@ def test_ollama_pool_route_skips_a_dead_node_and_serves_through_a_live_one(tmp_p
             assert "gemma:latest" in [m.model for m in client.list().models]
             reply = client.generate(model="gemma", prompt=PROMPT, raw=True, options=GREEDY)
             assert reply.response and reply.eval_count == GREEDY["num_predict"]
-            streamed = "".join(p.message.content for p in client.chat(
+            streamed = "".join(p.message.content or "" for p in client.chat(
                 model="gemma", messages=[{"role": "user", "content": "hi"}], stream=True, options=GREEDY))
             assert streamed
             assert front.ps() == [] and [d["model"] for d in pool_node.ps()] == ["gemma:latest"]

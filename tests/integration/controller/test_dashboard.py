@@ -5,12 +5,17 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from llamafleet.common.llamacpp.install import Manifest
 from tests.integration.controller.harness import running_fleet
+
+if TYPE_CHECKING:  # imported by the fixture only once Chromium is known to be there
+    from playwright.sync_api import Browser
 
 pytestmark = pytest.mark.integration
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -20,7 +25,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 
 @pytest.fixture
-def browser():  # type: ignore[no-untyped-def]
+def browser() -> Iterator[Browser]:
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian's chromium is not installed (scripts/test.sh installs it when run as root)")
     from playwright.sync_api import sync_playwright
@@ -33,8 +38,8 @@ def browser():  # type: ignore[no-untyped-def]
             chromium.close()
 
 
-def test_dashboard_shows_nodes_placement_events_and_a_node_going_down_and_back(  # type: ignore[no-untyped-def]
-        tmp_path: Path, llama_cpp: Manifest, test_model: Path, browser) -> None:
+def test_dashboard_shows_nodes_placement_events_and_a_node_going_down_and_back(
+        tmp_path: Path, llama_cpp: Manifest, test_model: Path, browser: Browser) -> None:
     with running_fleet(tmp_path / "fleet", llama_cpp, test_model, agents=2) as fleet:
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.goto(f"{fleet.url}/ui/")
@@ -72,8 +77,8 @@ def test_dashboard_shows_nodes_placement_events_and_a_node_going_down_and_back( 
         assert (tmp_path / "dashboard.png").stat().st_size > 10_000
 
 
-def test_dashboard_asks_for_the_api_key_and_works_with_it(  # type: ignore[no-untyped-def]
-        tmp_path: Path, llama_cpp: Manifest, test_model: Path, browser) -> None:
+def test_dashboard_asks_for_the_api_key_and_works_with_it(
+        tmp_path: Path, llama_cpp: Manifest, test_model: Path, browser: Browser) -> None:
     keys = tmp_path / "keys"
     keys.write_text("dashboard-key-123\n")
     with running_fleet(tmp_path / "fleet", llama_cpp, test_model, agents=1,
@@ -91,8 +96,8 @@ def test_dashboard_asks_for_the_api_key_and_works_with_it(  # type: ignore[no-un
         page.locator("#live", has_text="live").wait_for(timeout=15_000)
 
 
-def test_dashboard_works_with_the_admin_key_and_shows_why_an_api_key_is_not_enough(  # type: ignore[no-untyped-def]
-        tmp_path: Path, llama_cpp: Manifest, test_model: Path, browser) -> None:
+def test_dashboard_works_with_the_admin_key_and_shows_why_an_api_key_is_not_enough(
+        tmp_path: Path, llama_cpp: Manifest, test_model: Path, browser: Browser) -> None:
     (tmp_path / "api-keys").write_text("dashboard-api-key\n")
     (tmp_path / "admin-keys").write_text("dashboard-admin-key\n")
     with running_fleet(tmp_path / "fleet", llama_cpp, test_model, agents=1,
@@ -113,8 +118,8 @@ def test_dashboard_works_with_the_admin_key_and_shows_why_an_api_key_is_not_enou
         page.locator("#live", has_text="live").wait_for(timeout=15_000)
 
 
-def test_dashboard_shows_a_pull_in_progress_and_then_the_holder(  # type: ignore[no-untyped-def]
-        tmp_path: Path, llama_cpp: Manifest, test_model: Path, browser) -> None:
+def test_dashboard_shows_a_pull_in_progress_and_then_the_holder(
+        tmp_path: Path, llama_cpp: Manifest, test_model: Path, browser: Browser) -> None:
     store = tmp_path / "store"
     store.mkdir()
     # 40 MiB/s: gemma's 253 MB take six seconds, several of the page's two-second refreshes.

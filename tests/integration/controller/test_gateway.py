@@ -46,7 +46,9 @@ def test_first_chat_loads_the_model_across_three_backends_and_reports_the_load(f
                         options=GREEDY)
     assert first.done and first.message.role == "assistant" and first.message.content
     assert first.done_reason == "length" and first.eval_count == 16
+    assert first.load_duration is not None
     assert first.load_duration > 100_000_000  # ns: this request waited for the load
+    assert first.prompt_eval_count is not None and first.eval_duration is not None and first.total_duration is not None
     assert first.prompt_eval_count > 0 and first.eval_duration > 0 and first.total_duration >= first.load_duration
     second = client.chat(model="gemma", messages=[{"role": "user", "content": "Name a colour."}], stream=False,
                          options=GREEDY)
@@ -62,7 +64,7 @@ def test_chat_streams_pieces_then_one_final_object(client: ollama.Client) -> Non
                              options=GREEDY))
     assert len(parts) >= 3 and all(not p.done for p in parts[:-1]) and parts[-1].done
     assert parts[-1].eval_count == 16 and parts[-1].done_reason == "length"
-    text = "".join(p.message.content for p in parts)
+    text = "".join(p.message.content or "" for p in parts)
     whole = client.chat(model="gemma", messages=[{"role": "user", "content": "Count to five."}], stream=False,
                         options=GREEDY)
     assert text == whole.message.content
@@ -71,22 +73,25 @@ def test_chat_streams_pieces_then_one_final_object(client: ollama.Client) -> Non
 def test_generate_streamed_and_not_agree(client: ollama.Client) -> None:
     whole = client.generate(model="gemma", prompt="The capital of France is", stream=False, options=GREEDY)
     parts = list(client.generate(model="gemma", prompt="The capital of France is", stream=True, options=GREEDY))
-    assert whole.response and "".join(p.response for p in parts) == whole.response
+    assert whole.response and "".join(p.response or "" for p in parts) == whole.response
     raw = client.generate(model="gemma", prompt="The capital of France is", raw=True, stream=False, options=GREEDY)
     assert raw.response and raw.eval_count == 16
 
 
 def test_list_show_and_ps_describe_the_model(client: ollama.Client) -> None:
     [listed] = client.list().models
-    assert listed.model == "gemma:latest" and listed.size > 200_000_000
+    assert listed.model == "gemma:latest" and listed.size is not None and listed.size > 200_000_000
+    assert listed.details is not None
     assert listed.details.family == "gemma3" and listed.details.quantization_level == "Q4_K_M"
     shown = client.show("gemma")
+    assert shown.capabilities is not None and shown.modelinfo is not None
     assert "completion" in shown.capabilities and shown.modelinfo["general.architecture"] == "gemma3"
     assert "tokenizer.ggml.tokens" not in shown.modelinfo  # a 262k-entry array is not sent
     assert shown.template == ""  # this GGUF carries no chat template (llama-server falls back to ChatML)
     client.generate(model="gemma", prompt="hi", options={"num_predict": 1})
     [running] = client.ps().models
-    assert running.model == "gemma:latest" and running.size > 0 and running.context_length == 16384
+    assert running.model == "gemma:latest" and running.size is not None and running.size > 0
+    assert running.context_length == 16384
 
 
 def test_openai_client_chat_completions_and_models(fleet: Fleet) -> None:
@@ -94,7 +99,8 @@ def test_openai_client_chat_completions_and_models(fleet: Fleet) -> None:
     answer = client.chat.completions.create(model="gemma", messages=[{"role": "user", "content": "Say hi"}],
                                             max_tokens=8, temperature=0, seed=42)
     assert answer.model == "gemma" and answer.choices[0].message.content
-    assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 8
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.usage is not None and answer.usage.completion_tokens == 8
     chunks = list(client.chat.completions.create(model="gemma", messages=[{"role": "user", "content": "Say hi"}],
                                                  max_tokens=8, temperature=0, seed=42, stream=True))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

@@ -90,6 +90,7 @@ def test_auto_slots_serve_eight_concurrent_streams_to_the_end(tmp_path: Path, ll
 def _post_from(source: str, fleet: Fleet, body: dict[str, Any]) -> dict[str, Any]:
     """One request from the loopback address `source`: a second client, as the gateway sees it."""
     url = urllib.parse.urlsplit(fleet.url)
+    assert url.hostname is not None, url
     connection = http.client.HTTPConnection(url.hostname, url.port, timeout=120, source_address=(source, 0))
     try:
         connection.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})

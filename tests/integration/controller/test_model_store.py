@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,7 +59,7 @@ def test_nodes_show_the_holder_and_the_plan_prefers_it(tmp_path: Path, llama_cpp
         assert fleet.node(other.address)["models"] == []
         assert "model gemma (" in fleet.cli("nodes").stdout
 
-        def planned() -> dict[str, object] | None:
+        def planned() -> dict[str, Any] | None:
             result = fleet.cli("plan", "gemma", "--ctx", "2048", "--json")
             assert result.returncode == 0, result.stderr
             doc = json.loads(result.stdout)

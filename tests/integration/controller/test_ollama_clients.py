@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +70,11 @@ def request(fleet: Fleet, method: str, path: str, body: Any = None,
         return exc.code, dict(exc.headers), exc.read()
 
 
-def norm(vector: list[float]) -> float:
+def norm(vector: Sequence[float]) -> float:
     return math.sqrt(sum(v * v for v in vector))
 
 
-def cosine(a: list[float], b: list[float]) -> float:
+def cosine(a: Sequence[float], b: Sequence[float]) -> float:
     return sum(x * y for x, y in zip(a, b, strict=True)) / (norm(a) * norm(b))
 
 
@@ -86,7 +86,7 @@ def test_every_client_embeds_on_the_coordinator_that_also_chats(fleet: Fleet, cl
     both = client.embed(model="gemma", input=[SEA, "Paris is the capital of France."])
     first, second = both.embeddings
     assert len(first) == len(second) == 640 and abs(norm(first) - 1) < 1e-3  # /api/embed normalises
-    assert cosine(first, second) < 0.999 and both.prompt_eval_count > 8
+    assert cosine(first, second) < 0.999 and both.prompt_eval_count is not None and both.prompt_eval_count > 8
     assert client.embed(model="gemma", input="").embeddings == []  # nothing to embed: a load, as Ollama
     short = client.embed(model="gemma", input=SEA, dimensions=64).embeddings[0]
     assert len(short) == 64 and abs(norm(short) - 1) < 1e-3
@@ -119,7 +119,7 @@ def test_an_input_longer_than_the_context_is_cut_unless_truncate_is_false(client
         client.embed(model="gemma", input=long, truncate=False)
     assert refused.value.status_code == 400 and "exceeds the context length" in str(refused.value)
     cut = client.embed(model="gemma", input=[long, SEA])
-    assert len(cut.embeddings) == 2 and 0 < cut.prompt_eval_count <= CTX + 16
+    assert len(cut.embeddings) == 2 and cut.prompt_eval_count is not None and 0 < cut.prompt_eval_count <= CTX + 16
 
 
 def test_what_ollama_ignores_is_dropped_counted_and_logged_once(fleet: Fleet) -> None:
@@ -197,7 +197,7 @@ def test_version_cors_model_lookup_context_and_error_texts(fleet: Fleet, client:
     assert first.context and all(isinstance(t, int) for t in first.context)
     second = client.generate(model="gemma", prompt="What is my name?", context=first.context,
                              options={"num_predict": 4, "temperature": 0})
-    assert second.response and len(second.context) > len(first.context)
+    assert second.response and second.context is not None and len(second.context) > len(first.context)
 
     status, _, raw = request(fleet, "POST", "/api/chat", {"model": "nothing-here", "messages": []})
     message = json.loads(raw)["error"]
@@ -207,6 +207,7 @@ def test_version_cors_model_lookup_context_and_error_texts(fleet: Fleet, client:
 def test_a_client_that_hangs_up_mid_stream_is_one_info_line(fleet: Fleet, client: ollama.Client) -> None:
     before = len(log_text(fleet))
     url = urllib.parse.urlsplit(fleet.url)
+    assert url.hostname is not None, url
     connection = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
     connection.request("POST", "/api/generate", json.dumps({"model": "gemma", "prompt": "Count to one hundred.",
                                                             "options": {"num_predict": 200}}),
@@ -229,6 +230,7 @@ def test_a_generate_resumed_after_a_worker_died_still_carries_its_context(fleet:
 
     def lines(kill_after: int | None = None) -> list[dict[str, Any]]:
         url = urllib.parse.urlsplit(fleet.url)
+        assert url.hostname is not None, url
         connection = http.client.HTTPConnection(url.hostname, url.port, timeout=180)
         connection.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
         docs = []

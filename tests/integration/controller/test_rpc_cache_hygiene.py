@@ -83,7 +83,7 @@ def test_a_corrupted_entry_is_replaced_and_the_answer_is_the_same(tmp_path: Path
         assert entry.read_bytes() == expected
 
         # The keeper's pass after the staging: the entry is verified and in use by rpc-server #0.
-        summary = wait_for(lambda: (s := cache_summary(holder)).models == 1 and s.checked_at_unix_ms and s, 30,
+        summary = wait_for(lambda: (s := cache_summary(holder)).models == 1 and bool(s.checked_at_unix_ms) and s, 30,
                            "the keeper's pass after the staging")
         assert (summary.entries, summary.used_bytes, summary.in_use_bytes, summary.unverified) == (
             1, embd.n_bytes, embd.n_bytes, 0)

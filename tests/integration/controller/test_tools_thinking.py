@@ -8,8 +8,9 @@ test GGUF (no template) is the model Ollama would refuse tools and thinking for.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import ollama
 import pytest
@@ -62,13 +63,14 @@ def test_show_says_what_each_template_can_do(client: ollama.Client) -> None:
 def test_ollama_client_gets_a_call_with_object_arguments_and_sends_the_result_back(client: ollama.Client) -> None:
     answer = client.chat(model="toolgemma", messages=QUESTION, tools=[get_weather], options=GREEDY, think=False)
     # The model copies the template's example call, often more than once before the token limit.
-    call, *_ = answer.message.tool_calls or [None]
+    call = next(iter(answer.message.tool_calls or ()), None)
     assert call is not None and call.function.name == "get_weather" and isinstance(call.function.arguments, dict)
     assert call.function.arguments["city"]
     result = get_weather(**call.function.arguments)
     # The call and its result in the history: rendered by the template, answered by the model.
-    history = [*QUESTION, answer.message, {"role": "tool", "content": result, "tool_name": "get_weather",
-                                           "tool_call_id": getattr(call, "id", None) or ""}]
+    history: list[Mapping[str, Any] | ollama.Message] = [
+        *QUESTION, answer.message, {"role": "tool", "content": result, "tool_name": "get_weather",
+                                    "tool_call_id": getattr(call, "id", None) or ""}]
     follow_up = client.chat(model="toolgemma", messages=history, tools=[get_weather], options=GREEDY, think=False)
     assert follow_up.done and (follow_up.message.content or follow_up.message.tool_calls)
 
@@ -78,7 +80,7 @@ def test_streamed_tool_calls_come_whole_in_one_chunk(client: ollama.Client) -> N
                               stream=True))
     with_calls = [c for c in chunks if c.message.tool_calls]
     assert len(with_calls) == 1 and not with_calls[0].done and chunks[-1].done
-    call, *_ = with_calls[0].message.tool_calls or [None]
+    call = next(iter(with_calls[0].message.tool_calls or ()), None)
     assert call is not None and call.function.name == "get_weather" and isinstance(call.function.arguments, dict)
 
 

@@ -29,6 +29,7 @@ TOKENS = 8
 def one_request(url: str, client: int) -> tuple[float, int, str]:
     """(time to first piece, pieces, problem or "")."""
     parsed = urllib.parse.urlsplit(url)
+    assert parsed.hostname is not None, parsed
     conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=300)
     body = {"model": "gemma", "prompt": f"Client {client} says:", "raw": True,
             "options": {"num_predict": TOKENS, "temperature": 0, "seed": client}}

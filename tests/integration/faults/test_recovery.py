@@ -45,6 +45,7 @@ def coordinators() -> list[psutil.Process]:
 
 def stream_lines(url: str, path: str, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     parsed = urllib.parse.urlsplit(url)
+    assert parsed.hostname is not None, parsed
     conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=120)
     conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     return conn, conn.getresponse()

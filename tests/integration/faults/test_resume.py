@@ -29,6 +29,7 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from bench.netns import shaped_links
 from llamafleet.common.llamacpp.install import Manifest
@@ -40,7 +41,8 @@ N = 96  # tokens per answer: long enough to kill in the middle, short enough for
 OPTIONS = {"num_predict": N, "temperature": 0, "seed": 3}
 PROMPT = "Count from 1 to 200, one number after another: 1, 2, 3, 4,"
 # The assistant's answer begun (a prefill): the test model then counts on.
-CHAT = [{"role": "user", "content": "Count from 1 to 200."}, {"role": "assistant", "content": "1, 2, 3, 4,"}]
+CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Count from 1 to 200."},
+                                          {"role": "assistant", "content": "1, 2, 3, 4,"}]
 SEED = int(os.environ.get("LLAMAFLEET_TEST_RESUME_SEED", str(int(time.time()))))
 RANDOM = random.Random(SEED)
 print(f"resume kill points: seed {SEED}")
@@ -48,6 +50,7 @@ print(f"resume kill points: seed {SEED}")
 
 def ndjson(url: str, path: str, body: dict[str, Any]) -> tuple[http.client.HTTPConnection, Iterator[dict[str, Any]]]:
     parsed = urllib.parse.urlsplit(url)
+    assert parsed.hostname is not None, parsed
     conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=180)
     conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     reply = conn.getresponse()
