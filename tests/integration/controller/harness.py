@@ -158,7 +158,7 @@ def running_fleet(tmp_path: Path, llama_cpp: Manifest, model: Path, *, agents: i
         fleet.start_controller([a.address for a in started])
         try:
             wait_for(lambda: all(n["state"] == "ready" and n["rpc_server"]["state"] == "running"
-                                 for n in fleet.nodes()), 30, "every node ready")
+                                 for n in fleet.nodes()), 90, "every node ready")
             yield fleet
         finally:
             fleet.stop_controller()
