@@ -28,13 +28,7 @@ from typing import Any
 
 import aiohttp
 from llamafleet.common.errors import LlamafleetError
-from llamafleet.controller.gateway.upstream import (
-    UPSTREAM_TIMEOUT,
-    Final,
-    UpstreamRejected,
-    UpstreamUnavailable,
-    completion_pieces,
-)
+from llamafleet.controller.gateway.upstream import Final, completion_pieces, one_answer
 
 # OpenAI request fields that are not sampling settings of the continuation.
 OPENAI_NOT_SAMPLING = frozenset({"model", "messages", "prompt", "stream", "stream_options", "n", "logprobs",
@@ -126,23 +120,18 @@ class ResumeSpec:
 
 
 async def _post_json(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> dict[str, Any]:
-    try:
-        async with session.post(url, json=body, timeout=UPSTREAM_TIMEOUT) as response:
-            doc = await response.json(content_type=None)
-            if response.status != 200 or not isinstance(doc, dict):
-                raise UpstreamRejected(502, f"{url.rsplit('/', 1)[-1]} answered {response.status}")
-            return doc
-    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-        raise UpstreamUnavailable(f"coordinator connection failed: {exc or type(exc).__name__}") from None
-    except ValueError:
-        raise UpstreamRejected(502, f"{url.rsplit('/', 1)[-1]} did not answer JSON") from None
+    async for doc in one_answer(session, url, body):
+        return doc
+    raise ResumeFailed(f"{url} answered nothing")
 
 
 async def prompt_ids(session: aiohttp.ClientSession, base: str, spec: ResumeSpec) -> list[int]:
     """The prompt as the coordinator tokenizes it for a generation (the template applied for a chat)."""
     text = spec.prompt
     if spec.messages is not None:
-        text = str((await _post_json(session, f"{base}/apply-template", {"messages": spec.messages}))["prompt"])
+        text = (await _post_json(session, f"{base}/apply-template", {"messages": spec.messages})).get("prompt")
+        if not isinstance(text, str):
+            raise ResumeFailed("the coordinator's /apply-template answered no prompt")
     # The flags llama-server itself tokenizes a completion's prompt with.
     doc = await _post_json(session, f"{base}/tokenize", {"content": text, "add_special": True, "parse_special": True})
     tokens = doc.get("tokens")

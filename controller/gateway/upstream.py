@@ -108,8 +108,10 @@ async def one_answer(session: aiohttp.ClientSession, url: str, body: dict[str, A
     except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
         # Refused or reset: the coordinator is gone or going.
         raise UpstreamUnavailable(f"coordinator connection failed: {exc or type(exc).__name__}") from None
+    except ValueError:  # not JSON at all
+        raise UpstreamGarbage("the coordinator answered with something that is not JSON") from None
     if not isinstance(doc, dict):
-        raise UpstreamRejected(502, "the coordinator answered with something that is not a JSON object")
+        raise UpstreamGarbage("the coordinator answered with something that is not a JSON object")
     yield doc
 
 

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from llamafleet.controller.gateway.resume import Progress, ResumeFailed
-from llamafleet.controller.gateway.upstream import UpstreamGarbage, UpstreamUnavailable, sse_events
+from llamafleet.controller.gateway.upstream import UpstreamGarbage, UpstreamUnavailable, one_answer, sse_events
 
 
 def test_the_resume_point_is_the_last_event_whose_text_matches_its_ids() -> None:
@@ -68,6 +68,23 @@ def test_garbage_or_a_cut_stream_from_llama_server_is_an_error(lines: list[bytes
             async with aiohttp.ClientSession() as session:
                 with pytest.raises(error):
                     async for _ in sse_events(session, f"http://127.0.0.1:{port}/s", {}):
+                        pass
+        finally:
+            await runner.cleanup()
+    asyncio.run(run())
+
+
+def test_a_one_json_answer_that_is_not_json_is_garbage_not_a_traceback() -> None:
+    async def run() -> None:
+        runner = web.AppRunner(_serve([b"<html>oops</html>"]))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            async with aiohttp.ClientSession() as session:
+                with pytest.raises(UpstreamGarbage):
+                    async for _ in one_answer(session, f"http://127.0.0.1:{port}/s", {}):
                         pass
         finally:
             await runner.cleanup()
