@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from llamafleet.agent.coordinators import CoordinatorRequest, CoordinatorSnapshot
 from llamafleet.agent.core import AgentSnapshot
 from llamafleet.agent.devices import DeviceInfo
 from llamafleet.agent.gpus import is_cuda_device
@@ -98,6 +99,26 @@ def cache_summary_to_proto(summary: CacheSummary) -> pb.RpcCacheSummary:
     )
 
 
+_COORDINATOR_STATES = {"starting": pb.COORDINATOR_STATE_STARTING, "running": pb.COORDINATOR_STATE_RUNNING,
+                       "exited": pb.COORDINATOR_STATE_EXITED}
+
+
+def coordinator_to_proto(snap: CoordinatorSnapshot) -> pb.CoordinatorStatus:
+    return pb.CoordinatorStatus(
+        id=snap.id, model=snap.model, state=_COORDINATOR_STATES[snap.state], pid=snap.pid, url=snap.url,
+        last_exit=snap.last_exit, last_output=list(snap.last_output), backend_lost=snap.backend_lost,
+        state_since_unix_ms=snap.state_since_unix_ms)
+
+
+def coordinator_from_proto(message: pb.StartCoordinatorRequest) -> CoordinatorRequest:
+    return CoordinatorRequest(
+        id=message.id, model=message.model, model_sha256=message.model_sha256,
+        local_gpus=tuple(message.local_gpus), local_layers=tuple(message.local_layers),
+        rpc_endpoints=tuple(message.rpc_endpoints), rpc_layers=tuple(message.rpc_layers),
+        n_layers=message.n_layers, ctx_per_slot=message.ctx_per_slot, parallel=message.parallel,
+        chat_template=message.chat_template, pooling=message.pooling, prompt_cache_mib=message.prompt_cache_mib)
+
+
 def status_to_proto(snap: AgentSnapshot) -> pb.AgentStatus:
     status = pb.AgentStatus(
         node=pb.NodeIdentity(
@@ -115,6 +136,8 @@ def status_to_proto(snap: AgentSnapshot) -> pb.AgentStatus:
         models_omitted=snap.models_omitted,
         models_dir=snap.models_dir,
         rpc_layout=snap.rpc_layout,
+        coordinators=[coordinator_to_proto(c) for c in snap.coordinators],
+        coordinator_proxy=snap.coordinator_proxy,
     )
     if snap.rpc_cache is not None:
         status.rpc_cache.CopyFrom(cache_summary_to_proto(snap.rpc_cache))

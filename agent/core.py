@@ -14,8 +14,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from llamafleet.agent.cache_keeper import CacheKeeper
+from llamafleet.agent.coordinators import CoordinatorSnapshot, Coordinators
 from llamafleet.common.fnv import Fnv1a
 from llamafleet.agent.devices import DeviceInfo, DeviceProvider, HostMemoryInfo, HostProvider, NvmlProvider
 from llamafleet.agent.gpus import GpuIdentityError, RpcGroup, check_banner, rpc_groups, visible_gpus
@@ -61,6 +63,8 @@ class AgentSnapshot:
     models_omitted: int = 0
     models_dir: str = ""
     rpc_cache: CacheSummary | None = None  # None with --no-rpc-cache
+    coordinators: tuple[CoordinatorSnapshot, ...] = ()
+    coordinator_proxy: str = ""  # HOST:PORT of the coordinator proxy ("" when it runs none)
 
     @property
     def rpc_server(self) -> RpcServerSnapshot:
@@ -119,6 +123,16 @@ class Agent:
         self.cache_keeper = (CacheKeeper(self.rpc_cache, self._fnv, settings.rpc_cache_max, settings.rpc_cache_check_s,
                                          self._running_slots, on_change=self.changes.bump)
                              if settings.rpc_cache else None)
+        # Model coordinators next to the weights (agent/coordinators.py); the daemon makes it, since
+        # their keys come from the node credential.
+        self.coordinators: Coordinators | None = None
+
+    def llama_server(self) -> Path | None:
+        """The llama-server of the active build (None without one)."""
+        return Path(self._build.llama_server) if self._build is not None else None
+
+    def gpu_uuids(self) -> list[str]:
+        return [d.uuid for d in self._gpus.devices() if d.uuid]
 
     @property
     def supervisor(self) -> RpcServerSupervisor:
@@ -326,6 +340,8 @@ class Agent:
             models_omitted=self.models.omitted if self.models else 0,
             models_dir=str(self.models.root) if self.models else "",
             rpc_cache=self.cache_keeper.summary if self.cache_keeper else None,
+            coordinators=self.coordinators.snapshots() if self.coordinators else (),
+            coordinator_proxy=self.coordinators.proxy_endpoint if self.coordinators else "",
         )
 
     def status_line(self) -> str:

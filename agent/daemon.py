@@ -17,6 +17,7 @@ from llamafleet.agent.core import Agent
 from llamafleet.agent.credential import JoinRefused, Keyring, join
 from llamafleet.agent.metrics import start_metrics_server
 from llamafleet.agent.node import NodeIdentity, load_node_identity
+from llamafleet.agent.coordinators import Coordinators
 from llamafleet.agent.service import start_server
 from llamafleet.agent.settings import AgentSettings
 from llamafleet.agent.supervisor import TICK_S
@@ -109,6 +110,11 @@ async def serve(settings: AgentSettings, notifier: Notifier | None = None) -> No
                     settings.rpc_port)
     agent = Agent(settings, load_node_identity(state))
     agent.load_build()
+    agent.coordinators = Coordinators(
+        state, settings.rpc_host, settings.coordinator_port, settings.max_coordinators,
+        llama_server=agent.llama_server, models=lambda: agent.models.files if agent.models else (),
+        gpu_uuids=agent.gpu_uuids, secrets=keyring.held, on_change=agent.changes.bump)
+    await agent.coordinators.open()
     server, port = await start_server(agent, settings, keyring)
     joining = asyncio.create_task(_join_when_needed(settings, join_token, keyring, agent.node), name="join")
     metrics = await start_metrics_server(agent.snapshot, settings.metrics_listen) if settings.metrics_listen else None
@@ -150,6 +156,7 @@ async def serve(settings: AgentSettings, notifier: Notifier | None = None) -> No
             with contextlib.suppress(asyncio.CancelledError):
                 # Cancellation is how these tasks are asked to end (the rpc-servers stop together).
                 await task
+        await agent.coordinators.close()  # its llama-servers go before the gRPC server that reports them
         await server.stop(grace=1.0)
         if metrics is not None:
             await metrics.cleanup()

@@ -16,11 +16,14 @@ from grpc_health.v1.health import aio as health_aio
 
 from llamafleet.agent.convert import (
     build_event_to_proto,
+    coordinator_from_proto,
+    coordinator_to_proto,
     build_to_proto,
     model_file_to_proto,
     rpc_server_to_proto,
     status_to_proto,
 )
+from llamafleet.agent.coordinators import CoordinatorRefused, Coordinators, TooManyCoordinators, UnknownCoordinator
 from llamafleet.agent.core import Agent, BuildBusyError
 from llamafleet.agent.credential import Keyring
 from llamafleet.common.digests import HashCancelled
@@ -64,6 +67,9 @@ _ERROR_CODES: list[tuple[type[LlamafleetError], grpc.StatusCode]] = [
     (NameTaken, grpc.StatusCode.ALREADY_EXISTS),
     (DigestMismatch, grpc.StatusCode.DATA_LOSS),
     (PushRefused, grpc.StatusCode.FAILED_PRECONDITION),
+    (TooManyCoordinators, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (CoordinatorRefused, grpc.StatusCode.FAILED_PRECONDITION),
+    (UnknownCoordinator, grpc.StatusCode.NOT_FOUND),
     (StagingRefused, grpc.StatusCode.FAILED_PRECONDITION),
     (FnvUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
     (BuildError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -134,6 +140,23 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     @maps_errors
     async def RestartRpcServer(self, request: pb.RestartRpcServerRequest, context: grpc.aio.ServicerContext) -> pb.RestartRpcServerResponse:
         return pb.RestartRpcServerResponse(rpc_server=await self._act("restart", request.index))
+
+    def _coordinators(self) -> Coordinators:
+        if self.agent.coordinators is None:
+            raise CoordinatorRefused("this agent runs no coordinators (--max-coordinators 0)")
+        return self.agent.coordinators
+
+    @maps_errors
+    async def StartCoordinator(self, request: pb.StartCoordinatorRequest,
+                               context: grpc.aio.ServicerContext) -> pb.StartCoordinatorResponse:
+        started = await self._coordinators().start(coordinator_from_proto(request))
+        return pb.StartCoordinatorResponse(coordinator=coordinator_to_proto(started))
+
+    @maps_errors
+    async def StopCoordinator(self, request: pb.StopCoordinatorRequest,
+                              context: grpc.aio.ServicerContext) -> pb.StopCoordinatorResponse:
+        stopped = await self._coordinators().stop(request.id)
+        return pb.StopCoordinatorResponse(coordinator=coordinator_to_proto(stopped))
 
     @maps_errors
     async def StageTensors(self, request: pb.StageTensorsRequest, context: grpc.aio.ServicerContext) -> pb.StageTensorsResponse:

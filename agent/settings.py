@@ -64,6 +64,10 @@ class AgentSettings:
                                              "(default auto: half of the cache's filesystem)")
     rpc_cache_check_s: float = setting(300.0, help="how often the cache keeper verifies new rpc cache entries "
                                                    "and enforces the cap (also after every staging)")
+    max_coordinators: int = setting(2, help="most model coordinators (llama-server) the controller may run here, "
+                                             "next to the weights; 0: none (no coordinator proxy either)")
+    coordinator_port: int = setting(0, help="port of the coordinator proxy on rpc_host (0: any free port; set one "
+                                            "when a firewall sits between the controller and this worker)")
     rpc_autostart: bool = setting(True, help="start the rpc-server with the agent")
     rpc_allow_wildcard: bool = setting(False, help="allow rpc_host 0.0.0.0 (rpc-server has no authentication)")
     memory_limit: int = setting(0, parse=parse_size, help="cap on memory advertised per device (0: none)")
@@ -101,6 +105,10 @@ class AgentSettings:
             raise ValueError(f"rpc_port {self.rpc_port} + max_rpc_servers {self.max_rpc_servers} runs past port 65535")
         if self.rpc_threads < 0 or self.restart_max_failures < 1:
             raise ValueError("rpc_threads must be >= 0 and restart_max_failures >= 1")
+        if not 0 <= self.max_coordinators <= MAX_RPC_SERVERS:
+            raise ValueError(f"max_coordinators must be 0..{MAX_RPC_SERVERS}, not {self.max_coordinators}")
+        if not 0 <= self.coordinator_port < 65536:
+            raise ValueError(f"coordinator_port must be 0..65535, not {self.coordinator_port}")
         if self.models_rescan_s <= 0:
             raise ValueError("models_rescan_s must be > 0")
         if self.rpc_cache_check_s <= 0:

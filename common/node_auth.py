@@ -45,6 +45,13 @@ def fingerprint(secret: str) -> str:
     return hashlib.sha256(b"llamafleet-credential\n" + secret.encode()).hexdigest()[:16]
 
 
+def coordinator_key(secret: str, coordinator_id: str) -> str:
+    """The key of one coordinator a node runs (StartCoordinator): both ends derive it from the
+    node's secret, so it is never sent to the agent; what it opens is that coordinator only, for
+    as long as it runs (a new start has a new id)."""
+    return hmac.new(secret.encode(), b"llamafleet-coordinator\n" + coordinator_id.encode(), hashlib.sha256).hexdigest()
+
+
 def _keystream(secret: str, nonce: str) -> bytes:
     return hmac.new(secret.encode(), b"llamafleet-seal\n" + nonce.encode(), hashlib.sha512).digest()
 

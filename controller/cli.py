@@ -390,6 +390,8 @@ def render_plan(doc: dict[str, Any]) -> str:
         lines.append(f"  {len(spare)} more ready node(s) not needed: fewer backends hold the model")
     if doc.get("holder_reason"):
         lines.append(f"holders: {doc['holder_reason']}")
+    if doc.get("fits") and doc.get("coordinator_reason"):
+        lines.append(f"coordinator: {doc['coordinator_reason']}")
     if route := doc.get("route"):
         lines.append(f"route: {route['target']}: {route['reason']}")
     for warning in doc["warnings"]:
@@ -409,13 +411,13 @@ def ps(controller: str, as_json: bool) -> None:
     if not docs:
         click.echo("no models loaded")
         return
-    click.echo(f"{'MODEL':<28} {'STATE':<9} {'SIZE':>10} {'UNTIL':<12} BACKENDS")
+    click.echo(f"{'MODEL':<28} {'STATE':<9} {'SIZE':>10} {'UNTIL':<12} {'COORDINATOR':<22} BACKENDS")
     for doc in docs:
         until = "forever" if doc["expires_at_unix"] is None and doc["state"] == "ready" else ""
         if doc["expires_at_unix"] is not None:
             until = f"{max(doc['expires_at_unix'] - time.time(), 0):.0f}s idle" if doc["in_flight"] == 0 else "in use"
         click.echo(f"{doc['model']:<28} {doc['state']:<9} {format_size(doc['size_bytes']):>10} {until:<12} "
-                   f"{','.join(doc['backends'])}"
+                   f"{doc.get('coordinator') or '-':<22} {','.join(doc['backends']) or '-'}"
                    + (f"  ({doc['parallel']} slot{'s' if doc['parallel'] != 1 else ''}, {doc.get('queued', 0)} queued)"
                       if doc.get("parallel") else ""))
         if doc["state"] != "ready" and doc["detail"]:

@@ -19,6 +19,9 @@ from llamafleet.common.restart import RestartPolicy
 from llamafleet.common.supervised import RETRY_FOREVER, Supervised
 from llamafleet.common.systemd import Notifier
 from llamafleet.controller.api import make_routes
+from llamafleet.controller.coordinator.command import CoordinatorSpec
+from llamafleet.controller.coordinator.process import Coordinator
+from llamafleet.controller.coordinator.remote import CoordinatorDoors, RemoteCoordinator
 from llamafleet.controller.coordinator.deployment import Runtime
 from llamafleet.controller.credentials import Credentials, Tls
 from llamafleet.controller.coordinator.manager import CoordinatorManager
@@ -206,10 +209,20 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
     # connection per request: a kept-alive one that llama-server is closing fails the request
     # that reuses it ("Can not write request body"), and with turns at the slots a freed
     # connection is reused at once; a loopback or LAN connect costs well under a millisecond.
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
+    # Coordinators on workers are reached through their agent's proxy with their own key, which
+    # the doors add to their requests and to no other (controller/coordinator/remote.py).
+    doors = CoordinatorDoors()
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True),
+                                    middlewares=(doors.middleware,))
+    planner.coordinator_mode = settings.coordinator
+
+    async def start_remote(spec: CoordinatorSpec) -> Coordinator:
+        return await RemoteCoordinator.start(inventory, doors, spec)
+
     runtime = Runtime(llama_server=lambda: _llama_server(settings, planner),
                       log_root=settings.state_path / "logs" / "coordinators", session=session,
-                      policy=RestartPolicy(start_timeout_s=settings.load_timeout_s), events=events.record)
+                      policy=RestartPolicy(start_timeout_s=settings.load_timeout_s), events=events.record,
+                      start_remote=start_remote)
     tensor_hashes = TensorHashes(settings.state_path)
     planner.tensor_hashes = tensor_hashes
     manager = CoordinatorManager(planner, inventory, store, runtime, settings.keep_alive, settings.prompt_cache_mib,
@@ -219,6 +232,8 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
     events.listen(metrics.on_event)
     stall_watch = Supervised("event loop stall watch", metrics.loop_stalls.watch, restart=RETRY_FOREVER,
                              events=events.record, subject="controller")
+    stray_reaper = Supervised("stray coordinator reaper", lambda: manager.reap_strays(doors), restart=RETRY_FOREVER,
+                              events=events.record, subject="controller")
     header_reader = Supervised("model header read-ahead", planner.keep_headers_read, restart=RETRY_FOREVER,
                                events=events.record, subject="controller")
     pool = OllamaPool(settings.ollama_nodes, session)
@@ -236,6 +251,7 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
         # Coordinators first: the HTTP side may still be streaming from them. Every step is
         # bounded: a stop that hangs on one of them still ends, and the log says which.
         steps: list[tuple[str, float, Callable[[], Awaitable[object]]]] = [
+            ("stray coordinator reaper", STOP_STEP_S, stray_reaper.stop),
             ("coordinators", STOP_STEP_COORDINATORS_S, manager.close),
             ("HTTP server", STOP_STEP_S, runner.cleanup),
             # Pulls in flight are cancelled: the nodes keep what arrived, for the next pull to resume.

@@ -327,6 +327,28 @@ class Inventory:
         stopped = await self._call(address, "StopRpcServer", pb.StopRpcServerRequest(index=index), timeout_s)
         return stopped.rpc_server
 
+    async def start_coordinator(self, address: str, request: pb.StartCoordinatorRequest,
+                                timeout_s: float = 30.0) -> pb.CoordinatorStatus:
+        """Have a node's agent run a model's coordinator (it answers once llama-server is spawned)."""
+        reply: pb.StartCoordinatorResponse = await self._call(address, "StartCoordinator", request, timeout_s)
+        return reply.coordinator
+
+    async def stop_coordinator(self, address: str, coordinator_id: str, timeout_s: float = 30.0) -> pb.CoordinatorStatus:
+        reply: pb.StopCoordinatorResponse = await self._call(address, "StopCoordinator",
+                                                             pb.StopCoordinatorRequest(id=coordinator_id), timeout_s)
+        return reply.coordinator
+
+    def coordinator(self, address: str, coordinator_id: str) -> pb.CoordinatorStatus | None:
+        """What the node last reported of that coordinator (None: not in its reports)."""
+        record = self._nodes.get(address)
+        if record is None or record.status is None:
+            return None
+        return next((c for c in record.status.coordinators if c.id == coordinator_id), None)
+
+    def node_secret(self, address: str) -> str:
+        """The credential the controller proves itself with to that node ("" when it has none)."""
+        return self._target(address).token
+
     async def stage_tensors(self, address: str, sha256: str, ranges: list[tuple[int, int]],
                             timeout_s: float, rpc_server_index: int | None = None,
                             known: Mapping[tuple[int, int], int] | None = None) -> pb.StageTensorsResponse:

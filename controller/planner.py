@@ -17,7 +17,9 @@ from llamafleet.controller.gguf import GGUFHeader, read_gguf_header
 from llamafleet.controller.holders import Holders, ModelDigests, find_holders
 from llamafleet.controller.inventory import Inventory
 from llamafleet.controller.models import ModelStore, ResolvedModel
-from llamafleet.controller.placement.plan import Headroom, Plan, make_plan
+from llamafleet.controller.placement.coordinator import choose_coordinator
+from llamafleet.controller.placement.nodes import NodeView
+from llamafleet.controller.placement.plan import Headroom, Plan, make_plan, with_node_first
 from llamafleet.controller.tensor_hashes import TensorHashes
 
 MAX_CTX = 1 << 24
@@ -39,6 +41,9 @@ class Planner:
         `digests`: the controller's model hashes, to find the nodes that hold a model (None: nobody does)."""
         self.digests = digests
         self.tensor_hashes: TensorHashes | None = None  # set by the daemon
+        # --coordinator: auto, worker, controller or a node's address (controller/placement/coordinator.py).
+        # "controller" until the daemon says otherwise: a planner without agents that run coordinators.
+        self.coordinator_mode = "controller"
         self.models = models
         self.inventory = inventory
         self.coordinator = coordinator
@@ -131,7 +136,7 @@ class Planner:
         counts = self.slot_counts()
         fewest = place(counts[-1])
         if len(counts) == 1 or not fewest.fits:
-            return resolved, fewest, warnings
+            return resolved, self._with_coordinator(fewest, views), warnings
         # Auto: the most slots that fit on as many nodes as one slot needs (a slot is worth less
         # than a network hop per token). More slots never fit where fewer do not: bisect.
         nodes = len({a.node for a in fewest.assignments})
@@ -143,7 +148,39 @@ class Planner:
                 best, high = attempt, mid - 1
             else:
                 low = mid + 1
-        return resolved, best, warnings
+        return resolved, self._with_coordinator(best, views), warnings
+
+    def cannot_host(self) -> dict[str, str]:
+        """Node → why its agent cannot run a coordinator ("" when it can)."""
+        out = {}
+        for record in self.inventory.records():
+            status = record.status
+            if status is None:
+                out[record.address] = "has not reported yet"
+            elif not status.coordinator_proxy:
+                out[record.address] = "runs no coordinators (--max-coordinators 0, or an agent older than that)"
+            elif not status.build.install_dir:
+                out[record.address] = "has no llama.cpp build"
+            else:
+                out[record.address] = ""
+        return out
+
+    def _with_coordinator(self, plan: Plan, views: list[NodeView]) -> Plan:
+        """The plan with where its coordinator runs (controller/placement/coordinator.py); the chosen
+        node's share moved to the front of the layer order."""
+        asks = self.coordinator_mode != "controller" and plan.fits and plan.holders
+        choice = choose_coordinator(plan, self.coordinator_mode, self.cannot_host() if asks else {})
+        if choice.refused:
+            return replace(plan, fits=False, reason=choice.reason, coordinator_reason=choice.reason)
+        if not choice.node:
+            return replace(plan, coordinator="", coordinator_reason=choice.reason)
+        reordered = with_node_first(plan, views, self.headroom, choice.node)
+        if reordered is None:
+            why = f"on the controller: with {choice.node}'s share first the model would not fit"
+            if self.coordinator_mode not in ("auto", "controller"):
+                return replace(plan, fits=False, reason=why, coordinator_reason=why)
+            return replace(plan, coordinator="", coordinator_reason=why)
+        return replace(reordered, coordinator=choice.node, coordinator_reason=choice.reason)
 
     def estimate(self, model: str, ctx: int | None = None) -> tuple[ResolvedModel, MemoryEstimate]:
         """The estimate with the fewest slots this controller would use (1 with auto)."""
@@ -179,6 +216,8 @@ def plan_to_json(resolved: ResolvedModel, plan: Plan, warnings: list[str], coord
         "excluded": plan.excluded,
         "holders": plan.holders,
         "holder_reason": plan.holder_reason,
+        "coordinator": plan.coordinator or "controller",
+        "coordinator_reason": plan.coordinator_reason,
         "coordinator_rpc_protocol": coordinator_protocol,
         "warnings": warnings,
     }

@@ -56,6 +56,9 @@ class ControllerSettings:
                                             "it copies idle slots' KV back across the network]")
     keep_alive: float = setting(300.0, parse=parse_duration,
                                 help="how long an idle model stays loaded (\"5m\", seconds; negative: forever)")
+    coordinator: str = setting("auto", help="where a model's llama-server runs: auto (on the worker with the "
+                                            "largest share when its agent can, else here), worker (refuse "
+                                            "otherwise), controller, or a node's HOST:PORT")
     resume: bool = setting(True, help="a stream whose coordinator broke goes on where it stopped once the model "
                                       "is ready again (--no-resume: it ends with the error line)")
     resume_timeout: float = setting(120.0, parse=parse_duration,
@@ -83,6 +86,12 @@ class ControllerSettings:
 
     def __post_init__(self) -> None:
         split_host_port(self.listen)
+        if self.coordinator not in ("auto", "worker", "controller"):
+            try:
+                split_host_port(self.coordinator)
+            except ValueError:
+                raise ValueError(f"coordinator must be auto, worker, controller or a node's HOST:PORT, "
+                                 f"not '{self.coordinator}'") from None
         for agent in self.agents:
             split_host_port(agent)
         if self.shared_agent_token_file and self.token_file and self.shared_agent_token_file != self.token_file:

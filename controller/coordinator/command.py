@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-# Variables llama-server reads as defaults for its flags; inherited ones would quietly change
-# what our flags say, so a coordinator never sees them.
-_LLAMA_ARG_ENV = re.compile(r"^LLAMA_ARG_|^LLAMA_RPC_TENSOR_HASHES$")
-# Read by a llama-server built with patches/llama.cpp/0002 (a stock one ignores it).
-TENSOR_HASHES_ENV = "LLAMA_RPC_TENSOR_HASHES"
+from llamafleet.common.llamacpp.server_command import TENSOR_HASHES_ENV, ServerCommand, server_env
+
+__all__ = ["TENSOR_HASHES_ENV", "Backend", "CoordinatorSpec", "LocalShare", "coordinator_argv", "coordinator_env"]
 # A generative model's embeddings: its last token's state (what causal embedding models use, and
 # unlike mean pooling it lets llama-server split a long input, so any input up to a slot's context fits).
 GENERATIVE_POOLING = "last"
@@ -25,6 +21,17 @@ class Backend:
     node: str  # the agent's address
     endpoint: str  # the rpc-server's HOST:PORT
     generation: int  # the agent's rpc-server generation when the coordinator started
+
+
+@dataclass(frozen=True)
+class LocalShare:
+    """The share a coordinator on a worker computes with that worker's own devices (the layers
+    before `backends`' in layer order): no rpc-server, no network hop for them."""
+
+    node: str  # the agent that runs the coordinator
+    gpus: tuple[str, ...]  # NVML UUIDs in layer order; empty: the node's CPU
+    layers: tuple[int, ...]  # per GPU (one count for the CPU)
+    model_sha256: str  # the node's copy of the model file
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,14 @@ class CoordinatorSpec:
     # `--pooling` for a model whose GGUF names none (a generative one): its embeddings are then its
     # last token's state. "" leaves an embedding model's own pooling alone.
     embedding_pooling: str = ""
+    # Set when the coordinator runs on a worker (see controller/placement/coordinator.py): its
+    # share there, computed locally; `backends` and `tensor_split` are then the other shares.
+    local: LocalShare | None = None
+
+    @property
+    def host(self) -> str:
+        """Where the coordinator runs: a node's address, or "controller"."""
+        return self.local.node if self.local is not None else "controller"
 
     @property
     def endpoints(self) -> list[str]:
@@ -58,44 +73,15 @@ class CoordinatorSpec:
 
 
 def coordinator_argv(llama_server: Path, spec: CoordinatorSpec, port: int) -> list[str]:
-    """The full argv. Every device is an RPC device: the controller host computes nothing itself."""
-    devices = ",".join(f"RPC{i}" for i in range(len(spec.tensor_split)))
-    # With jinja (llama-server's default) a template name would be read as the template's own
-    # text; the named built-ins are applied by the non-jinja formatter.
-    template = ["--no-jinja", "--chat-template", spec.builtin_chat_template] if spec.builtin_chat_template else []
-    return [
-        str(llama_server),
-        "--model", str(spec.model_path),
-        "--alias", spec.model,
-        "--rpc", ",".join(spec.endpoints),
-        "--device", devices,
-        "--tensor-split", ",".join(str(n) for n in spec.tensor_split),
-        # Every repeating layer and the output layer go to the devices; none stay on the host.
-        "--n-gpu-layers", str(spec.n_layers + 1),
-        # llama-server's -c is the total over all slots.
-        "--ctx-size", str(spec.ctx_per_slot * spec.parallel),
-        "--parallel", str(spec.parallel),
-        # Our plan is the placement: llama.cpp must not shrink or move it to fit.
-        "--fit", "off",
-        # Loopback only: the gateway is the one door, and llama-server has no auth of ours.
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--no-webui",
-        *template,
-        # Embeddings from the same coordinator as completions: llama-server turns them on per batch
-        # and never batches the two kinds together (same tokens at temperature 0, a few MiB more;
-        # a second coordinator would need its own rpc-servers and a second copy of the weights).
-        "--embeddings",
-        *(("--pooling", spec.embedding_pooling) if spec.embedding_pooling else ()),
-    ]
+    """The full argv on the controller's host. Every device is an RPC device: this host computes
+    nothing itself."""
+    return ServerCommand(
+        model_path=spec.model_path, alias=spec.model, rpc_endpoints=tuple(spec.endpoints),
+        devices=tuple(f"RPC{i}" for i in range(len(spec.tensor_split))), tensor_split=spec.tensor_split,
+        n_layers=spec.n_layers, cpu_layers=0, ctx_per_slot=spec.ctx_per_slot, parallel=spec.parallel,
+        port=port, chat_template=spec.builtin_chat_template or "", pooling=spec.embedding_pooling,
+    ).argv(llama_server)
 
 
 def coordinator_env(spec: CoordinatorSpec, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = os.environ if environ is None else environ
-    clean = {k: v for k, v in env.items() if not _LLAMA_ARG_ENV.match(k)}
-    # As a variable, not a flag: a llama.cpp from before --cache-ram ignores it instead of
-    # refusing to start.
-    clean["LLAMA_ARG_CACHE_RAM"] = str(spec.prompt_cache_mib)
-    if spec.tensor_hashes is not None:
-        clean[TENSOR_HASHES_ENV] = str(spec.tensor_hashes)
-    return clean
+    return server_env(spec.prompt_cache_mib, spec.tensor_hashes, environ)

@@ -41,6 +41,7 @@ from llamafleet.common.restart import RestartPolicy
 from llamafleet.controller.coordinator.command import CoordinatorSpec
 from llamafleet.common.supervised import Supervised, TaskFailure
 from llamafleet.controller.coordinator.process import (
+    Coordinator,
     CoordinatorExited,
     CoordinatorProcess,
 )
@@ -92,6 +93,8 @@ class Runtime:
     session: aiohttp.ClientSession
     policy: RestartPolicy
     events: EventSink = no_events
+    # Starts a coordinator on the worker a plan put it on (controller/coordinator/remote.py).
+    start_remote: Callable[[CoordinatorSpec], Awaitable[Coordinator]] | None = None
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,7 @@ class Deployment:
         return self.phase.spec if isinstance(self.phase, (Loading, Ready, Stopping)) else None
 
     @property
-    def process(self) -> CoordinatorProcess | None:
+    def process(self) -> Coordinator | None:
         return self.phase.process if isinstance(self.phase, (Loading, Ready, Stopping)) else None
 
     # ---- requests -----------------------------------------------------------------------------
@@ -266,7 +269,7 @@ class Deployment:
             spec = self.spec
             self._runtime.events(f"coordinator.{phase.kind.value}", self.model, phase.detail or phase.kind.value,
                                  backends=spec.endpoints if spec else [], restarts=self.restarts,
-                                 pid=self.process.proc.pid if self.process else None)
+                                 pid=self.process.pid if self.process else None)
 
     def _notify(self) -> None:
         """Wake every request waiting on this deployment, to look at its phase again."""
@@ -333,8 +336,7 @@ class Deployment:
                 continue
             loading_since = time.monotonic()
             try:
-                process = await CoordinatorProcess.spawn(await self._runtime.llama_server(), spec, free_loopback_port(),
-                                                         self._runtime.log_root)
+                process = await self._spawn(spec)
                 self._set(Loading(spec, process))
                 await process.wait_ready(self._runtime.session, self._runtime.policy.start_timeout_s)
             except LlamafleetError as exc:
@@ -379,6 +381,15 @@ class Deployment:
                 return
         self._set(Stopped(self.phase.reason if isinstance(self.phase, Stopping) else ""))
 
+    async def _spawn(self, spec: CoordinatorSpec) -> Coordinator:
+        """Start its coordinator where the plan put it: on a worker (through its agent), or here."""
+        if spec.local is not None:
+            if self._runtime.start_remote is None:
+                raise LlamafleetError(f"{self.model} was placed on a worker, and this controller cannot start one there")
+            return await self._runtime.start_remote(spec)
+        return await CoordinatorProcess.spawn(await self._runtime.llama_server(), spec, free_loopback_port(),
+                                              self._runtime.log_root)
+
     async def _back_off_or_fail(self, failures: int, error: LlamafleetError, cause: str | None = None) -> bool:
         """Wait before the next try; False (and `failed`, with `error`) once the policy gives up."""
         if failures >= self._runtime.policy.max_failures:
@@ -402,7 +413,7 @@ class Deployment:
                 # Woken early by an unload: stop waiting and let the loop end.
                 await asyncio.wait_for(self._wake.wait(), timeout=left)
 
-    async def _watch(self, process: CoordinatorProcess, spec: CoordinatorSpec) -> _StopReason:
+    async def _watch(self, process: Coordinator, spec: CoordinatorSpec) -> _StopReason:
         """Wait for the first reason to stop this process; its exit wakes us at once."""
         process.exited.add_done_callback(lambda _: self._wake.set())
         while True:

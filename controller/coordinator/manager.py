@@ -20,13 +20,14 @@ from typing import Any
 
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.controller.chat_template import builtin_template
-from llamafleet.controller.coordinator.command import GENERATIVE_POOLING, Backend, CoordinatorSpec
+from llamafleet.controller.coordinator.command import GENERATIVE_POOLING, Backend, CoordinatorSpec, LocalShare
 from llamafleet.controller.coordinator.deployment import (
     Deployment,
     DoesNotFit,
     Runtime,
     ShuttingDown,
 )
+from llamafleet.controller.coordinator.remote import CoordinatorDoors
 from llamafleet.controller.coordinator.states import CoordinatorState
 from llamafleet.controller.coordinator.process import log_dir_name, numbered_logs
 from llamafleet.controller.coordinator.reachability import RpcReachability
@@ -52,6 +53,11 @@ RPC_SERVER_REPORT_S = 10.0
 # How long a node may take to pre-stage its share (it reads and hashes its copy: a 40 GB share at
 # ~1 GB/s is under a minute; past this the load goes over the network instead).
 STAGE_TIMEOUT_S = 600.0
+# How often nodes' reports are looked through for coordinators nobody here runs, and how long an
+# exited one is left for its deployment to collect.
+STRAY_CHECK_S = 2.0
+STRAY_EXITED_S = 30.0
+STRAY_STOP_CALL_S = 10.0
 
 
 def assignment_doc(a: DeviceAssignment) -> dict[str, Any]:
@@ -150,9 +156,33 @@ class CoordinatorManager:
             task.cancel()
         self.reachability.close()
 
+    async def reap_strays(self, doors: CoordinatorDoors) -> None:
+        """Run forever (supervised): stop the coordinators nodes report that this controller does not
+        run (it lost them to a partition, or restarted): each holds rpc-servers and memory."""
+        while True:
+            for record in self.inventory.records():
+                if record.status is None or self.inventory.state(record) == "unreachable":
+                    continue
+                for c in record.status.coordinators:
+                    exited_long_ago = (c.state == pb.COORDINATOR_STATE_EXITED
+                                       and time.time() * 1000 - c.state_since_unix_ms > STRAY_EXITED_S * 1000)
+                    if doors.known(c.id) or (c.state == pb.COORDINATOR_STATE_EXITED and not exited_long_ago):
+                        continue
+                    log.info("stopping the stray coordinator %s for %s on %s", c.id[:8], c.model, record.address)
+                    try:
+                        await self.inventory.stop_coordinator(record.address, c.id, STRAY_STOP_CALL_S)
+                    except LlamafleetError as exc:
+                        log.warning("could not stop the stray coordinator %s on %s: %s", c.id[:8], record.address,
+                                    exc.message)
+                        continue
+                    self.runtime.events("coordinator.stray_stopped", record.address,
+                                        f"stopped a coordinator for {c.model} this controller no longer runs",
+                                        model=c.model)
+            await asyncio.sleep(STRAY_CHECK_S)
+
     def serving(self) -> dict[str, str]:
         """rpc-server endpoint → the model whose coordinator holds it."""
-        return {a.endpoint: model for model, plan in self._plans.items() for a in plan.assignments}
+        return {a.endpoint: model for model, plan in self._plans.items() for a in plan.remote_assignments}
 
     # ---- Placer -------------------------------------------------------------------------------
 
@@ -166,6 +196,7 @@ class CoordinatorManager:
                 continue
             for a in plan.assignments:
                 reserved[(a.node, a.device)] = reserved.get((a.node, a.device), 0) + a.total_bytes
+            for a in plan.remote_assignments:
                 busy[a.endpoint] = model
             for node in {a.node for a in plan.assignments}:
                 load[node] = load.get(node, 0) + 1
@@ -183,8 +214,8 @@ class CoordinatorManager:
         except asyncio.CancelledError:
             self.release(model)  # the deployment never saw the spec: nobody else would release it
             raise
-        if hashes is None or not self.planner.coordinator_reads_hashes:
-            return spec
+        if hashes is None or not self.planner.coordinator_reads_hashes or spec.local is not None:
+            return spec  # a coordinator on a worker hashes the other shares itself (the file is here)
         return dataclasses.replace(spec, tensor_hashes=hashes.path)
 
     async def _prestage_never_failing(self, model: str, resolved: ResolvedModel, plan: Plan,
@@ -218,6 +249,9 @@ class CoordinatorManager:
                 reserved, load, busy = self._reserved(excluding=model)
                 resolved, plan, _ = self.planner.plan(model, ctx or None, reserved, load, busy)
                 if plan.fits:
+                    if plan.coordinator and self._local_share(resolved, plan) is None:
+                        plan = dataclasses.replace(plan, coordinator="", coordinator_reason="on the controller: "
+                                                   "the file's sha256 is not known yet")
                     generations = await self._start_rpc_servers(model, plan)
                     return resolved, plan, self._placed(model, resolved, plan, generations)
                 if not reserved:
@@ -259,7 +293,7 @@ class CoordinatorManager:
         generations: dict[str, int] = {}
         started_here: set[tuple[str, int, str]] = set()
         try:
-            for a in plan.assignments:
+            for a in plan.remote_assignments:
                 if a.endpoint not in generations:
                     generations[a.endpoint] = await self._running_rpc_server(model, a, started_here)
         except BaseException:
@@ -302,10 +336,11 @@ class CoordinatorManager:
             log.warning("cannot pre-stage %s: %s", model, exc)
             return
         started = time.monotonic()
-        nodes = [node for node in plan.holders if ranges.get(node)]
+        # The coordinator's own node reads its share from its file: nothing to stage there.
+        nodes = [node for node in plan.holders if ranges.get(node) and node != plan.coordinator]
         # Which of its rpc-servers each node's share is for: the agent keeps those entries from
         # eviction while that rpc-server serves the coordinator about to start.
-        slots = {a.node: a.rpc_index for a in plan.assignments}
+        slots = {a.node: a.rpc_index for a in plan.remote_assignments}
         done = await asyncio.gather(*(self._stage_node(model, node, sha, ranges[node], slots[node], known)
                                       for node in nodes))
         results = dict(zip(nodes, done, strict=True))
@@ -344,29 +379,47 @@ class CoordinatorManager:
             await asyncio.sleep(0.05)
 
     def _placed(self, model: str, resolved: ResolvedModel, plan: Plan, generations: dict[str, int]) -> CoordinatorSpec:
-        endpoints = {a.endpoint: a.node for a in plan.assignments}
+        local = self._local_share(resolved, plan)
+        endpoints = {a.endpoint: a.node for a in plan.remote_assignments}
         backends = tuple(Backend(node, endpoint, generations.get(endpoint, 0)) for endpoint, node in endpoints.items())
         try:
             # Recorded before it is booked: a restarted controller reloads what this says, and a
             # load it could not record is refused (with the disk's reason) rather than half-done.
             self.store.save_placement(model, plan_to_json(resolved, plan, [], self.planner.coordinator_protocol))
         except sqlite3.Error as exc:
-            self._stop_later({(a.node, a.rpc_index, a.endpoint) for a in plan.assignments}, model)
+            self._stop_later({(a.node, a.rpc_index, a.endpoint) for a in plan.remote_assignments}, model)
             raise StateNotWritable(f"not loading {model}: cannot record its placement in {self.store.path}: "
                                    f"{exc}") from None
         self._plans[model] = plan
-        self.runtime.events("placement", model, f"on {len(backends)} backend(s): --rpc {','.join(endpoints)} "
-                            f"--tensor-split {','.join(map(str, plan.tensor_split))}",
-                            backends=list(endpoints), tensor_split=plan.tensor_split,
+        local_count = len(plan.assignments) - len(plan.remote_assignments)
+        split = plan.tensor_split
+        where = f"coordinator on {plan.coordinator} with {sum(split[:local_count])} layer(s) of its own, " if local else ""
+        self.runtime.events("placement", model, f"{where}on {len(backends)} backend(s): --rpc {','.join(endpoints)} "
+                            f"--tensor-split {','.join(map(str, split[local_count:]))}",
+                            backends=list(endpoints), tensor_split=split, coordinator=plan.coordinator or "controller",
+                            coordinator_reason=plan.coordinator_reason,
                             layers=[assignment_doc(a) for a in plan.assignments])
         e = plan.estimate
         # The header is the one the plan just read (the planner keeps it).
         header = self.planner.header(resolved.path)
         own_pooling = header.arch_key("pooling_type") is not None
-        return CoordinatorSpec(model, resolved.path, backends, tuple(plan.tensor_split), e.n_layers,
+        return CoordinatorSpec(model, resolved.path, backends, tuple(split[local_count:]), e.n_layers,
                                e.ctx_per_slot, e.parallel, self.prompt_cache_mib,
                                builtin_chat_template=builtin_template(header),
-                               embedding_pooling="" if own_pooling else GENERATIVE_POOLING)
+                               embedding_pooling="" if own_pooling else GENERATIVE_POOLING, local=local)
+
+    def _local_share(self, resolved: ResolvedModel, plan: Plan) -> LocalShare | None:
+        """The coordinator's own share when the plan puts it on a worker (it leads the layer order)."""
+        if not plan.coordinator:
+            return None
+        digests = self.planner.digests
+        sha = digests.digest(resolved.path) if digests is not None else None
+        if sha is None:
+            return None
+        mine = [a for a in plan.assignments if a.node == plan.coordinator]
+        layers = tuple(plan.tensor_split[: len(mine)])
+        gpus = tuple(a.uuid for a in mine if a.device != "CPU")
+        return LocalShare(plan.coordinator, gpus, layers, sha)
 
     def release(self, model: str) -> None:
         self._prestaged.pop(model, None)
@@ -378,7 +431,7 @@ class CoordinatorManager:
         except sqlite3.Error as exc:
             # The row only makes a restarted controller load the model again: not worth failing for.
             log.warning("cannot forget the placement of %s in %s: %s", model, self.store.path, exc)
-        self._stop_later({(a.node, a.rpc_index, a.endpoint) for a in plan.assignments}, model)
+        self._stop_later({(a.node, a.rpc_index, a.endpoint) for a in plan.remote_assignments}, model)
 
     def _stop_later(self, slots: set[tuple[str, int, str]], model: str) -> None:
         slots = {slot for slot in slots if slot[1] > 0}  # the first is the agent's own
@@ -461,14 +514,17 @@ class CoordinatorManager:
                 "state": d.state.value,
                 "detail": d.detail,
                 "backends": d.spec.endpoints if d.spec else [],
-                "nodes": [b.node for b in d.spec.backends] if d.spec else [],
+                "nodes": list(dict.fromkeys(a.node for a in plan.assignments)) if plan else [],
+                # Where llama-server runs: "controller", or the worker that computes its own share.
+                "coordinator": d.spec.host if d.spec else None,
+                "coordinator_reason": plan.coordinator_reason if plan else "",
                 "tensor_split": list(d.spec.tensor_split) if d.spec else [],
                 "assignments": [assignment_doc(a) for a in plan.assignments] if plan else [],
                 "ctx": d.spec.ctx_per_slot if d.spec else None,
                 "parallel": d.spec.parallel if d.spec else None,
                 "size_bytes": sum(a.total_bytes for a in plan.assignments) if plan else 0,
                 "gpu_bytes": sum(a.total_bytes for a in plan.assignments if a.device != "CPU") if plan else 0,
-                "pid": d.process.proc.pid if d.process else None,
+                "pid": d.process.pid if d.process else None,
                 "url": d.process.url if d.process else None,  # loopback only: for debugging and benchmarks
                 "state_since_unix_ms": int(d.state_since * 1000),
                 "restarts": d.restarts,

@@ -13,7 +13,7 @@ import logging
 import time
 from collections import deque
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import aiohttp
 from llamafleet.common.errors import LlamafleetError
@@ -43,6 +43,31 @@ LOGS_KEPT_PER_MODEL = 10
 # A log that cannot be written is tried again this often (not at every line of a chatty child).
 LOG_RETRY_S = 1.0
 LOG_READER_RESTART = RestartPolicy(initial_s=0.05, max_s=1.0, max_failures=1_000_000)
+
+
+class Coordinator(Protocol):
+    """What a deployment needs of its coordinator, wherever it runs: `CoordinatorProcess` here, or
+    `remote.RemoteCoordinator` on a worker."""
+
+    spec: CoordinatorSpec
+    url: str
+    output: deque[str]
+    backend_lost: bool
+    log_lines_lost: int
+    log_error: str
+
+    @property
+    def exited(self) -> asyncio.Future[int]: ...
+    @property
+    def log_path(self) -> Path | None: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def alive(self) -> bool: ...
+    def exit_error(self) -> CoordinatorExited: ...
+    async def wait_ready(self, session: aiohttp.ClientSession, timeout_s: float) -> None: ...
+    async def drain(self) -> None: ...
+    async def stop(self, grace_s: float = STOP_GRACE_S) -> int: ...
 
 
 class CoordinatorExited(LlamafleetError):
@@ -210,3 +235,7 @@ class CoordinatorProcess:
     @property
     def alive(self) -> bool:
         return not self.exited.done()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from llamafleet.controller.coordinator.command import CoordinatorSpec
-from llamafleet.controller.coordinator.process import CoordinatorProcess
+from llamafleet.controller.coordinator.process import Coordinator
 
 
 class CoordinatorState(enum.Enum):
@@ -47,7 +47,7 @@ class Placing:
 class Loading:
     kind: ClassVar[CoordinatorState] = CoordinatorState.STARTING
     spec: CoordinatorSpec
-    process: CoordinatorProcess
+    process: Coordinator
 
     @property
     def detail(self) -> str:
@@ -58,7 +58,7 @@ class Loading:
 class Ready:
     kind: ClassVar[CoordinatorState] = CoordinatorState.READY
     spec: CoordinatorSpec
-    process: CoordinatorProcess
+    process: Coordinator
     incarnation: int
 
     @property
@@ -70,7 +70,7 @@ class Ready:
 class Stopping:
     kind: ClassVar[CoordinatorState] = CoordinatorState.STOPPING
     spec: CoordinatorSpec
-    process: CoordinatorProcess
+    process: Coordinator
     reason: str
 
     @property

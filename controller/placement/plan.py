@@ -25,7 +25,7 @@ network), while the spare memory a bigger non-holder brings only matters if it d
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from llamafleet.common.units import format_size
 from llamafleet.controller.estimate import MemoryEstimate
@@ -89,12 +89,21 @@ class Plan:
     candidates: int = 0  # nodes that passed every filter (0: none can take part at all)
     holders: list[str] = field(default_factory=list)  # chosen nodes that hold the model's file
     holder_reason: str = ""  # how holders shaped the choice
+    # Where the coordinator runs (controller/placement/coordinator.py): a chosen node, whose share
+    # then leads the layer order, or "" for the controller's host; and why.
+    coordinator: str = ""
+    coordinator_reason: str = ""
+
+    @property
+    def remote_assignments(self) -> list[DeviceAssignment]:
+        """The shares computed by rpc-servers: all but the coordinator's own node's."""
+        return [a for a in self.assignments if a.node != self.coordinator]
 
     @property
     def backends(self) -> list[str]:
         """rpc-server endpoints in `--rpc` order."""
         seen: list[str] = []
-        for a in self.assignments:
+        for a in self.remote_assignments:
             if a.endpoint not in seen:
                 seen.append(a.endpoint)
         return seen
@@ -225,6 +234,22 @@ def make_plan(
                         holder_reason=_holder_reason(held, k, ranked, holders, preferred is not None))
     return Plan(model, estimate, False, [], dict(kept.dropped),
                 _why_not(estimate, ranked, headroom, usable, estimate_for_ctx), candidates=len(ranked))
+
+
+def with_node_first(plan: Plan, nodes: Sequence[NodeView], headroom: Headroom, first: str) -> Plan | None:
+    """The plan's nodes with `first`'s devices leading the layer order, the rest as they were: a
+    coordinator on `first` computes its share itself, and on a CPU llama.cpp keeps only the
+    leading layers on the host. None when the model does not fit that way (the last device,
+    which holds the output layer, is another one now)."""
+    if not plan.fits or plan.assignments[0].node == first:
+        return plan
+    by_address = {n.address: n for n in nodes}
+    order = [first] + [a for a in dict.fromkeys(x.node for x in plan.assignments) if a != first]
+    if any(a not in by_address for a in order):
+        return None
+    devices = [(by_address[a], d, headroom.usable(d)) for a in order for d in by_address[a].devices]
+    assignments = _assign(plan.estimate, devices)
+    return replace(plan, assignments=assignments) if assignments is not None else None
 
 
 def _prefer_holders(estimate: MemoryEstimate, ranked: list[NodeView], k: int, headroom: Headroom,

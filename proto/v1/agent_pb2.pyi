@@ -7,6 +7,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CoordinatorState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COORDINATOR_STATE_UNSPECIFIED: _ClassVar[CoordinatorState]
+    COORDINATOR_STATE_STARTING: _ClassVar[CoordinatorState]
+    COORDINATOR_STATE_RUNNING: _ClassVar[CoordinatorState]
+    COORDINATOR_STATE_EXITED: _ClassVar[CoordinatorState]
+
 class RpcServerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     RPC_SERVER_STATE_UNSPECIFIED: _ClassVar[RpcServerState]
@@ -42,6 +49,10 @@ class ModelFileState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_FILE_STATE_HASHING: _ClassVar[ModelFileState]
     MODEL_FILE_STATE_READY: _ClassVar[ModelFileState]
     MODEL_FILE_STATE_ERROR: _ClassVar[ModelFileState]
+COORDINATOR_STATE_UNSPECIFIED: CoordinatorState
+COORDINATOR_STATE_STARTING: CoordinatorState
+COORDINATOR_STATE_RUNNING: CoordinatorState
+COORDINATOR_STATE_EXITED: CoordinatorState
 RPC_SERVER_STATE_UNSPECIFIED: RpcServerState
 RPC_SERVER_STATE_STOPPED: RpcServerState
 RPC_SERVER_STATE_STARTING: RpcServerState
@@ -63,6 +74,76 @@ MODEL_FILE_STATE_UNSPECIFIED: ModelFileState
 MODEL_FILE_STATE_HASHING: ModelFileState
 MODEL_FILE_STATE_READY: ModelFileState
 MODEL_FILE_STATE_ERROR: ModelFileState
+
+class CoordinatorStatus(_message.Message):
+    __slots__ = ("id", "model", "state", "pid", "url", "last_exit", "last_output", "backend_lost", "state_since_unix_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    LAST_EXIT_FIELD_NUMBER: _ClassVar[int]
+    LAST_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_LOST_FIELD_NUMBER: _ClassVar[int]
+    STATE_SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    model: str
+    state: CoordinatorState
+    pid: int
+    url: str
+    last_exit: str
+    last_output: _containers.RepeatedScalarFieldContainer[str]
+    backend_lost: bool
+    state_since_unix_ms: int
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[_Union[CoordinatorState, str]] = ..., pid: _Optional[int] = ..., url: _Optional[str] = ..., last_exit: _Optional[str] = ..., last_output: _Optional[_Iterable[str]] = ..., backend_lost: _Optional[bool] = ..., state_since_unix_ms: _Optional[int] = ...) -> None: ...
+
+class StartCoordinatorRequest(_message.Message):
+    __slots__ = ("id", "model", "model_sha256", "local_gpus", "local_layers", "rpc_endpoints", "rpc_layers", "n_layers", "ctx_per_slot", "parallel", "chat_template", "pooling", "prompt_cache_mib")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_GPUS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    RPC_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    RPC_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    N_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    CTX_PER_SLOT_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_MIB_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    model: str
+    model_sha256: str
+    local_gpus: _containers.RepeatedScalarFieldContainer[str]
+    local_layers: _containers.RepeatedScalarFieldContainer[int]
+    rpc_endpoints: _containers.RepeatedScalarFieldContainer[str]
+    rpc_layers: _containers.RepeatedScalarFieldContainer[int]
+    n_layers: int
+    ctx_per_slot: int
+    parallel: int
+    chat_template: str
+    pooling: str
+    prompt_cache_mib: int
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., model_sha256: _Optional[str] = ..., local_gpus: _Optional[_Iterable[str]] = ..., local_layers: _Optional[_Iterable[int]] = ..., rpc_endpoints: _Optional[_Iterable[str]] = ..., rpc_layers: _Optional[_Iterable[int]] = ..., n_layers: _Optional[int] = ..., ctx_per_slot: _Optional[int] = ..., parallel: _Optional[int] = ..., chat_template: _Optional[str] = ..., pooling: _Optional[str] = ..., prompt_cache_mib: _Optional[int] = ...) -> None: ...
+
+class StartCoordinatorResponse(_message.Message):
+    __slots__ = ("coordinator",)
+    COORDINATOR_FIELD_NUMBER: _ClassVar[int]
+    coordinator: CoordinatorStatus
+    def __init__(self, coordinator: _Optional[_Union[CoordinatorStatus, _Mapping]] = ...) -> None: ...
+
+class StopCoordinatorRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class StopCoordinatorResponse(_message.Message):
+    __slots__ = ("coordinator",)
+    COORDINATOR_FIELD_NUMBER: _ClassVar[int]
+    coordinator: CoordinatorStatus
+    def __init__(self, coordinator: _Optional[_Union[CoordinatorStatus, _Mapping]] = ...) -> None: ...
 
 class NodeIdentity(_message.Message):
     __slots__ = ("node_id", "hostname", "agent_version", "started_at_unix_ms")
@@ -199,7 +280,7 @@ class HostMemory(_message.Message):
     def __init__(self, total_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("node", "build", "rpc_server", "devices", "host", "observed_at_unix_ms", "memory_limit_bytes", "rpc_servers", "models", "models_omitted", "models_dir", "rpc_cache", "rpc_layout")
+    __slots__ = ("node", "build", "rpc_server", "devices", "host", "observed_at_unix_ms", "memory_limit_bytes", "rpc_servers", "models", "models_omitted", "models_dir", "rpc_cache", "rpc_layout", "coordinators", "coordinator_proxy")
     NODE_FIELD_NUMBER: _ClassVar[int]
     BUILD_FIELD_NUMBER: _ClassVar[int]
     RPC_SERVER_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +294,8 @@ class AgentStatus(_message.Message):
     MODELS_DIR_FIELD_NUMBER: _ClassVar[int]
     RPC_CACHE_FIELD_NUMBER: _ClassVar[int]
     RPC_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    COORDINATORS_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_PROXY_FIELD_NUMBER: _ClassVar[int]
     node: NodeIdentity
     build: LlamaCppBuild
     rpc_server: RpcServerStatus
@@ -226,7 +309,9 @@ class AgentStatus(_message.Message):
     models_dir: str
     rpc_cache: RpcCacheSummary
     rpc_layout: str
-    def __init__(self, node: _Optional[_Union[NodeIdentity, _Mapping]] = ..., build: _Optional[_Union[LlamaCppBuild, _Mapping]] = ..., rpc_server: _Optional[_Union[RpcServerStatus, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., host: _Optional[_Union[HostMemory, _Mapping]] = ..., observed_at_unix_ms: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., rpc_servers: _Optional[_Iterable[_Union[RpcServerStatus, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ..., models_omitted: _Optional[int] = ..., models_dir: _Optional[str] = ..., rpc_cache: _Optional[_Union[RpcCacheSummary, _Mapping]] = ..., rpc_layout: _Optional[str] = ...) -> None: ...
+    coordinators: _containers.RepeatedCompositeFieldContainer[CoordinatorStatus]
+    coordinator_proxy: str
+    def __init__(self, node: _Optional[_Union[NodeIdentity, _Mapping]] = ..., build: _Optional[_Union[LlamaCppBuild, _Mapping]] = ..., rpc_server: _Optional[_Union[RpcServerStatus, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., host: _Optional[_Union[HostMemory, _Mapping]] = ..., observed_at_unix_ms: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., rpc_servers: _Optional[_Iterable[_Union[RpcServerStatus, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ..., models_omitted: _Optional[int] = ..., models_dir: _Optional[str] = ..., rpc_cache: _Optional[_Union[RpcCacheSummary, _Mapping]] = ..., rpc_layout: _Optional[str] = ..., coordinators: _Optional[_Iterable[_Union[CoordinatorStatus, _Mapping]]] = ..., coordinator_proxy: _Optional[str] = ...) -> None: ...
 
 class RpcCacheSummary(_message.Message):
     __slots__ = ("cache_dir", "used_bytes", "max_bytes", "entries", "models", "in_use_bytes", "unverified", "corrupt_removed", "evictions", "evicted_bytes", "checked_at_unix_ms", "error")

@@ -79,6 +79,16 @@ class AgentServiceStub:
                 request_serializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.PushModelRequest.SerializeToString,
                 response_deserializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.PushModelResponse.FromString,
                 _registered_method=True)
+        self.StartCoordinator = channel.unary_unary(
+                '/llamafleet.v1.AgentService/StartCoordinator',
+                request_serializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.StartCoordinatorRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.StartCoordinatorResponse.FromString,
+                _registered_method=True)
+        self.StopCoordinator = channel.unary_unary(
+                '/llamafleet.v1.AgentService/StopCoordinator',
+                request_serializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.StopCoordinatorRequest.SerializeToString,
+                response_deserializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.StopCoordinatorResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -151,6 +161,27 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartCoordinator(self, request, context):
+        """Runs a model's coordinator (llama-server) here, for a model file of the --models-dir: this
+        worker's own devices compute its share, the listed rpc-servers the rest. llama-server
+        listens on loopback only; the agent's coordinator proxy (on --rpc-host) forwards to it the
+        requests that carry its key, HMAC-SHA256 of this node's credential over `id` (see
+        common/node_auth.py `coordinator_key`): the key itself never crosses the wire here. A start
+        for an `id` already running answers its status; one more than --max-coordinators is
+        RESOURCE_EXHAUSTED. The agent never restarts a coordinator: its exit is reported (state
+        EXITED, kept until stopped), and the controller decides.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopCoordinator(self, request, context):
+        """Stops it (SIGTERM, then SIGKILL after a grace) and forgets it; an unknown id is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,6 +229,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.PushModel,
                     request_deserializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.PushModelRequest.FromString,
                     response_serializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.PushModelResponse.SerializeToString,
+            ),
+            'StartCoordinator': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartCoordinator,
+                    request_deserializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.StartCoordinatorRequest.FromString,
+                    response_serializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.StartCoordinatorResponse.SerializeToString,
+            ),
+            'StopCoordinator': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopCoordinator,
+                    request_deserializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.StopCoordinatorRequest.FromString,
+                    response_serializer=llamafleet_dot_proto_dot_v1_dot_agent__pb2.StopCoordinatorResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -443,6 +484,60 @@ class AgentService:
             '/llamafleet.v1.AgentService/PushModel',
             llamafleet_dot_proto_dot_v1_dot_agent__pb2.PushModelRequest.SerializeToString,
             llamafleet_dot_proto_dot_v1_dot_agent__pb2.PushModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartCoordinator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.AgentService/StartCoordinator',
+            llamafleet_dot_proto_dot_v1_dot_agent__pb2.StartCoordinatorRequest.SerializeToString,
+            llamafleet_dot_proto_dot_v1_dot_agent__pb2.StartCoordinatorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopCoordinator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamafleet.v1.AgentService/StopCoordinator',
+            llamafleet_dot_proto_dot_v1_dot_agent__pb2.StopCoordinatorRequest.SerializeToString,
+            llamafleet_dot_proto_dot_v1_dot_agent__pb2.StopCoordinatorResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -142,7 +142,7 @@ def test_ready_only_after_health_says_200_and_unloaded_when_idle(tmp_path: Path,
             assert lease.load_duration_s >= 1.0  # the 503 phase was waited out
             assert deployment.state is CoordinatorState.READY and deployment.incarnation == 1
             assert deployment.process is not None
-            pid = deployment.process.proc.pid
+            pid = deployment.process.pid
             deployment.release()
             await asyncio.sleep(0.2)
             assert deployment.state is CoordinatorState.READY  # within its keep-alive
