@@ -1,0 +1,164 @@
+"""The coordinator runs where the weights are: llama-server on the worker with the largest share.
+
+Real agents that hold the model file, a real controller; the coordinator's llama-server runs as
+the agent's child on the worker, computes that worker's share on its own CPU, reaches the other
+share over RPC, and is reached by the gateway only through the agent's keyed proxy. Its death,
+its worker's death and a controller restart are each healed for real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ollama
+import psutil
+import pytest
+
+from llamafleet.common.llamacpp.install import Manifest
+from llamafleet.common.node_auth import coordinator_key
+from tests.integration.agent.harness import wait_for
+from tests.integration.controller.harness import Fleet, running_fleet
+from tests.integration.faults.test_resume import stream, text_of
+
+pytestmark = pytest.mark.integration
+N = 64
+OPTIONS = {"num_predict": N, "temperature": 0, "seed": 3}
+PROMPT = "Count from 1 to 200, one number after another: 1, 2, 3, 4,"
+GENERATE = {"model": "gemma", "prompt": PROMPT, "raw": True, "options": OPTIONS}
+
+
+def holders_known(fleet: Fleet) -> dict[str, Any] | None:
+    result = fleet.cli("plan", "gemma", "--json")
+    if result.returncode != 0:
+        return None
+    doc = json.loads(result.stdout)
+    return doc if doc.get("coordinator") not in (None, "controller") else None
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, llama_cpp: Manifest, test_model: Path) -> Iterator[Fleet]:
+    root = tmp_path_factory.mktemp("coordinator-on-worker")
+    stores = []
+    for i in range(3):
+        store = root / f"store{i}"
+        store.mkdir()
+        (store / "gemma.gguf").symlink_to(test_model)
+        stores.append(store)
+    with running_fleet(root / "fleet", llama_cpp, test_model, agents=3,
+                       agent_args=tuple(("--models-dir", str(s)) for s in stores)) as started:
+        # The controller names holders once it and the agents have hashed the file.
+        wait_for(lambda: holders_known(started), 60, "the plan to put the coordinator on a worker")
+        yield started
+
+
+def loaded(fleet: Fleet) -> dict[str, Any]:
+    [doc] = fleet.ps()
+    assert doc["state"] == "ready", doc
+    return doc
+
+
+def test_the_plan_and_ps_say_where_the_coordinator_runs_and_it_answers(fleet: Fleet) -> None:
+    plan = holders_known(fleet)
+    assert plan is not None and "largest share" in plan["coordinator_reason"]
+    shown = fleet.cli("plan", "gemma").stdout
+    assert f"coordinator: on {plan['coordinator']}" in shown
+    reply = ollama.Client(host=fleet.url).generate(model="gemma", prompt=PROMPT, raw=True, options=OPTIONS)
+    assert reply.done and reply.eval_count == N and (reply.response or "").strip()
+    doc = loaded(fleet)
+    worker = next(a for a in fleet.agents if a.address == doc["coordinator"])
+    # Its own share is not behind an rpc-server: only the others' are.
+    assert worker.rpc_endpoint not in doc["backends"] and len(doc["backends"]) == len(doc["nodes"]) - 1
+    assert doc["coordinator"] in fleet.cli("ps").stdout
+    # llama-server is the agent's child, on the worker, listening on loopback only.
+    process = psutil.Process(doc["pid"])
+    assert process.ppid() == worker.proc.pid and "llama-server" in process.name()
+    listening = {c.laddr.ip for c in process.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    assert listening == {"127.0.0.1"}, listening
+    # The plan's event says so too.
+    assert f"coordinator on {doc['coordinator']}" in fleet.cli("events", "--json").stdout
+
+
+def _get(url: str, key: str | None = None, body: dict[str, Any] | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode() if body else None,
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_the_proxy_opens_only_with_the_coordinators_key_and_only_the_gateways_routes(fleet: Fleet) -> None:
+    ollama.Client(host=fleet.url).generate(model="gemma", prompt="Hi", options={"num_predict": 2})
+    doc = loaded(fleet)
+    url = doc["url"]
+    assert url.startswith("http://127.0.0.") and "/c/" in url  # the worker's --rpc-host
+    coordinator_id = url.rsplit("/c/", 1)[1]
+    key = coordinator_key(fleet.token_file.read_text().strip(), coordinator_id)
+    assert _get(f"{url}/health")[0] == 401  # no key: not even health
+    assert _get(f"{url}/health", "wrong")[0] == 401
+    other = url.rsplit("/c/", 1)[0] + "/c/" + "0" * 32
+    assert _get(f"{other}/health", key) == _get(f"{url}/health", "wrong")  # unknown id: the same answer
+    assert _get(f"{url}/health", key)[0] == 200
+    assert _get(f"{url}/slots", key)[0] == 404  # not a gateway route
+    status, text = _get(f"{url}/completion", key, {"prompt": "1, 2, 3,", "n_predict": 3})
+    assert status == 200 and "content" in json.loads(text)
+
+
+def test_a_killed_coordinator_on_the_worker_is_restarted_and_the_stream_goes_on(fleet: Fleet) -> None:
+    whole, _ = stream(fleet, "/api/generate", GENERATE)
+    before = loaded(fleet)
+    docs, pause = stream(fleet, "/api/generate", GENERATE, 10, lambda: os.kill(before["pid"], signal.SIGKILL))
+    print(f"coordinator on the worker killed after 10 pieces: paused {pause:.1f} s")
+    assert "error" not in docs[-1], docs[-1]
+    assert docs[-1]["done"] and docs[-1]["resumed"] == 1 and docs[-1]["eval_count"] == N
+    assert text_of(docs) == text_of(whole)
+    after = loaded(fleet)
+    assert after["pid"] != before["pid"] and after["coordinator"] != "controller"
+    assert not psutil.pid_exists(before["pid"]) or psutil.Process(before["pid"]).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_lost_coordinator_worker_is_a_pause_and_the_model_goes_on_without_it(fleet: Fleet) -> None:
+    ollama.Client(host=fleet.url).generate(model="gemma", prompt="Hi", options={"num_predict": 2})
+    before = loaded(fleet)
+    lost = next(a for a in fleet.agents if a.address == before["coordinator"])
+
+    def kill_worker() -> None:
+        lost.proc.kill()  # the agent, and with it its llama-server and rpc-server
+        lost.proc.wait()
+
+    started = time.monotonic()
+    docs, pause = stream(fleet, "/api/generate", GENERATE, 10, kill_worker)
+    print(f"the coordinator's worker lost after 10 pieces: paused {pause:.1f} s")
+    assert "error" not in docs[-1], docs[-1]
+    assert docs[-1]["done"] and docs[-1]["resumed"] == 1 and docs[-1]["eval_count"] == N
+    after = loaded(fleet)
+    assert lost.address not in after["nodes"] and after["coordinator"] != lost.address
+    assert fleet.node(lost.address)["state"] == "unreachable"
+    assert time.monotonic() - started < 90
+    lost.start_again()
+    wait_for(lambda: fleet.node(lost.address)["state"] == "ready", 30, "the worker back")
+
+
+def test_a_restarted_controller_reloads_on_the_worker_and_stops_the_stray(fleet: Fleet) -> None:
+    ollama.Client(host=fleet.url).generate(model="gemma", prompt="Hi", options={"num_predict": 2})
+    before = loaded(fleet)
+    fleet.stop_controller(signal.SIGKILL)
+    # The agent's llama-server outlives the controller (it is the agent's child): a stray now.
+    assert psutil.pid_exists(before["pid"])
+    fleet.start_controller([a.address for a in fleet.agents])
+    wait_for(lambda: (d := fleet.ps()) and d[0]["state"] == "ready", 90, "the model reloaded")
+    wait_for(lambda: not psutil.pid_exists(before["pid"])
+             or psutil.Process(before["pid"]).status() == psutil.STATUS_ZOMBIE, 30, "the stray stopped")
+    reply = ollama.Client(host=fleet.url).generate(model="gemma", prompt=PROMPT, raw=True, options=OPTIONS)
+    assert reply.done and reply.eval_count == N
+    assert "coordinator.stray_stopped" in fleet.cli("events", "--json").stdout
