@@ -74,7 +74,8 @@ CONTROLLER_PORT = 11500
 SERVER_PORT = 18181
 MODEL_NAME = "bench"
 # Rough seconds each stage needs (8B Q8_0 on an H100), for the deadline check.
-STAGE_COST_S = {"membw": 20, "fleet": 30, "single": 30, "rpc": 45, "cache": 50, "llamafleet": 90, "rpc_local_gpu": 40}
+STAGE_COST_S = {"membw": 20, "fleet": 30, "single": 30, "rpc": 45, "cache": 50, "llamafleet": 90, "rpc_local_gpu": 40,
+                "rpc_one_local": 40, "llamafleet_worker": 120}
 # Lines of llama-server's log (at -lv 4) that say where the model went and how much memory it took.
 PLACEMENT_MARKERS = ("load_tensors:", "buffer size", "memory_breakdown", "offload", "RPC", "CUDA0", "flash_attn")
 NOT_BUILT = "not run: gateway not built yet"
@@ -199,25 +200,37 @@ class Fleet:
             agent.stop()
 
 
+def start_controller(bench: Bench, fleet: Fleet, coordinator: str) -> None:
+    """The controller over the agents, its coordinators placed by `--coordinator` (stopped first if running)."""
+    if fleet.controller is not None:
+        fleet.controller.stop()
+    argv = [llamafleet_bin("llamafleet"), "serve", "--listen", f"{LOOPBACK}:{CONTROLLER_PORT}",
+            "--token-file", str(fleet.token), "--model", f"{MODEL_NAME}={bench.model}",
+            "--llama-cpp", str(bench.llama.root), "--state-dir", str(bench.workdir / "controller-state"),
+            "--default-ctx", str(bench.ctx), "--coordinator", coordinator]
+    for spec in AGENTS:
+        argv += ["--agent", spec.address]
+    fleet.controller = start(f"controller-{coordinator}", argv, bench.logdir)
+
+
 def stage_fleet(bench: Bench, fleet: Fleet) -> None:
     """Two agents on this machine's GPU, the controller over them, and its placement plan."""
     for spec in AGENTS:
         shutil.rmtree(bench.workdir / f"{spec.name}-cache", ignore_errors=True)
+        # Each agent holds the model (a link to it), so a coordinator may run on it (llamafleet_worker).
+        models = bench.workdir / f"{spec.name}-models"
+        models.mkdir(parents=True, exist_ok=True)
+        (models / f"{MODEL_NAME}.gguf").unlink(missing_ok=True)
+        (models / f"{MODEL_NAME}.gguf").symlink_to(bench.model.resolve())
         fleet.agents.append(start_agent(spec, bench.llama, bench.workdir, fleet.token, bench.memory_limit,
-                                        rpc_cache=True, logdir=bench.logdir))
+                                        rpc_cache=True, logdir=bench.logdir, extra_args=("--models-dir", str(models))))
     statuses = {spec.name: agent_status(spec.address, fleet.token) for spec in AGENTS}
     bench.results["agents"] = {
         name: {"devices": s["devices"], "rpc_server": {k: s["rpc_server"][k] for k in ("state", "endpoint", "devices")},
                "build": s["build"]}
         for name, s in statuses.items()
     }
-    argv = [llamafleet_bin("llamafleet"), "serve", "--listen", f"{LOOPBACK}:{CONTROLLER_PORT}",
-            "--token-file", str(fleet.token), "--model", f"{MODEL_NAME}={bench.model}",
-            "--llama-cpp", str(bench.llama.root), "--state-dir", str(bench.workdir / "controller-state"),
-            "--default-ctx", str(bench.ctx)]
-    for spec in AGENTS:
-        argv += ["--agent", spec.address]
-    fleet.controller = start("controller", argv, bench.logdir)
+    start_controller(bench, fleet, "controller")
 
     def nodes_ready() -> bool:
         if not http_ok(f"{fleet.url}/llamafleet/v1/nodes"):
@@ -326,10 +339,42 @@ def gateway_built() -> bool:
     return True
 
 
-def stage_llamafleet(bench: Bench, fleet: Fleet) -> None:
+def stage_llamafleet_worker(bench: Bench, fleet: Fleet) -> None:
+    """As `llamafleet`, with the coordinator on the agent with the larger share (`--coordinator auto`):
+    that share on the GPU directly, the other over RPC."""
+    if fleet.controller is None:
+        raise BenchError("the controller is not running (the fleet stage failed)")
+    start_controller(bench, fleet, "auto")
+
+    def placed_on_worker() -> bool:
+        if not http_ok(f"{fleet.url}/llamafleet/v1/nodes"):
+            return False
+        plan = http_json("POST", f"{fleet.url}/llamafleet/v1/plan", {"model": MODEL_NAME, "ctx": bench.ctx})
+        bench.results["plan_worker"] = plan
+        return bool(plan.get("fits")) and plan.get("coordinator") not in (None, "controller")
+
+    # The agents and the controller hash the file first (sha256 of the GGUF) to know who holds it.
+    wait_until(placed_on_worker, "a plan with the coordinator on a worker", 240, fleet.controller, 1.0)
+    stage_llamafleet(bench, fleet, "llamafleet_worker")
+
+
+def stage_rpc_one_local(bench: Bench) -> None:
+    """Hand-started split with the first share on the coordinator's own GPU and the second over one
+    bare rpc-server: what a coordinator on the worker does."""
+    server = start_rpc_server(bench.llama, PLAIN_RPC_PORTS[1], bench.logdir)
+    try:
+        args = ["--rpc", f"{LOOPBACK}:{PLAIN_RPC_PORTS[1]}", "--device", "CUDA0,RPC0", "--tensor-split", plan_split(bench)]
+        result = run_server_case(bench, "llama-server-rpc_one_local", args)
+        result["load_note"] = "the second share crosses the loopback socket (no cache); the first is read locally"
+        bench.results["runs"]["rpc_one_local"] = result
+    finally:
+        server.stop()
+
+
+def stage_llamafleet(bench: Bench, fleet: Fleet, name: str = "llamafleet") -> None:
     """The gateway: the first request starts the coordinator (load), then the timed requests."""
     if not gateway_built():
-        bench.results["runs"]["llamafleet"] = {"status": NOT_BUILT}
+        bench.results["runs"][name] = {"status": NOT_BUILT}
         return
     if fleet.controller is None or not fleet.controller.alive():
         raise BenchError("the controller is not running (the fleet stage failed)")
@@ -367,7 +412,7 @@ def stage_llamafleet(bench: Bench, fleet: Fleet) -> None:
     coordinator_logs = sorted(p for p in bench.workdir.rglob("*.log") if "coordinator" in str(p))
     # The coordinator's log starts with its command line ("# llama-server …").
     coordinator_argv = [log.read_text(errors="replace").splitlines()[0] for log in coordinator_logs if log.stat().st_size]
-    bench.results["runs"]["llamafleet"] = {
+    bench.results["runs"][name] = {
         "status": "ok",
         "load_s": round(cold.get("load_duration", 0) / 1e9, 2),
         "load_cache_cold_s": round(cold.get("load_duration", 0) / 1e9, 2),
@@ -408,6 +453,11 @@ def derive(results: dict[str, Any]) -> None:
     if fleet.get("decode_tps") and rpc.get("decode_tps"):
         fleet["decode_vs_hand_rpc"] = fleet["decode_tps"] / rpc["decode_tps"]
         fleet["prompt_vs_hand_rpc"] = fleet["prompt_tps"] / rpc["prompt_tps"]
+    worker, local = runs.get("llamafleet_worker", {}), runs.get("rpc_one_local", {})
+    if worker.get("decode_tps") and fleet.get("decode_tps"):
+        worker["decode_vs_controller_coordinator"] = worker["decode_tps"] / fleet["decode_tps"]
+    if local.get("decode_tps") and rpc.get("decode_tps"):
+        local["decode_vs_hand_rpc"] = local["decode_tps"] / rpc["decode_tps"]
 
 
 LABELS = {
@@ -416,6 +466,8 @@ LABELS = {
     "rpc_agents": "hand-started llama-server --rpc, the 2 agents' rpc-servers",
     "llamafleet": "llamafleet (agents + controller + gateway)",
     "rpc_local_gpu": "as hand-started, without --device (coordinator's own device listed too)",
+    "rpc_one_local": "hand-started, first share on the coordinator's own GPU, second over 1 rpc-server",
+    "llamafleet_worker": "llamafleet, coordinator on the worker with the larger share (--coordinator auto)",
 }
 
 
@@ -515,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ctx", type=int, default=4096)
     parser.add_argument("--memory-limit", default="6GiB", help="per agent; below the model's size so placement needs both")
     parser.add_argument("--deadline-s", type=float, default=540.0, help="skip stages that would end later than this")
-    parser.add_argument("--stages", default="membw,fleet,single,rpc,cache,llamafleet,rpc_local_gpu")
+    parser.add_argument("--stages", default="membw,fleet,single,rpc,rpc_one_local,cache,llamafleet,llamafleet_worker,"
+                                            "rpc_local_gpu")
     parser.add_argument("--not-run", action="append", default=[], help="a line for the report's 'not run' list")
     args = parser.parse_args(argv)
     begin = time.monotonic()
@@ -556,11 +609,13 @@ def main(argv: list[str] | None = None) -> int:
         "cache": lambda: stage_cache(bench),
         "llamafleet": lambda: stage_llamafleet(bench, fleet),
         "rpc_local_gpu": lambda: stage_rpc_local_gpu(bench),
+        "rpc_one_local": lambda: stage_rpc_one_local(bench),
+        "llamafleet_worker": lambda: stage_llamafleet_worker(bench, fleet),
     }
     try:
         for name in args.stages.split(","):
             left = bench.deadline - time.monotonic()
-            cost = 1 if name == "llamafleet" and not gateway_built() else STAGE_COST_S[name]
+            cost = 1 if name.startswith("llamafleet") and not gateway_built() else STAGE_COST_S[name]
             if left < cost:
                 results["not_run"].append(f"{name}: skipped, {left:.0f} s left of the time budget "
                                           f"(needs about {cost} s)")

@@ -12,6 +12,8 @@
 #   bash scripts/device/gpu_bench.sh report-all # setup without packing, loads (into $OUT/loads), then
 #                                               # the split_bench stages in BENCH_STAGES (default
 #                                               # fleet,llamafleet,single,rpc,membw) in what is left
+#   bash scripts/device/gpu_bench.sh coordinator-all # setup without packing, then the coordinator
+#                                               # placement stages (issue 22)
 #
 # It needs what scripts/device/prepare.sh put in the checkout's ignored folders: .whl/ (wheels
 # for Python 3.12, llamafleet's own among them) and .devsrc/ (the trimmed llama.cpp source), and
@@ -279,6 +281,14 @@ case "$MODE" in
     loads "$OUT/loads" || say "load_bench.py exited $?"
     BENCH_STAGES=${BENCH_STAGES:-fleet,llamafleet,single,rpc,membw} bench || say "split_bench.py exited $?"
     ;;
-  *) echo "usage: $0 all|setup|bench|streams|streams-all|loads|loads-all|report-all" >&2; exit 2 ;;
+  coordinator-all)
+    # Issue 22: where the coordinator runs. The single-GPU baseline, the split with the first share
+    # on the coordinator's own GPU, llamafleet with the coordinator on the worker, then (budget
+    # permitting) both shares remote by hand and through llamafleet.
+    SKIP_PACK=1 setup
+    BENCH_STAGES=${BENCH_STAGES:-fleet,single,rpc_one_local,llamafleet_worker,rpc,llamafleet} bench \
+      || say "split_bench.py exited $?"
+    ;;
+  *) echo "usage: $0 all|setup|bench|streams|streams-all|loads|loads-all|report-all|coordinator-all" >&2; exit 2 ;;
 esac
 say "done"
