@@ -327,6 +327,10 @@ class Inventory:
         stopped = await self._call(address, "StopRpcServer", pb.StopRpcServerRequest(index=index), timeout_s)
         return stopped.rpc_server
 
+    async def restart_rpc_server(self, address: str, index: int, timeout_s: float = 45.0) -> pb.RpcServerStatus:
+        restarted = await self._call(address, "RestartRpcServer", pb.RestartRpcServerRequest(index=index), timeout_s)
+        return restarted.rpc_server
+
     async def start_coordinator(self, address: str, request: pb.StartCoordinatorRequest,
                                 timeout_s: float = 30.0) -> pb.CoordinatorStatus:
         """Have a node's agent run a model's coordinator (it answers once llama-server is spawned)."""

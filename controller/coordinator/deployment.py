@@ -362,6 +362,9 @@ class Deployment:
                 await process.stop(BROKEN_STOP_GRACE_S if reason.kind in ("backends", "broken") else STOP_GRACE_S)
             else:
                 self._record_exit(process.exit_error())
+                # Ended on its own: what is left of it goes too (a stray in its process group; on a
+                # worker, the agent's record of the exit, and the rpc-servers it may still hold).
+                await process.stop()
             if (time.monotonic() - ready_at >= self._runtime.policy.healthy_reset_s or reason.kind == "backends"
                     or process.backend_lost):
                 # Healthy for a while, or it was ready and lost an rpc-server under it (whoever noticed

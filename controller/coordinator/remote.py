@@ -223,6 +223,29 @@ class RemoteCoordinator:
         raise CoordinatorExited(f"llama-server for {self.spec.model} on {self.node} was not healthy within "
                                 f"{timeout_s:.0f}s", detail="\n".join(self.output))
 
+    async def _free_backends(self) -> None:
+        """Restart the rpc-servers this coordinator used, so that one nobody can reach holds none."""
+        for backend in self.spec.backends:
+            status = self.inventory.rpc_server(backend.node, backend.endpoint)
+            record = self.inventory.record(backend.node)
+            if (status is None or status.generation != backend.generation or record is None
+                    or self.inventory.state(record) == "unreachable"):
+                continue  # restarted already, or not ours to free
+            log.info("restarting rpc-server %s on %s: the coordinator for %s on %s cannot be reached to stop it",
+                     backend.endpoint, backend.node, self.spec.model, self.node)
+            try:
+                restarted = await self.inventory.restart_rpc_server(backend.node, status.index)
+            except LlamafleetError as exc:
+                log.warning("could not restart rpc-server %s on %s: %s", backend.endpoint, backend.node, exc.message)
+                continue
+            # The next placement must see the new generation, or it would take this one for a restart later.
+            deadline = time.monotonic() + FIRST_REPORT_S
+            while time.monotonic() < deadline:
+                now = self.inventory.rpc_server(backend.node, backend.endpoint)
+                if now is not None and now.generation >= restarted.generation:
+                    break
+                await asyncio.sleep(0.05)
+
     async def drain(self) -> None:
         """Its last lines come with the agent's report that it exited: nothing to wait for."""
 
@@ -233,7 +256,10 @@ class RemoteCoordinator:
         self._watcher.cancel()
         record = self.inventory.record(self.node)
         if record is None or self.inventory.state(record) == "unreachable":
-            return 0  # the manager stops it once the node is back (see CoordinatorManager.reap_strays)
+            # It may still run, and hold the other shares' rpc-servers (one client each): free them
+            # for the next placement. The manager stops it once the node is back (reap_strays).
+            await self._free_backends()
+            return 0
         try:
             await self.inventory.stop_coordinator(self.node, self.id, STOP_CALL_S)
         except LlamafleetError as exc:

@@ -127,6 +127,35 @@ def test_a_killed_coordinator_on_the_worker_is_restarted_and_the_stream_goes_on(
     assert not psutil.pid_exists(before["pid"]) or psutil.Process(before["pid"]).status() == psutil.STATUS_ZOMBIE
 
 
+def test_a_frozen_coordinator_worker_is_a_pause_and_frees_the_rpc_servers_it_held(fleet: Fleet) -> None:
+    # A worker that stops answering without closing anything (SIGSTOP: as a cut link looks from
+    # here). Its llama-server still holds the other share's rpc-server, which serves one client at
+    # a time: the re-placed coordinator gets it only because the controller restarts it.
+    ollama.Client(host=fleet.url).generate(model="gemma", prompt="Hi", options={"num_predict": 2})
+    before = loaded(fleet)
+    frozen = next(a for a in fleet.agents if a.address == before["coordinator"])
+    pids = [frozen.proc.pid, before["pid"], frozen.rpc().pid]
+
+    def freeze() -> None:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+
+    try:
+        docs, pause = stream(fleet, "/api/generate", GENERATE, 10, freeze)
+        print(f"the coordinator's worker frozen after 10 pieces: paused {pause:.1f} s")
+        assert "error" not in docs[-1], docs[-1]
+        assert docs[-1]["done"] and docs[-1]["resumed"] == 1 and docs[-1]["eval_count"] == N
+        after = loaded(fleet)
+        assert frozen.address not in after["nodes"] and after["coordinator"] != frozen.address
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: fleet.node(frozen.address)["state"] == "ready", 30, "the worker back")
+    # Its old llama-server is a stray now: stopped once its agent reports it again.
+    wait_for(lambda: not psutil.pid_exists(before["pid"])
+             or psutil.Process(before["pid"]).status() == psutil.STATUS_ZOMBIE, 60, "the stray stopped")
+
+
 def test_a_lost_coordinator_worker_is_a_pause_and_the_model_goes_on_without_it(fleet: Fleet) -> None:
     ollama.Client(host=fleet.url).generate(model="gemma", prompt="Hi", options={"num_predict": 2})
     before = loaded(fleet)
