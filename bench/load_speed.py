@@ -142,8 +142,9 @@ def fleet_loads(patched: Manifest, model: Path, workdir: Path, rounds: int) -> l
     (store / "big.gguf").symlink_to(model)
     holder = ("--models-dir", str(store))
     results = []
+    # The coordinator stays on this host: this measures loads over RPC onto holders (issue 16).
     with running_fleet(workdir / "fleet", patched, model, memory_limit="4GiB", model_names=("big",),
-                       agent_args=(holder, holder)) as fleet:
+                       agent_args=(holder, holder), controller_args=("--coordinator", "controller")) as fleet:
         def holders() -> bool:
             out = fleet.cli("plan", "big", "--json")
             if out.returncode != 0:

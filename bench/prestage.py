@@ -178,7 +178,7 @@ def fleet_for(workdir: Path, model: BenchModel, mode: str, build: Build, hosts: 
                  for store in stores)
     return running_fleet(workdir / "fleet", build.manifest, model.path,
                          memory_limit=model.memory_limits, agent_args=args, model_names=(model.name,),
-                         controller_args=model.controller_args, hosts=hosts)
+                         controller_args=(*model.controller_args, "--coordinator", "controller"), hosts=hosts)
 
 
 def wait_until_holders(fleet: Fleet, model: str) -> None:

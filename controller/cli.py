@@ -369,8 +369,19 @@ def render_plan(doc: dict[str, Any]) -> str:
         lines.append(f"  {part.replace('_', ' '):<24} {format_size(size):>10}")
     lines.append(f"  {'on the workers':<24} {format_size(e['device_total_bytes']):>10}")
     if doc["fits"]:
-        lines.append(f"fits on {len(doc['backends'])} backend(s): --rpc {','.join(doc['backends'])} "
-                     f"--tensor-split {','.join(map(str, doc['tensor_split']))}")
+        here = doc.get("coordinator") or "controller"
+        local = [a for a in doc["assignments"] if a["node"] == here]
+        split = doc["tensor_split"][len(local):]
+        nodes = len({a["node"] for a in doc["assignments"]})
+        if local and not doc["backends"]:
+            lines.append(f"fits on {here} alone: its coordinator computes every layer (no rpc-server)")
+        elif local:
+            lines.append(f"fits on {nodes} node(s), {here} computing {sum(doc['tensor_split'][:len(local)])} "
+                         f"layer(s) in the coordinator: --rpc {','.join(doc['backends'])} "
+                         f"--tensor-split {','.join(map(str, split))}")
+        else:
+            lines.append(f"fits on {len(doc['backends'])} backend(s): --rpc {','.join(doc['backends'])} "
+                         f"--tensor-split {','.join(map(str, split))}")
         for a in doc["assignments"]:
             last = a["first_layer"] + a["layer_count"] - 1
             layers = ("no layers" if not a["layer_count"] else f"layer {last}" if a["layer_count"] == 1
@@ -378,7 +389,8 @@ def render_plan(doc: dict[str, Any]) -> str:
             extra = " + output" if a["output_bytes"] else ""
             held = ", holds the model" if a["node"] in doc.get("holders", []) else ""
             gpu = f" ({a['uuid']})" if a.get("uuid") else ""
-            lines.append(f"  node {a['node']} device {a['device']}{gpu} via {a['endpoint']}: {layers}{extra}: "
+            via = "in the coordinator" if a["node"] == here else f"via {a['endpoint']}"
+            lines.append(f"  node {a['node']} device {a['device']}{gpu} {via}: {layers}{extra}: "
                          f"{format_size(a['total_bytes'])} of {format_size(a['usable_bytes'])} usable{held}")
     else:
         lines.append(f"does not fit: {doc['reason']}")

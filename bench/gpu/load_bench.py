@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             str(args.workdir / "controller-state"), "--default-ctx", str(args.ctx),
             # One slot, as the local and hand-started loads have: the same KV cache to allocate.
             "--parallel", "1",
+            # This host runs the coordinator: the loads measured are over RPC onto the holders.
+            "--coordinator", "controller",
             *[a for spec in AGENTS for a in ("--agent", spec.address)]], logdir)
 
         def holders() -> bool:

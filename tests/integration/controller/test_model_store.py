@@ -66,7 +66,9 @@ def test_nodes_show_the_holder_and_the_plan_prefers_it(tmp_path: Path, llama_cpp
             return doc if doc["holders"] else None  # the controller hashes its own copy first
 
         plan = wait_for(planned, 60, "a plan with the holder confirmed", interval_s=0.5)
-        assert plan["backends"] == [holder.rpc_endpoint] and plan["holders"] == [holder.address]
+        assert [a["node"] for a in plan["assignments"]] == [holder.address] and plan["holders"] == [holder.address]
+        # The holder computes the whole model itself: its coordinator runs there, with no rpc-server.
+        assert plan["coordinator"] == holder.address and plan["backends"] == []
         assert "1 node(s) hold the model (sha256 a5fd3b62230a" in plan["holder_reason"]
         assert "preferred over nodes with more room" in plan["holder_reason"]
         text = fleet.cli("plan", "gemma", "--ctx", "2048").stdout

@@ -124,8 +124,10 @@ def test_a_holder_with_a_patched_rpc_server_stages_a_reference_and_the_load_read
     store.mkdir()
     (store / "gemma.gguf").symlink_to(test_model)
     name, offset, size = _output_entry(test_model)
+    # The coordinator here: the load onto the holder crosses RPC (what the patches are for).
     with running_fleet(tmp_path / "fleet", llama_cpp, test_model, memory_limit=LIMITS,
-                       agent_args=((), ("--models-dir", str(store)))) as fleet:
+                       agent_args=((), ("--models-dir", str(store))),
+                       controller_args=("--coordinator", "controller")) as fleet:
         holder = fleet.agents[1]
         holders_confirmed(fleet)
         assert raw_tokens(fleet) == stock_tokens

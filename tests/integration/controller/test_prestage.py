@@ -24,6 +24,9 @@ from llamafleet.proto.v1 import agent_pb2 as pb
 from tests.integration.agent.harness import RunningAgent, wait_for
 from tests.integration.controller.harness import Fleet, running_fleet
 
+# What pre-staging is for: a coordinator here, loading onto holders over RPC (a coordinator on the
+# holder itself reads its share from its own file, and needs no staging).
+PINNED = ("--coordinator", "controller")
 pytestmark = pytest.mark.integration
 LIMITS = ("260MiB", "300MiB")
 GREEDY = {"temperature": 0, "seed": 1, "num_predict": 16}
@@ -89,7 +92,8 @@ def test_staged_entries_are_what_rpc_server_writes_and_the_tokens_match(tmp_path
 
     # 2. Agent 1 holds the file, agent 0 does not: agent 1 stages, agent 0 gets its bytes as before.
     holder_args = store_with_gemma(tmp_path / "store", test_model)
-    with running_fleet(tmp_path / "staged", llama_cpp, test_model, memory_limit=LIMITS,
+    # The coordinator stays on the controller's host: these are loads over RPC onto a holder.
+    with running_fleet(tmp_path / "staged", llama_cpp, test_model, memory_limit=LIMITS, controller_args=PINNED,
                        agent_args=((), holder_args), agent_llama_cpp=stock_llama_cpp) as fleet:
         holder, other = fleet.agents[1], fleet.agents[0]
         holders_confirmed(fleet)
@@ -145,7 +149,7 @@ def test_a_truncated_entry_is_rewritten_by_the_next_staging(tmp_path: Path, llam
         handle.seek(header.data_offset + embd.offset)
         expected = handle.read(embd.n_bytes)
     holder_args = store_with_gemma(tmp_path / "store", test_model)
-    with running_fleet(tmp_path / "fleet", llama_cpp, test_model, memory_limit=LIMITS,
+    with running_fleet(tmp_path / "fleet", llama_cpp, test_model, memory_limit=LIMITS, controller_args=PINNED,
                        agent_args=((), holder_args), agent_llama_cpp=stock_llama_cpp) as fleet:
         holder = fleet.agents[1]
         holders_confirmed(fleet)
