@@ -114,6 +114,23 @@ def test_the_proxy_opens_only_with_the_coordinators_key_and_only_the_gateways_ro
     assert status == 200 and "content" in json.loads(text)
 
 
+def test_a_client_that_hangs_up_stops_the_generation_on_the_worker(fleet: Fleet) -> None:
+    from tests.integration.faults.test_resume import ndjson
+
+    ollama.Client(host=fleet.url).generate(model="gemma", prompt="Hi", options={"num_predict": 2})
+    worker_server = psutil.Process(loaded(fleet)["pid"])
+    conn, lines = ndjson(fleet.url, "/api/generate", {**GENERATE, "options": {**OPTIONS, "num_predict": 4000}})
+    for _ in range(5):
+        next(lines)
+    conn.close()  # through the gateway and the agent's proxy, llama-server must see it go
+    time.sleep(1.5)
+    busy = worker_server.cpu_times()
+    time.sleep(2.0)
+    spent = sum(worker_server.cpu_times()[:2]) - sum(busy[:2])
+    assert spent < 0.5, f"llama-server on the worker spent {spent:.1f} s of CPU in 2 s after its client left"
+    wait_for(lambda: loaded(fleet)["in_flight"] == 0, 10, "the request gone from the gateway")
+
+
 def test_a_killed_coordinator_on_the_worker_is_restarted_and_the_stream_goes_on(fleet: Fleet) -> None:
     whole, _ = stream(fleet, "/api/generate", GENERATE)
     before = loaded(fleet)
