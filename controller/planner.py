@@ -12,6 +12,7 @@ from typing import Any
 from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.common.llamacpp.install import Manifest
 from llamafleet.common.llamacpp.patches import PRECOMPUTED_HASHES_PATCH
+from llamafleet.common.units import format_size
 from llamafleet.controller.estimate import MemoryEstimate, estimate_memory
 from llamafleet.controller.gguf import GGUFHeader, read_gguf_header
 from llamafleet.controller.holders import Holders, ModelDigests, find_holders
@@ -150,8 +151,10 @@ class Planner:
                 low = mid + 1
         return resolved, self._with_coordinator(best, views), warnings
 
-    def cannot_host(self) -> dict[str, str]:
-        """Node → why its agent cannot run a coordinator ("" when it can)."""
+    def cannot_host(self, host_bytes: int = 0) -> dict[str, str]:
+        """Node → why its agent cannot run a coordinator ("" when it can); `host_bytes`: what the
+        coordinator keeps in its host's RAM (the token embeddings and the other tensors outside the
+        layers: the estimate's host parts, mapped from the file)."""
         out = {}
         for record in self.inventory.records():
             status = record.status
@@ -161,6 +164,9 @@ class Planner:
                 out[record.address] = "runs no coordinators (--max-coordinators 0, or an agent older than that)"
             elif not status.build.install_dir:
                 out[record.address] = "has no llama.cpp build"
+            elif status.host.available_bytes and status.host.available_bytes < host_bytes:
+                out[record.address] = (f"has {format_size(status.host.available_bytes)} of host memory available, "
+                                       f"and the coordinator keeps {format_size(host_bytes)} there")
             else:
                 out[record.address] = ""
         return out
@@ -169,7 +175,8 @@ class Planner:
         """The plan with where its coordinator runs (controller/placement/coordinator.py); the chosen
         node's share moved to the front of the layer order."""
         asks = self.coordinator_mode != "controller" and plan.fits and plan.holders
-        choice = choose_coordinator(plan, self.coordinator_mode, self.cannot_host() if asks else {})
+        host = plan.estimate.token_embd_bytes + plan.estimate.host_other_bytes if asks else 0
+        choice = choose_coordinator(plan, self.coordinator_mode, self.cannot_host(host) if asks else {})
         if choice.refused:
             return replace(plan, fits=False, reason=choice.reason, coordinator_reason=choice.reason)
         if not choice.node:

@@ -9,6 +9,8 @@ import pytest
 from llamafleet.controller.estimate import estimate_memory
 from llamafleet.controller.gguf import read_gguf_header
 from llamafleet.controller.placement.coordinator import choose_coordinator
+from llamafleet.controller.planner import Planner
+from llamafleet.proto.v1 import agent_pb2 as pb
 from llamafleet.controller.placement.nodes import DeviceView, NodeView
 from llamafleet.controller.placement.plan import DeviceAssignment, Headroom, Plan, with_node_first
 from tests.fixtures.synthetic_gguf import LLAMA_70B, write_model
@@ -94,3 +96,33 @@ def test_a_plan_that_no_longer_fits_with_the_node_first_is_said(model70: Path) -
     first = plan.assignments[-1].node
     assert estimate.output_bytes > 0
     assert with_node_first(plan, tight, Headroom(0, 0), first) is None
+
+
+class _Record:
+    def __init__(self, address: str, status: pb.AgentStatus | None) -> None:
+        self.address, self.status = address, status
+
+
+class _Inventory:
+    def __init__(self, records: list[_Record]) -> None:
+        self._records = records
+
+    def records(self) -> list[_Record]:
+        return self._records
+
+
+def test_which_agents_can_run_a_coordinator_is_read_from_their_reports() -> None:
+    def status(proxy: str = "10.0.0.1:40000", install: str = "/opt/llama", available: int = 64 * GiB) -> pb.AgentStatus:
+        return pb.AgentStatus(coordinator_proxy=proxy, build=pb.LlamaCppBuild(install_dir=install),
+                              host=pb.HostMemory(total_bytes=64 * GiB, available_bytes=available))
+
+    inventory = _Inventory([_Record("able", status()), _Record("old", status(proxy="")),
+                            _Record("unbuilt", status(install="")), _Record("full", status(available=GiB)),
+                            _Record("silent", None)])
+    planner = Planner(None, inventory, None, Headroom(), 1, 4096)  # type: ignore[arg-type]
+    reasons = planner.cannot_host(2 * GiB)
+    assert reasons["able"] == ""
+    assert "runs no coordinators" in reasons["old"]
+    assert "no llama.cpp build" in reasons["unbuilt"]
+    assert "1.0 GiB of host memory available" in reasons["full"] and "keeps 2.0 GiB there" in reasons["full"]
+    assert reasons["silent"] == "has not reported yet"
