@@ -3,7 +3,9 @@
     command-line flags  >  LLAMAFLEET_* environment variables  >  TOML config file  >  defaults
 
 A settings class is a frozen dataclass whose fields are declared with `setting(...)`; the field
-name is the TOML key, and `LLAMAFLEET_<NAME>` (upper case) the environment variable.
+name is the TOML key, and `LLAMAFLEET_<NAME>` (upper case) the environment variable. A field may
+also read another program's variable (`fallback_env`, e.g. Ollama's OLLAMA_ORIGINS) when its own
+is not set: an environment variable still, so above the TOML file, below LLAMAFLEET_<NAME>.
 """
 
 from __future__ import annotations
@@ -82,17 +84,18 @@ _DEFAULT_PARSERS: dict[type, Parser] = {
 
 
 def setting(default: Any, *, parse: Parser | None = None, help: str = "", flag: str = "",
-            repeat: bool = False) -> Any:
+            repeat: bool = False, fallback_env: tuple[str, ...] = ()) -> Any:
     """Declare a settings field; `parse` turns a TOML/env/flag value into the field's type.
 
     The command-line flag is `--<name-with-dashes>` unless `flag` names another; `repeat`
-    makes it repeatable (`--agent A --agent B`) instead of comma-separated.
+    makes it repeatable (`--agent A --agent B`) instead of comma-separated. `fallback_env`:
+    variables read, in order, when LLAMAFLEET_<NAME> is not set.
     """
     chosen = parse or _DEFAULT_PARSERS.get(type(default))
     if chosen is None:
         raise TypeError(f"no parser for default {default!r}: pass parse=")
     return dataclasses.field(default=default, metadata={"parse": chosen, "help": help, "flag": flag,
-                                                        "repeat": repeat})
+                                                        "repeat": repeat, "fallback_env": fallback_env})
 
 
 def flag_name(field: dataclasses.Field[Any]) -> str:
@@ -131,9 +134,11 @@ def load_settings(
             if key not in fields:
                 raise UsageError(f"unknown key '{key}' in config file {config_file}")
             raw[key] = (value, f"config file {config_file}")
-    for name in fields:
-        if (value := environ.get(env_name(name))) is not None:
-            raw[name] = (value, env_name(name))
+    for name, field in fields.items():
+        for variable in (env_name(name), *field.metadata.get("fallback_env", ())):
+            if (value := environ.get(variable)) is not None:
+                raw[name] = (value, variable)
+                break
     for name, value in flags.items():
         if value is not None and value != ():
             raw[name] = (value, flag_name(fields[name]))

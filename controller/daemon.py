@@ -174,8 +174,9 @@ def make_app(settings: ControllerSettings, keys: HttpKeys, inventory: Inventory,
     app.add_routes(pull_routes(pulls, planner, inventory))
     app.add_routes(join_routes(credentials, inventory))
     app.add_routes(dashboard_routes())
-    app.add_routes(ollama.make_routes(dispatcher, Catalog(), settings.max_request_bytes))
-    app.add_routes(openai.make_routes(dispatcher, settings.max_request_bytes))
+    catalog = Catalog()
+    app.add_routes(ollama.make_routes(dispatcher, catalog, settings.max_request_bytes))
+    app.add_routes(openai.make_routes(dispatcher, catalog, settings.max_request_bytes))
     app.add_routes(embeddings.make_routes(dispatcher, settings.max_request_bytes))
     return app
 

@@ -68,7 +68,9 @@ class ControllerSettings:
     max_request_bytes: int = setting(8 * 2**20, parse=parse_size, help="largest request body the gateway accepts")
     origins: tuple[str, ...] = setting((), help="browser origins allowed on the Ollama/OpenAI routes besides "
                                                "pages on this host and app webviews, as OLLAMA_ORIGINS "
-                                               "(comma-separated; `*` wildcards: https://*.example.com, *)")
+                                               "(comma-separated; `*` wildcards: https://*.example.com, *; "
+                                               "OLLAMA_ORIGINS itself is read when LLAMAFLEET_ORIGINS is not set)",
+                                       fallback_env=("OLLAMA_ORIGINS",))
     ollama_nodes: tuple[str, ...] = setting((), help="an Ollama server (URL) in the pool for models one node holds",
                                             flag="--ollama-node", repeat=True)
     ollama_node_memory: int = setting(0, parse=parse_size,

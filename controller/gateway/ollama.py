@@ -32,7 +32,9 @@ from llamafleet.controller.gateway.options import (
     IgnoredNames,
     ignore_silently,
     keep_alive_seconds,
+    THINK_LEVELS,
     ollama_options,
+    reasoning_fields,
     response_format,
 )
 from llamafleet.controller.gateway.resume import Progress, ResumeSpec, continuation
@@ -59,7 +61,6 @@ GENERATE_FIELDS = frozenset({"model", "prompt", "suffix", "system", "template", 
                              "images", "options", "keep_alive", "think"})
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 MESSAGE_FIELDS = frozenset({"role", "content", "images", "tool_calls", "tool_name", "tool_call_id", "thinking"})
-THINK_LEVELS = ("high", "medium", "low")
 PieceDoc = Callable[[str, str, list[dict[str, Any]]], dict[str, Any]]  # content, thinking, tool calls
 LLAMAFLEET_VERSION = importlib.metadata.version("llamafleet")
 
@@ -139,16 +140,6 @@ def _think(value: Any) -> bool | str | None:
     if isinstance(value, str) and value in THINK_LEVELS:
         return value
     raise BadRequest(f'invalid think value: {json.dumps(value)} (must be "high", "medium", "low", true, or false)')
-
-
-def _reasoning_fields(think: bool | str) -> dict[str, Any]:
-    """Ollama's `think` as llama-server's per-request reasoning switches (its template kwargs)."""
-    if think is False:
-        return {"reasoning_effort": "none"}  # llama-server: enable_thinking = false
-    fields: dict[str, Any] = {"chat_template_kwargs": {"enable_thinking": True}}
-    if isinstance(think, str):
-        fields["reasoning_effort"] = think  # given to the template, e.g. gpt-oss's
-    return fields
 
 
 def _ollama_tool_calls(piece: ToolCalls) -> list[dict[str, Any]]:
@@ -381,7 +372,7 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
             if tools:
                 upstream["tools"] = tools
             if think is not None and "thinking" in capabilities:
-                upstream |= _reasoning_fields(think)
+                upstream |= reasoning_fields(think)
 
             def open_stream(url: str) -> AsyncGenerator[Piece]:
                 if context_out is not None:

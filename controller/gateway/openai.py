@@ -3,11 +3,13 @@
 llama-server speaks this API itself, so requests go through nearly as they are: only fields on
 the allow-list travel (others are dropped, logged once per name and counted, as Ollama ignores
 them), and the `model` in every answer is the name the client asked for (not llama-server's
-file path).
+file path). `reasoning_effort` is read as Ollama's /v1 reads it, as `think`, and travels as the
+same reasoning switches /api/chat sends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -16,13 +18,17 @@ from typing import Any
 
 from aiohttp import web
 from llamafleet.common.errors import LlamafleetError
+from llamafleet.controller.gateway.catalog import Catalog
 from llamafleet.controller.gateway.dispatch import Dispatcher, Resume, run_info
 from llamafleet.controller.gateway.fairness import client_of
 from llamafleet.controller.gateway.options import (
     OPENAI_CHAT_FIELDS,
     OPENAI_COMPLETION_FIELDS,
+    BadRequest,
     IgnoredNames,
     openai_body,
+    openai_think,
+    reasoning_fields,
 )
 from llamafleet.controller.gateway.resume import (
     OPENAI_NOT_RESUMABLE,
@@ -87,7 +93,7 @@ class _Chunks:
         return out
 
 
-def make_routes(dispatcher: Dispatcher, max_body_bytes: int) -> web.RouteTableDef:
+def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -> web.RouteTableDef:
     routes = web.RouteTableDef()
     models = dispatcher.manager.planner.models
     metrics = dispatcher.metrics
@@ -97,14 +103,25 @@ def make_routes(dispatcher: Dispatcher, max_body_bytes: int) -> web.RouteTableDe
         body = openai_body(await json_body(request, max_body_bytes), allowed, ignored)
         model = string_field(body, "model")
         parse_model_name(model)
+        think = openai_think(body)
         route = dispatcher.route(model)
         if route.target == "pool":
-            return await dispatcher.proxy_to_pool(request, route, request.path, body)
+            return await dispatcher.proxy_to_pool(request, route, request.path, body)  # Ollama reads it itself
+        body.pop("reasoning_effort", None)
+        body.pop("reasoning", None)
+        if think is not None:
+            # As /api/chat's `think`: refused for a model whose template cannot think (Ollama's
+            # 400), `think: false` there is a no-op; a thinking answer is not resumed.
+            capabilities = (await asyncio.to_thread(catalog.card, models.resolve(model))).capabilities
+            if think is not False and "thinking" not in capabilities:
+                raise BadRequest(f'"{model}" does not support thinking')
+            if "thinking" in capabilities:
+                body |= reasoning_fields(think)
         stream = bool(body.get("stream"))
         info = run_info(request, client_of(request))
         session = dispatcher.session
         resume = None
-        if dispatcher.resume_policy.enabled and _resumable(body):
+        if dispatcher.resume_policy.enabled and _resumable(body) and think is None:
             progress, spec, chunks = Progress(), _resume_spec(body), _Chunks(body, "messages" in body)
 
             async def tracked(url: str) -> AsyncGenerator[dict[str, Any]]:

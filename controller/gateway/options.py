@@ -12,6 +12,7 @@ use with a wrong type is still a 400 that names it.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -185,6 +186,8 @@ OPENAI_CHAT_FIELDS = frozenset({
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "stream",
     "stream_options", "seed", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
     "top_logprobs", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+    # Read as Ollama's `think` (openai_think), never passed on as they are.
+    "reasoning_effort", "reasoning",
     # llama.cpp's sampling extensions that affect only this request.
     "top_k", "min_p", "typical_p", "repeat_penalty", "repeat_last_n",
 })
@@ -195,7 +198,41 @@ OPENAI_COMPLETION_FIELDS = frozenset({
 })
 # Fields OpenAI's SDKs send that mean nothing to one server: dropped without complaint.
 OPENAI_IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prediction", "modalities",
-                                   "reasoning_effort", "verbosity", "prompt_cache_key", "safety_identifier"})
+                                   "verbosity", "prompt_cache_key", "safety_identifier"})
+
+
+THINK_LEVELS = ("high", "medium", "low")
+
+
+def reasoning_fields(think: bool | str) -> dict[str, Any]:
+    """Ollama's `think` as llama-server's per-request reasoning switches (its template kwargs)."""
+    if think is False:
+        # llama-server: enable_thinking = false. Its reasoning parser stays on otherwise, and with a
+        # `format` it lets the grammar wait for a reasoning block that never comes: the answer is
+        # unconstrained text filed as reasoning, content "". Off, as Ollama's think false has no parser.
+        return {"reasoning_effort": "none", "reasoning_format": "none"}
+    fields: dict[str, Any] = {"chat_template_kwargs": {"enable_thinking": True}}
+    if isinstance(think, str):
+        fields["reasoning_effort"] = think  # given to the template, e.g. gpt-oss's
+    return fields
+
+
+def openai_think(body: Mapping[str, Any]) -> bool | str | None:
+    """OpenAI's `reasoning_effort` (or `reasoning: {effort}`) read as Ollama's /v1 reads it: as `think`.
+
+    "low", "medium", "high" think at that effort, "none" is `think: false`; absent is None (the
+    template's default). Anything else is a 400 with Ollama's words.
+    """
+    reasoning = body.get("reasoning")
+    if reasoning is not None and not isinstance(reasoning, dict):
+        raise BadRequest("'reasoning' must be an object")
+    effort = reasoning.get("effort") if reasoning is not None else body.get("reasoning_effort")
+    if effort is None or effort == "":
+        return None
+    if effort not in (*THINK_LEVELS, "none"):
+        shown = effort if isinstance(effort, str) else json.dumps(effort)
+        raise BadRequest(f"invalid reasoning value: '{shown[:40]}' (must be \"high\", \"medium\", \"low\", or \"none\")")
+    return False if effort == "none" else str(effort)
 
 
 def is_known_option(name: str) -> bool:

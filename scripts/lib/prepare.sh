@@ -2,7 +2,8 @@
 # Sourced by scripts/test.sh and scripts/demo.sh: everything a fresh machine needs, each step
 # skipped when its result is already there. Sets LLAMAFLEET_TEST_LLAMA_CPP (the install directory
 # of llama.cpp with llamafleet's patches), LLAMAFLEET_TEST_LLAMA_CPP_STOCK (the same source without
-# them), LLAMAFLEET_TEST_MODEL (the GGUF), LLAMAFLEET_TEST_SDIST and the venv's PATH.
+# them), LLAMAFLEET_TEST_MODEL (the GGUF), LLAMAFLEET_TEST_SDIST, LLAMAFLEET_TEST_JS_CLIENTS (the
+# node_modules of the JavaScript clients, where node is installed) and the venv's PATH.
 #
 # Environment:
 #   LLAMAFLEET_TEST_CACHE  where downloads, the llama.cpp build and the model are kept
@@ -69,6 +70,27 @@ prepare_model() {
   export LLAMAFLEET_TEST_MODEL
 }
 
+prepare_js_clients() {
+  # The official JavaScript clients (ollama, openai) at the exact versions of the committed lock
+  # file, installed outside the repository in a folder named by the lock's hash, so a changed
+  # lock installs afresh and an unchanged one is skipped.
+  local lock="$ROOT/tests/fixtures/js_clients/package-lock.json"
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    say "node or npm not found: the JavaScript clients' test will be skipped"
+    return 0
+  fi
+  local dir
+  dir="$CACHE/js-clients/$(sha256sum "$lock" | cut -c1-16)"
+  if [ ! -f "$dir/node_modules/.package-lock.json" ]; then
+    say "installing the JavaScript clients (npm ci, versions of $lock)"
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    cp "$ROOT/tests/fixtures/js_clients/package.json" "$lock" "$dir/"
+    (cd "$dir" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null)
+  fi
+  export LLAMAFLEET_TEST_JS_CLIENTS="$dir/node_modules"
+}
+
 prepare_llama_cpp() {
   # Two installs of the same source: stock llama.cpp (for the tests that prove a patched
   # coordinator and stock rpc-servers still work together, and tokens match), then llamafleet's
@@ -108,5 +130,6 @@ prepare_all() {
   prepare_venv
   prepare_sdist
   prepare_model
+  prepare_js_clients
   prepare_llama_cpp
 }

@@ -128,3 +128,20 @@ def test_the_pull_rate_limit_is_a_size_from_any_source_and_not_below_a_mebibyte(
     assert from_env.pull_rate_limit == 2_000_000
     with pytest.raises(UsageError, match="at least 1MiB"):
         load_settings(ControllerSettings, flags={"pull_rate_limit": "10KiB"}, environ={})
+
+
+def test_ollama_origins_is_read_as_ollama_reads_it_unless_llamafleet_origins_or_the_flag_says(tmp_path: Path) -> None:
+    ollama = {"OLLAMA_ORIGINS": "https://chat.example.com, http://*.lan:*"}
+    assert load_settings(ControllerSettings, flags={}, environ=ollama).origins == (
+        "https://chat.example.com", "http://*.lan:*")
+    config = tmp_path / "controller.toml"
+    config.write_text('origins = ["https://from-the-file.example"]\n')
+    # An environment variable still: above the file, below LLAMAFLEET_ORIGINS and --origins.
+    assert load_settings(ControllerSettings, flags={}, config_file=config, environ=ollama).origins == (
+        "https://chat.example.com", "http://*.lan:*")
+    assert load_settings(ControllerSettings, flags={}, config_file=config, environ={}).origins == (
+        "https://from-the-file.example",)
+    both = ollama | {"LLAMAFLEET_ORIGINS": "https://ours.example"}
+    assert load_settings(ControllerSettings, flags={}, environ=both).origins == ("https://ours.example",)
+    assert load_settings(ControllerSettings, flags={"origins": "https://flag.example"}, environ=both).origins == (
+        "https://flag.example",)

@@ -14,11 +14,10 @@ from llamafleet.controller.gateway import upstream
 from llamafleet.controller.gateway.ollama import (
     _messages,
     _ollama_tool_calls,
-    _reasoning_fields,
     _think,
     _tools,
 )
-from llamafleet.controller.gateway.options import BadRequest
+from llamafleet.controller.gateway.options import BadRequest, openai_think, reasoning_fields
 from llamafleet.controller.gateway.upstream import Final, Thinking, ToolCall, ToolCalls, UpstreamRejected
 
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
@@ -71,12 +70,24 @@ def test_tools_are_rebuilt_from_their_function_fields_only() -> None:
 
 
 def test_think_values_map_to_llama_servers_reasoning_switches() -> None:
-    assert _reasoning_fields(True) == {"chat_template_kwargs": {"enable_thinking": True}}
-    assert _reasoning_fields(False) == {"reasoning_effort": "none"}
-    assert _reasoning_fields("low") == {"chat_template_kwargs": {"enable_thinking": True}, "reasoning_effort": "low"}
+    assert reasoning_fields(True) == {"chat_template_kwargs": {"enable_thinking": True}}
+    assert reasoning_fields(False) == {"reasoning_effort": "none", "reasoning_format": "none"}
+    assert reasoning_fields("low") == {"chat_template_kwargs": {"enable_thinking": True}, "reasoning_effort": "low"}
     assert _think(None) is None and _think("high") == "high"
     with pytest.raises(BadRequest, match='invalid think value: "max"'):
         _think("max")
+
+
+def test_openai_reasoning_effort_is_read_as_ollamas_v1_reads_it() -> None:
+    assert openai_think({}) is None and openai_think({"reasoning_effort": None}) is None
+    assert openai_think({"reasoning_effort": "low"}) == "low" and openai_think({"reasoning_effort": "none"}) is False
+    # The Responses-style object wins, as in Ollama.
+    assert openai_think({"reasoning": {"effort": "high"}, "reasoning_effort": "none"}) == "high"
+    for bad in ({"reasoning_effort": "minimal"}, {"reasoning_effort": 3}, {"reasoning": {"effort": "max"}}):
+        with pytest.raises(BadRequest, match='invalid reasoning value: .* "low", or "none"'):
+            openai_think(bad)
+    with pytest.raises(BadRequest, match="'reasoning' must be an object"):
+        openai_think({"reasoning": "high"})
 
 
 def test_llama_server_calls_become_ollama_calls_with_object_arguments() -> None:
