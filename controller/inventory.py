@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -328,15 +328,19 @@ class Inventory:
         return stopped.rpc_server
 
     async def stage_tensors(self, address: str, sha256: str, ranges: list[tuple[int, int]],
-                            timeout_s: float, rpc_server_index: int | None = None,
+                            timeout_s: float, rpc_server_indexes: Sequence[int] = (),
                             known: Mapping[tuple[int, int], int] | None = None) -> pb.StageTensorsResponse:
         """Ask a node's agent to write the rpc cache entries of (offset, size) ranges of its copy of a
-        model; `rpc_server_index`: the slot whose coordinator uses them (kept from eviction meanwhile);
-        `known`: the FNV-1a of ranges the controller computed already (the agent then need not read them)."""
+        model; `rpc_server_indexes`: the node's rpc-servers whose coordinator uses them (kept from
+        eviction meanwhile; one per GPU with the per-device layout); `known`: the FNV-1a of ranges
+        the controller computed already (the agent then need not read them)."""
         known = known or {}
+        indexes = sorted(set(rpc_server_indexes))
         request = pb.StageTensorsRequest(sha256=sha256, ranges=[
             pb.ByteRange(offset=o, size=n, fnv1a=known[(o, n)]) if (o, n) in known else pb.ByteRange(offset=o, size=n)
-            for o, n in ranges], rpc_server_index=rpc_server_index)
+            for o, n in ranges], rpc_server_index=indexes[0] if indexes else None,
+            # An agent older than the list reads only the first: that rpc-server stays protected.
+            rpc_server_indexes=indexes)
         reply: pb.StageTensorsResponse = await self._call(address, "StageTensors", request, timeout_s)
         return reply
 

@@ -304,8 +304,12 @@ class CoordinatorManager:
         started = time.monotonic()
         nodes = [node for node in plan.holders if ranges.get(node)]
         # Which of its rpc-servers each node's share is for: the agent keeps those entries from
-        # eviction while that rpc-server serves the coordinator about to start.
-        slots = {a.node: a.rpc_index for a in plan.assignments}
+        # eviction while they serve the coordinator about to start. With the per-device layout a
+        # node serves its GPUs through one rpc-server each, so a node may name several.
+        slots: dict[str, list[int]] = {}
+        for a in plan.assignments:
+            if a.rpc_index not in slots.setdefault(a.node, []):
+                slots[a.node].append(a.rpc_index)
         done = await asyncio.gather(*(self._stage_node(model, node, sha, ranges[node], slots[node], known)
                                       for node in nodes))
         results = dict(zip(nodes, done, strict=True))
@@ -313,9 +317,9 @@ class CoordinatorManager:
                                   "seconds": round(time.monotonic() - started, 3), "nodes": results}
 
     async def _stage_node(self, model: str, node: str, sha: str, ranges: list[tuple[int, int]],
-                          rpc_index: int, known: Mapping[tuple[int, int], int] | None = None) -> dict[str, Any]:
+                          rpc_indexes: list[int], known: Mapping[tuple[int, int], int] | None = None) -> dict[str, Any]:
         try:
-            reply = await self.inventory.stage_tensors(node, sha, ranges, STAGE_TIMEOUT_S, rpc_index, known)
+            reply = await self.inventory.stage_tensors(node, sha, ranges, STAGE_TIMEOUT_S, rpc_indexes, known)
         except LlamafleetError as exc:
             log.warning("pre-staging %s on %s failed; its share goes over the network: %s", model, node, exc.message)
             self.runtime.events("stage.failed", node, f"pre-staging {model} failed: {exc.message}", model=model)
