@@ -108,7 +108,11 @@ def _slots(node: NodeView) -> list[tuple[int, list[RpcServerView]]]:
     by_slot: dict[int, list[RpcServerView]] = {}
     for server in sorted(servers, key=lambda s: s.index):
         by_slot.setdefault(server.model_slot, []).append(server)
-    return sorted(by_slot.items())
+    # Every slot has as many rpc-servers as the first, whose devices placement splits over; one
+    # with fewer (a list cut short by agent_bounds, which the node's error says) would put two
+    # GPUs' layers on one rpc-server that serves only one of them, so it is never offered.
+    size = len(by_slot.get(0, ()))
+    return sorted((number, group) for number, group in by_slot.items() if not size or len(group) == size)
 
 
 def _on_slot(node: NodeView, group: list[RpcServerView], booked: tuple[int, ...]) -> NodeView:
