@@ -319,6 +319,15 @@ class Inventory:
         record = self._nodes.get(address)
         return rpc_server_at(record.status, endpoint) if record is not None and record.status else None
 
+    def model_slot(self, address: str, index: int) -> int:
+        """Which model slot rpc-server #`index` of a node serves in: its index with the shared
+        layout (and for agents from before the layouts), `index // GPUs` with per-device."""
+        record = self._nodes.get(address)
+        if record is None or record.status is None or not record.status.rpc_layout:
+            return index
+        rpc = next((r for r in rpc_servers(record.status) if r.index == index), None)
+        return rpc.slot if rpc is not None else index
+
     async def set_rpc_server(self, address: str, index: int, running: bool, timeout_s: float = 45.0) -> pb.RpcServerStatus:
         """Start or stop one of a node's rpc-servers; answers once the agent says it settled."""
         if running:

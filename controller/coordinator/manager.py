@@ -385,7 +385,9 @@ class CoordinatorManager:
         self._stop_later({(a.node, a.rpc_index, a.endpoint) for a in plan.assignments}, model)
 
     def _stop_later(self, slots: set[tuple[str, int, str]], model: str) -> None:
-        slots = {slot for slot in slots if slot[1] > 0}  # the first is the agent's own
+        # Slot 0 is the agent's own: it starts them with itself and keeps them. With the
+        # per-device layout that is rpc-servers #0 … #GPUs-1, not just #0.
+        slots = {slot for slot in slots if self.inventory.model_slot(slot[0], slot[1]) > 0}
         if not slots:
             return
         task = asyncio.create_task(self._stop_when_idle(slots), name=f"stop idle rpc-servers of {model}")

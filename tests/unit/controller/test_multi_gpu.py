@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -18,6 +19,8 @@ from llamafleet.agent.devices import DeviceInfo
 from llamafleet.agent.gpus import check_banner, rpc_groups, visible_gpus
 from llamafleet.agent.supervisor import RpcServerSnapshot, RpcState
 from llamafleet.controller.cli import render_nodes, render_plan
+from llamafleet.controller.coordinator import manager as manager_module
+from llamafleet.controller.coordinator.manager import CoordinatorManager
 from llamafleet.controller.estimate import estimate_memory
 from llamafleet.controller.gguf import read_gguf_header
 from llamafleet.controller.gpu_shares import COUNTED_ONCE, SPLIT_BY_LIMITS, gpu_shares
@@ -348,3 +351,32 @@ def test_nodes_says_which_agents_share_a_gpu_and_how_it_is_split() -> None:
             "placement counts 12.0 GiB of its 24.0 GiB here (10.0 GiB free)") in text
     assert "GPU-same is also advertised by 10.0.0.5:50051: counted once" in text
     assert "GPU-own is also" not in text
+
+
+def test_an_unloaded_model_stops_only_rpc_servers_past_the_agents_own_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Per-device, 2 GPUs: slot 0 is #0 and #1 (the agent's own, started with it), slot 1 #2 and
+    # #3. Stopping #1 would leave slot 0 half running: the node's rpc-server counts as not
+    # running and placement drops the whole node.
+    monkeypatch.setattr(manager_module, "RPC_SERVER_IDLE_STOP_S", 0.0)
+    monkeypatch.setattr(manager_module, "RPC_SERVER_REPORT_S", 0.0)
+    inventory = Inventory(cast(Any, None), cast(Any, None), 1.0, 3.0, clock=lambda: 100.0)
+    node = "10.0.0.5:50051"
+    status = per_device_status("10.0.0.5", ["GPU-aaaa", "GPU-bbbb"], running_slot_1=True)
+    inventory._nodes[node] = NodeRecord(node, status=status, last_heartbeat=100.0)
+    stopped: list[int] = []
+
+    async def set_rpc_server(address: str, index: int, running: bool, timeout_s: float = 45.0) -> pb.RpcServerStatus:
+        stopped.append(index)
+        return pb.RpcServerStatus(index=index, state=STOPPED)
+
+    inventory.set_rpc_server = set_rpc_server  # type: ignore[method-assign]
+    runtime = SimpleNamespace(events=lambda *args, **data: None)
+    made = CoordinatorManager(cast(Any, None), inventory, cast(Any, None), cast(Any, runtime), 300.0)
+
+    async def release_both_slots() -> None:
+        made._stop_later({(node, i, f"10.0.0.5:{50052 + i}") for i in range(4)}, "m")
+        await asyncio.gather(*made._idle_stops)
+
+    asyncio.run(release_both_slots())
+    assert sorted(stopped) == [2, 3]
+    assert inventory.model_slot(node, 1) == 0 and inventory.model_slot(node, 2) == 1
