@@ -33,6 +33,7 @@ from llamafleet.controller.coordinator.reachability import RpcReachability
 from llamafleet.controller.gateway.fairness import FairQueue
 from llamafleet.controller.inventory import Inventory, rpc_server_at, rpc_state_name
 from llamafleet.controller.models import ResolvedModel, parse_model_name
+from llamafleet.controller.placement.nodes import device_key
 from llamafleet.controller.placement.plan import DeviceAssignment, Plan
 from llamafleet.controller.planner import Planner, plan_to_json
 from llamafleet.controller.prestage import node_ranges
@@ -165,7 +166,8 @@ class CoordinatorManager:
             if model == excluding:
                 continue
             for a in plan.assignments:
-                reserved[(a.node, a.device)] = reserved.get((a.node, a.device), 0) + a.total_bytes
+                key = (a.node, device_key(a.device, a.uuid))
+                reserved[key] = reserved.get(key, 0) + a.total_bytes
                 busy[a.endpoint] = model
             for node in {a.node for a in plan.assignments}:
                 load[node] = load.get(node, 0) + 1

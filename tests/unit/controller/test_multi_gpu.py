@@ -380,3 +380,24 @@ def test_an_unloaded_model_stops_only_rpc_servers_past_the_agents_own_slot(monke
     asyncio.run(release_both_slots())
     assert sorted(stopped) == [2, 3]
     assert inventory.model_slot(node, 1) == 0 and inventory.model_slot(node, 2) == 1
+
+
+def test_a_loaded_model_reserves_each_gpu_of_a_per_device_node_only_its_own_share(models: dict[str, Path]) -> None:
+    # Per-device, every GPU is its own process's CUDA0: reservations keyed by that name alone
+    # put both GPUs' bytes on each, and a second model that fits was refused.
+    header = read_gguf_header(models[LLAMA_70B.name])
+    status = per_device_status("10.0.0.5", ["GPU-aaaa", "GPU-bbbb"], running_slot_1=True)
+    del status.devices[:]
+    status.devices.extend(nvml_devices([("GPU-aaaa", 23), ("GPU-bbbb", 23)]))
+    view = node_view("10.0.0.5:50051", "ready", status)
+    first = make_plan("70b", estimate_memory(header, 2048), [view], "7.0.0")
+    assert [a.uuid for a in first.assignments] == ["GPU-aaaa", "GPU-bbbb"]
+    made = CoordinatorManager(cast(Any, None), cast(Any, None), cast(Any, None), cast(Any, None), 300.0)
+    made._plans["70b"] = first
+    reserved, _, busy = made._reserved(excluding="8b")
+    left = view.reserving(reserved)
+    assert [d.total_bytes - d.free_bytes for d in left.devices] == [a.total_bytes for a in first.assignments]
+    # So the 8B fits beside it, on the node's second slot.
+    second = make_plan("8b", estimate_memory(read_gguf_header(models[LLAMA_8B.name]), 2048), [left], "7.0.0",
+                       busy=busy)
+    assert second.fits and second.backends == ["10.0.0.5:50054", "10.0.0.5:50055"], second.reason
