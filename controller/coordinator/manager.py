@@ -59,7 +59,9 @@ def assignment_doc(a: DeviceAssignment) -> dict[str, Any]:
     """Where one device's share of a model sits, as `ps --json`, events and the dashboard show it."""
     return {"node": a.node, "endpoint": a.endpoint, "device": a.device, "first_layer": a.first_layer,
             "layer_count": a.layer_count, "total_bytes": a.total_bytes, "output": bool(a.output_bytes),
-            "rpc_index": a.rpc_index}
+            "rpc_index": a.rpc_index,
+            # Which GPU: with --rpc-layout per-device every GPU is its own rpc-server's CUDA0.
+            "uuid": a.uuid}
 
 
 def canonical(model: str) -> str:

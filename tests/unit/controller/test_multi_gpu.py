@@ -20,7 +20,7 @@ from llamafleet.agent.gpus import check_banner, rpc_groups, visible_gpus
 from llamafleet.agent.supervisor import RpcServerSnapshot, RpcState
 from llamafleet.controller.cli import render_nodes, render_plan
 from llamafleet.controller.coordinator import manager as manager_module
-from llamafleet.controller.coordinator.manager import CoordinatorManager
+from llamafleet.controller.coordinator.manager import CoordinatorManager, assignment_doc
 from llamafleet.controller.estimate import estimate_memory
 from llamafleet.controller.gguf import read_gguf_header
 from llamafleet.controller.gpu_shares import COUNTED_ONCE, SPLIT_BY_LIMITS, gpu_shares
@@ -274,6 +274,8 @@ def test_a_plan_over_four_reordered_gpus_names_node_device_and_gpu_in_text_and_j
         ("10.0.0.5:50051", name, uuid, endpoint, 0 if shared else i)
         for i, (name, (uuid, _), endpoint) in enumerate(zip(names, expected, endpoints, strict=True))]
     assert doc["backends"] == list(dict.fromkeys(endpoints)) and len(doc["tensor_split"]) == 4
+    # `ps --json` and the placement event name the GPU of each share too.
+    assert [assignment_doc(a)["uuid"] for a in plan.assignments] == [uuid for uuid, _ in expected]
     # Layers follow each GPU's own room: the 20 GiB one gets the most, the 6 GiB one (last, with
     # the output layer) the fewest.
     counts = [a["layer_count"] for a in doc["assignments"]]
