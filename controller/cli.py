@@ -107,10 +107,14 @@ def render_nodes(docs: list[dict[str, Any]]) -> list[str]:
             # A ready node's error is what the controller clamped or refused of its status.
             line += f"  [{doc['error']}]"
         echo(line)
+        if rpc and rpc["state"] != "running" and rpc.get("last_exit"):
+            # Why it is down, in the agent's words: a crash, or a GPU that is not the one pinned.
+            echo(f"{'':<24}rpc-server {rpc['state']}: {rpc['last_exit']}")
         for other in (doc.get("rpc_servers") or [])[1:]:
             if other["state"] != "stopped" or other.get("model"):
                 serving = f", serving {other['model']}" if other.get("model") else ""
-                echo(f"{'':<24}rpc-server #{other['index']} {other['state']} {other['endpoint']}{serving}")
+                why = f": {other['last_exit']}" if other["state"] != "running" and other.get("last_exit") else ""
+                echo(f"{'':<24}rpc-server #{other['index']} {other['state']} {other['endpoint']}{serving}{why}")
         for device in doc.get("devices") or []:
             gpu = f" {device['uuid']}" if device.get("uuid") else ""
             echo(f"{'':<24}{device['name']}{gpu}: {format_size(device['free_bytes'])} free of "

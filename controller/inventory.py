@@ -108,13 +108,15 @@ def node_view(address: str, state: str, status: pb.AgentStatus | None, load: int
                 devices.append(DeviceView(device.name, min(device.total_bytes, cap or device.total_bytes),
                                           min(device.free_bytes, cap or device.free_bytes), "", position))
     # The node runs when every rpc-server of its first slot does (one is one GPU of it).
-    states = [rpc_state_name(r.state) for r in first_slot] or [rpc_state_name(rpc.state)]
-    rpc_state = next((s for s in states if s != "running"), "running")
+    down = [r for r in first_slot or [rpc] if r.state != pb.RPC_SERVER_STATE_RUNNING]
+    rpc_state = rpc_state_name(down[0].state) if down else "running"
+    # The agent's own words for it (a GPU identity mismatch, a crash): placement says them.
+    rpc_error = next((f"rpc-server {r.endpoint or '#' + str(r.index)}: {r.last_exit}" for r in down if r.last_exit), "")
     files = tuple(ModelFileView(m.name, m.size_bytes, m.sha256 if m.state == pb.MODEL_FILE_STATE_READY else "")
                   for m in status.models)
     return NodeView(address, state, rpc_state, rpc.endpoint,
                     rpc.protocol_version or status.build.rpc_protocol_version, tuple(devices), load,
-                    servers, model_files=files)
+                    servers, model_files=files, rpc_error=rpc_error)
 
 
 def rpc_state_name(state: int) -> str:

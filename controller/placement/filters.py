@@ -45,7 +45,12 @@ def ready_nodes(nodes: Sequence[NodeView]) -> FilterResult:
 
 
 def running_rpc_server(nodes: Sequence[NodeView]) -> FilterResult:
-    return _split(nodes, lambda n: None if n.rpc_state == "running" else f"rpc-server is {n.rpc_state}")
+    def why(node: NodeView) -> str | None:
+        if node.rpc_state == "running":
+            return None
+        return f"rpc-server is {node.rpc_state}" + (f" ({node.rpc_error})" if node.rpc_error else "")
+
+    return _split(nodes, why)
 
 
 def protocol_major(coordinator_version: str) -> Filter:

@@ -62,6 +62,8 @@ class NodeView:
     # one (per-device layout): device d is served by slot_servers[d.server].
     slot_servers: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     model_files: tuple[ModelFileView, ...] = field(default_factory=tuple)  # what its models dir holds
+    # Why its first slot is not running, as the agent said (e.g. a GPU identity mismatch).
+    rpc_error: str = ""
 
     def reserving(self, reserved: Mapping[tuple[str, str], int]) -> NodeView:
         """This node with memory already promised to loaded models taken off each device

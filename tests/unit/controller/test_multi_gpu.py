@@ -403,3 +403,19 @@ def test_a_loaded_model_reserves_each_gpu_of_a_per_device_node_only_its_own_shar
     second = make_plan("8b", estimate_memory(read_gguf_header(models[LLAMA_8B.name]), 2048), [left], "7.0.0",
                        busy=busy)
     assert second.fits and second.backends == ["10.0.0.5:50054", "10.0.0.5:50055"], second.reason
+
+
+def test_a_gpu_identity_mismatch_is_the_nodes_error_in_plan_and_nodes(models: dict[str, Path]) -> None:
+    # The agent stopped #1 (slot 0's second GPU) as failed: its banner was not the pinned GPU.
+    why = ("GPU identity: the rpc-server's CUDA0 is a NVIDIA GeForce RTX 4090, but the agent gave it GPU-bbbb "
+           "(bus 00000000:02:00.0: NVIDIA GeForce RTX 3090)")
+    status = per_device_status("10.0.0.5", ["GPU-aaaa", "GPU-bbbb"])
+    status.rpc_servers[1].state = pb.RPC_SERVER_STATE_FAILED
+    status.rpc_servers[1].last_exit = why
+    plan = make_plan("8b", estimate_memory(read_gguf_header(models[LLAMA_8B.name]), 2048),
+                     [node_view("10.0.0.5:50051", "ready", status)], "7.0.0")
+    assert not plan.fits and plan.excluded == {"10.0.0.5:50051": f"rpc-server is failed (rpc-server 10.0.0.5:50053: {why})"}
+    inventory = Inventory(cast(Any, None), cast(Any, None), 1.0, 3.0, clock=lambda: 100.0)
+    inventory._nodes["10.0.0.5:50051"] = NodeRecord("10.0.0.5:50051", status=status, last_heartbeat=100.0)
+    text = "\n".join(render_nodes(json.loads(json.dumps(inventory.describe()))))
+    assert f"rpc-server #1 failed 10.0.0.5:50053: {why}" in text
