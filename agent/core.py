@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,29 +229,33 @@ class Agent:
                 if s.state == RpcState.RUNNING}
 
     def _stage_and_record(self, model: ModelFile, ranges: list[ByteRange], stop: threading.Event,
-                          slot: int | None, serving: tuple[int, int] | None) -> StageResult:
+                          serving: Mapping[int, tuple[int, int] | None]) -> StageResult:
         """Stage under the cache's lock (nothing is evicted meanwhile) and record what the model
-        uses; `serving`: (generation, pid) of the slot's rpc-server when it runs (blocking)."""
+        uses; `serving`: rpc-server index → (generation, pid) of it when it runs (blocking)."""
         with self.rpc_cache.transaction() as state:
             result = stage(model, ranges, self.rpc_cache.cache_dir, self._fnv, stop, hashes=self._stage_hashes,
                            verified=state.verified, references=self.reads_reference_entries)
-            use = None
-            if serving is not None and (started := process_started_ms(serving[1])) is not None:
-                use = SlotUse(model.sha256, serving[0], serving[1], started)
+            uses: dict[int, SlotUse | None] = {}
+            for index, process in serving.items():
+                uses[index] = None
+                if process is not None and (started := process_started_ms(process[1])) is not None:
+                    uses[index] = SlotUse(model.sha256, process[0], process[1], started)
             state.record_stage(model.sha256, model.name, dict(zip(result.entries, result.sizes, strict=True)),
-                               int(time.time() * 1000), slot, use)
+                               int(time.time() * 1000), uses)
             state.corrupt_removed += result.rewritten
         return result
 
     async def stage_tensors(self, sha256: str, ranges: list[ByteRange],
-                            rpc_server_index: int | None = None) -> StageResult:
+                            rpc_server_indexes: Sequence[int] = ()) -> StageResult:
         """Write the rpc tensor cache entries for `ranges` of the model file with `sha256` (see staging.py).
 
-        `rpc_server_index`: the slot whose coordinator will use them; the keeper never evicts
-        them while that rpc-server runs the generation it runs now (rpc_cache.py)."""
+        `rpc_server_indexes`: the rpc-servers whose coordinator will use them (one per GPU of the
+        share with the per-device layout); the keeper never evicts them while one of those runs
+        the generation it runs now and no other model was staged for it since (rpc_cache.py)."""
         check_request(sha256, ranges)
-        if rpc_server_index is not None:
-            self.supervisor_at(rpc_server_index)  # INVALID_ARGUMENT beyond --max-rpc-servers
+        indexes = sorted(set(rpc_server_indexes))
+        for index in indexes:
+            self.supervisor_at(index)  # INVALID_ARGUMENT beyond --max-rpc-servers
         if not self.settings.rpc_cache:
             raise StagingRefused("this agent runs its rpc-servers without the tensor cache (--no-rpc-cache): "
                                  "there is nothing to stage into")
@@ -267,12 +271,11 @@ class Agent:
             if self._stop_staging.is_set():
                 stop.set()
             self._stagings.add(stop)
-            serving = None
-            if rpc_server_index is not None:
-                snap = self.supervisors[rpc_server_index].snapshot()
-                serving = (snap.generation, snap.pid) if snap.state == RpcState.RUNNING else None
-            work = asyncio.ensure_future(asyncio.to_thread(
-                self._stage_and_record, model, ranges, stop, rpc_server_index, serving))
+            serving: dict[int, tuple[int, int] | None] = {}
+            for index in indexes:
+                snap = self.supervisors[index].snapshot()
+                serving[index] = (snap.generation, snap.pid) if snap.state == RpcState.RUNNING else None
+            work = asyncio.ensure_future(asyncio.to_thread(self._stage_and_record, model, ranges, stop, serving))
             try:
                 result = await asyncio.shield(work)
             except asyncio.CancelledError:

@@ -105,11 +105,12 @@ class CacheState:
         return {use.sha256 for index, use in self.slots.items() if alive(index, use)}
 
     def record_stage(self, sha256: str, name: str, entries: Mapping[str, int], now_ms: int,
-                     slot: int | None = None, use: SlotUse | None = None) -> None:
-        """A staging of `sha256` wrote or found `entries`; with a slot it is now that slot's model
-        (`use` None: its rpc-server was not running, so no coordinator can be using it)."""
+                     uses: Mapping[int, SlotUse | None] | None = None) -> None:
+        """A staging of `sha256` wrote or found `entries`; it is now the model of every rpc-server
+        in `uses` (index → the process serving it; None: that rpc-server was not running, so no
+        coordinator can be using it through it). Several with the per-device layout: one per GPU."""
         self.models[sha256] = ModelUse(name, dict(entries), now_ms)
-        if slot is not None:
+        for slot, use in (uses or {}).items():
             if use is None:
                 self.slots.pop(slot, None)
             else:

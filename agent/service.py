@@ -162,8 +162,11 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     async def StageTensors(self, request: pb.StageTensorsRequest, context: grpc.aio.ServicerContext) -> pb.StageTensorsResponse:
         ranges = [ByteRange(r.offset, r.size, r.fnv1a if r.HasField("fnv1a") else None) for r in request.ranges]
         try:
-            index = request.rpc_server_index if request.HasField("rpc_server_index") else None
-            result = await self.agent.stage_tensors(request.sha256, ranges, index)
+            # The union: a controller sets both (rpc_server_index for agents older than the list).
+            indexes = [*request.rpc_server_indexes]
+            if request.HasField("rpc_server_index"):
+                indexes.append(request.rpc_server_index)
+            result = await self.agent.stage_tensors(request.sha256, ranges, indexes)
         except OSError as exc:
             # The disk is full, the file went away mid-read: the controller loads over the network.
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"staging failed: {exc.strerror or exc}")

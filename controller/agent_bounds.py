@@ -3,7 +3,8 @@
 An agent may be compromised, or not an agent at all. Its status decides where model tensors
 go and how much memory placement counts on, so before anything reads it, `bound_status`:
 
-- caps every repeated field at `MAX_ITEMS` (10,000 devices become 64; model files at 1,024) and
+- caps every repeated field at `MAX_ITEMS` (10,000 devices become 64; model files at 1,024,
+  rpc-servers at 1,024: 16 slots of one per GPU for 64 GPUs) and
   every string at `MAX_NAME_CHARS` (`MAX_TEXT_CHARS` for output lines, exit causes and paths);
 - clamps every `*_bytes` field to `MAX_BYTES` and every free/used/available figure to its
   total (proto fields are uint64, so "negative" memory arrives as a number near 2^64);
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from llamafleet.agent.settings import split_host_port
+from llamafleet.agent.settings import MAX_RPC_SERVERS, split_host_port
 from llamafleet.proto.v1 import agent_pb2 as pb
 
 # 1 PiB: 40 times the RAM of the largest single hosts sold today, 5,000 times an H200's memory.
@@ -37,8 +38,11 @@ MAX_ITEMS = 64
 MAX_NAME_CHARS = 256
 MAX_TEXT_CHARS = 1024
 _TEXT_FIELDS = frozenset({"last_exit", "last_output", "recent_output", "path", "models_dir", "error"})
-# Lists longer than MAX_ITEMS by design: an agent indexes up to 1,000 model files (agent/models.py).
-_ITEM_LIMITS = {"models": 1024}
+# Lists longer than MAX_ITEMS by design: an agent indexes up to 1,000 model files (agent/models.py),
+# and with --rpc-layout per-device runs one rpc-server per GPU in each of up to MAX_RPC_SERVERS
+# model slots (8 GPUs × 16 slots is 128 already): as many as MAX_ITEMS GPUs allow.
+MAX_RPC_SERVER_ITEMS = MAX_RPC_SERVERS * MAX_ITEMS
+_ITEM_LIMITS = {"models": 1024, "rpc_servers": MAX_RPC_SERVER_ITEMS}
 # (total, part) pairs: the part can never exceed the total it is part of. Not used_bytes: under
 # --memory-limit an honest agent reports the physical use beside the capped total, and
 # placement never reads it.

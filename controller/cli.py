@@ -86,8 +86,15 @@ def nodes(controller: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(docs, indent=2))
         return
+    click.echo("\n".join(render_nodes(docs)))
+
+
+def render_nodes(docs: list[dict[str, Any]]) -> list[str]:
+    """The `llamafleet nodes` table, from `nodes --json`'s documents."""
+    lines: list[str] = []
+    echo = lines.append
     if not docs:
-        click.echo("no nodes: add one with `llamafleet node add HOST:PORT`")
+        echo("no nodes: add one with `llamafleet node add HOST:PORT`")
     for doc in docs:
         rpc, build = doc.get("rpc_server") or {}, doc.get("build") or {}
         line = f"{doc['address']:<22} {doc['state']:<12}"
@@ -99,33 +106,39 @@ def nodes(controller: str, as_json: bool) -> None:
         if doc.get("error"):
             # A ready node's error is what the controller clamped or refused of its status.
             line += f"  [{doc['error']}]"
-        click.echo(line)
+        echo(line)
+        if rpc and rpc["state"] != "running" and rpc.get("last_exit"):
+            # Why it is down, in the agent's words: a crash, or a GPU that is not the one pinned.
+            echo(f"{'':<24}rpc-server {rpc['state']}: {rpc['last_exit']}")
         for other in (doc.get("rpc_servers") or [])[1:]:
             if other["state"] != "stopped" or other.get("model"):
                 serving = f", serving {other['model']}" if other.get("model") else ""
-                click.echo(f"{'':<24}rpc-server #{other['index']} {other['state']} {other['endpoint']}{serving}")
+                why = f": {other['last_exit']}" if other["state"] != "running" and other.get("last_exit") else ""
+                echo(f"{'':<24}rpc-server #{other['index']} {other['state']} {other['endpoint']}{serving}{why}")
         for device in doc.get("devices") or []:
             gpu = f" {device['uuid']}" if device.get("uuid") else ""
-            click.echo(f"{'':<24}{device['name']}{gpu}: {format_size(device['free_bytes'])} free of "
-                       f"{format_size(device['total_bytes'])}")
+            echo(f"{'':<24}{device['name']}{gpu}: {format_size(device['free_bytes'])} free of "
+                 f"{format_size(device['total_bytes'])}")
         for share in doc.get("gpu_shares") or []:
-            click.echo(f"{'':<24}{share['uuid']} is also advertised by {', '.join(share['shared_with'])}: "
-                       f"{share['how']}; this node's share {format_size(share['total_bytes'])} of "
-                       f"{format_size(share['physical_total_bytes'])}")
+            # What placement counts of a GPU other agents advertise too (controller/gpu_shares.py).
+            echo(f"{'':<24}{share['uuid']} is also advertised by {', '.join(share['shared_with'])}: "
+                 f"{share['how']}; placement counts {format_size(share['total_bytes'])} of its "
+                 f"{format_size(share['physical_total_bytes'])} here ({format_size(share['free_bytes'])} free)")
         if doc.get("rpc_layout") == "per-device":
-            click.echo(f"{'':<24}rpc layout per-device: one rpc-server per GPU per model slot")
+            echo(f"{'':<24}rpc layout per-device: one rpc-server per GPU per model slot")
         for model in doc.get("models") or []:
             digest = f"sha256 {model['sha256'][:12]}" if model["state"] == "ready" else model["state"]
             if model.get("error"):
                 digest += f": {model['error']}"
-            click.echo(f"{'':<24}model {model['name']} ({format_size(int(model['size_bytes']))}, {digest})")
+            echo(f"{'':<24}model {model['name']} ({format_size(int(model['size_bytes']))}, {digest})")
         if doc.get("models_omitted"):
-            click.echo(f"{'':<24}{doc['models_omitted']} more file(s) in {doc['models_dir']} not indexed "
-                       "(over 1,000 files, or a name over 255 characters)")
+            echo(f"{'':<24}{doc['models_omitted']} more file(s) in {doc['models_dir']} not indexed "
+                 "(over 1,000 files, or a name over 255 characters)")
         if (cache := doc.get("rpc_cache")) and cache["cache_dir"]:
-            click.echo(f"{'':<24}rpc cache {summary_line(cache)}")
+            echo(f"{'':<24}rpc cache {summary_line(cache)}")
         for part in doc.get("pulling") or []:
-            click.echo(f"{'':<24}pulling {part['model']} as {part['name']}: {_share(part)}")
+            echo(f"{'':<24}pulling {part['model']} as {part['name']}: {_share(part)}")
+    return lines
 
 
 def _share(part: dict[str, Any]) -> str:

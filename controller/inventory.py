@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,13 +108,15 @@ def node_view(address: str, state: str, status: pb.AgentStatus | None, load: int
                 devices.append(DeviceView(device.name, min(device.total_bytes, cap or device.total_bytes),
                                           min(device.free_bytes, cap or device.free_bytes), "", position))
     # The node runs when every rpc-server of its first slot does (one is one GPU of it).
-    states = [rpc_state_name(r.state) for r in first_slot] or [rpc_state_name(rpc.state)]
-    rpc_state = next((s for s in states if s != "running"), "running")
+    down = [r for r in first_slot or [rpc] if r.state != pb.RPC_SERVER_STATE_RUNNING]
+    rpc_state = rpc_state_name(down[0].state) if down else "running"
+    # The agent's own words for it (a GPU identity mismatch, a crash): placement says them.
+    rpc_error = next((f"rpc-server {r.endpoint or '#' + str(r.index)}: {r.last_exit}" for r in down if r.last_exit), "")
     files = tuple(ModelFileView(m.name, m.size_bytes, m.sha256 if m.state == pb.MODEL_FILE_STATE_READY else "")
                   for m in status.models)
     return NodeView(address, state, rpc_state, rpc.endpoint,
                     rpc.protocol_version or status.build.rpc_protocol_version, tuple(devices), load,
-                    servers, model_files=files)
+                    servers, model_files=files, rpc_error=rpc_error)
 
 
 def rpc_state_name(state: int) -> str:
@@ -319,6 +321,15 @@ class Inventory:
         record = self._nodes.get(address)
         return rpc_server_at(record.status, endpoint) if record is not None and record.status else None
 
+    def model_slot(self, address: str, index: int) -> int:
+        """Which model slot rpc-server #`index` of a node serves in: its index with the shared
+        layout (and for agents from before the layouts), `index // GPUs` with per-device."""
+        record = self._nodes.get(address)
+        if record is None or record.status is None or not record.status.rpc_layout:
+            return index
+        rpc = next((r for r in rpc_servers(record.status) if r.index == index), None)
+        return rpc.slot if rpc is not None else index
+
     async def set_rpc_server(self, address: str, index: int, running: bool, timeout_s: float = 45.0) -> pb.RpcServerStatus:
         """Start or stop one of a node's rpc-servers; answers once the agent says it settled."""
         if running:
@@ -354,15 +365,19 @@ class Inventory:
         return self._target(address).token
 
     async def stage_tensors(self, address: str, sha256: str, ranges: list[tuple[int, int]],
-                            timeout_s: float, rpc_server_index: int | None = None,
+                            timeout_s: float, rpc_server_indexes: Sequence[int] = (),
                             known: Mapping[tuple[int, int], int] | None = None) -> pb.StageTensorsResponse:
         """Ask a node's agent to write the rpc cache entries of (offset, size) ranges of its copy of a
-        model; `rpc_server_index`: the slot whose coordinator uses them (kept from eviction meanwhile);
-        `known`: the FNV-1a of ranges the controller computed already (the agent then need not read them)."""
+        model; `rpc_server_indexes`: the node's rpc-servers whose coordinator uses them (kept from
+        eviction meanwhile; one per GPU with the per-device layout); `known`: the FNV-1a of ranges
+        the controller computed already (the agent then need not read them)."""
         known = known or {}
+        indexes = sorted(set(rpc_server_indexes))
         request = pb.StageTensorsRequest(sha256=sha256, ranges=[
             pb.ByteRange(offset=o, size=n, fnv1a=known[(o, n)]) if (o, n) in known else pb.ByteRange(offset=o, size=n)
-            for o, n in ranges], rpc_server_index=rpc_server_index)
+            for o, n in ranges], rpc_server_index=indexes[0] if indexes else None,
+            # An agent older than the list reads only the first: that rpc-server stays protected.
+            rpc_server_indexes=indexes)
         reply: pb.StageTensorsResponse = await self._call(address, "StageTensors", request, timeout_s)
         return reply
 

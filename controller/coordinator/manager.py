@@ -34,6 +34,7 @@ from llamafleet.controller.coordinator.reachability import RpcReachability
 from llamafleet.controller.gateway.fairness import FairQueue
 from llamafleet.controller.inventory import Inventory, rpc_server_at, rpc_state_name
 from llamafleet.controller.models import ResolvedModel, parse_model_name
+from llamafleet.controller.placement.nodes import device_key
 from llamafleet.controller.placement.plan import DeviceAssignment, Plan
 from llamafleet.controller.planner import Planner, plan_to_json
 from llamafleet.controller.prestage import node_ranges
@@ -64,7 +65,9 @@ def assignment_doc(a: DeviceAssignment) -> dict[str, Any]:
     """Where one device's share of a model sits, as `ps --json`, events and the dashboard show it."""
     return {"node": a.node, "endpoint": a.endpoint, "device": a.device, "first_layer": a.first_layer,
             "layer_count": a.layer_count, "total_bytes": a.total_bytes, "output": bool(a.output_bytes),
-            "rpc_index": a.rpc_index}
+            "rpc_index": a.rpc_index,
+            # Which GPU: with --rpc-layout per-device every GPU is its own rpc-server's CUDA0.
+            "uuid": a.uuid}
 
 
 def canonical(model: str) -> str:
@@ -195,7 +198,8 @@ class CoordinatorManager:
             if model == excluding:
                 continue
             for a in plan.assignments:
-                reserved[(a.node, a.device)] = reserved.get((a.node, a.device), 0) + a.total_bytes
+                key = (a.node, device_key(a.device, a.uuid))
+                reserved[key] = reserved.get(key, 0) + a.total_bytes
             for a in plan.remote_assignments:
                 busy[a.endpoint] = model
             for node in {a.node for a in plan.assignments}:
@@ -339,8 +343,12 @@ class CoordinatorManager:
         # The coordinator's own node reads its share from its file: nothing to stage there.
         nodes = [node for node in plan.holders if ranges.get(node) and node != plan.coordinator]
         # Which of its rpc-servers each node's share is for: the agent keeps those entries from
-        # eviction while that rpc-server serves the coordinator about to start.
-        slots = {a.node: a.rpc_index for a in plan.remote_assignments}
+        # eviction while they serve the coordinator about to start. With the per-device layout a
+        # node serves its GPUs through one rpc-server each, so a node may name several.
+        slots: dict[str, list[int]] = {}
+        for a in plan.remote_assignments:
+            if a.rpc_index not in slots.setdefault(a.node, []):
+                slots[a.node].append(a.rpc_index)
         done = await asyncio.gather(*(self._stage_node(model, node, sha, ranges[node], slots[node], known)
                                       for node in nodes))
         results = dict(zip(nodes, done, strict=True))
@@ -348,9 +356,9 @@ class CoordinatorManager:
                                   "seconds": round(time.monotonic() - started, 3), "nodes": results}
 
     async def _stage_node(self, model: str, node: str, sha: str, ranges: list[tuple[int, int]],
-                          rpc_index: int, known: Mapping[tuple[int, int], int] | None = None) -> dict[str, Any]:
+                          rpc_indexes: list[int], known: Mapping[tuple[int, int], int] | None = None) -> dict[str, Any]:
         try:
-            reply = await self.inventory.stage_tensors(node, sha, ranges, STAGE_TIMEOUT_S, rpc_index, known)
+            reply = await self.inventory.stage_tensors(node, sha, ranges, STAGE_TIMEOUT_S, rpc_indexes, known)
         except LlamafleetError as exc:
             log.warning("pre-staging %s on %s failed; its share goes over the network: %s", model, node, exc.message)
             self.runtime.events("stage.failed", node, f"pre-staging {model} failed: {exc.message}", model=model)
@@ -434,7 +442,9 @@ class CoordinatorManager:
         self._stop_later({(a.node, a.rpc_index, a.endpoint) for a in plan.remote_assignments}, model)
 
     def _stop_later(self, slots: set[tuple[str, int, str]], model: str) -> None:
-        slots = {slot for slot in slots if slot[1] > 0}  # the first is the agent's own
+        # Slot 0 is the agent's own: it starts them with itself and keeps them. With the
+        # per-device layout that is rpc-servers #0 … #GPUs-1, not just #0.
+        slots = {slot for slot in slots if self.inventory.model_slot(slot[0], slot[1]) > 0}
         if not slots:
             return
         task = asyncio.create_task(self._stop_when_idle(slots), name=f"stop idle rpc-servers of {model}")

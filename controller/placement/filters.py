@@ -45,7 +45,12 @@ def ready_nodes(nodes: Sequence[NodeView]) -> FilterResult:
 
 
 def running_rpc_server(nodes: Sequence[NodeView]) -> FilterResult:
-    return _split(nodes, lambda n: None if n.rpc_state == "running" else f"rpc-server is {n.rpc_state}")
+    def why(node: NodeView) -> str | None:
+        if node.rpc_state == "running":
+            return None
+        return f"rpc-server is {node.rpc_state}" + (f" ({node.rpc_error})" if node.rpc_error else "")
+
+    return _split(nodes, why)
 
 
 def protocol_major(coordinator_version: str) -> Filter:
@@ -108,7 +113,11 @@ def _slots(node: NodeView) -> list[tuple[int, list[RpcServerView]]]:
     by_slot: dict[int, list[RpcServerView]] = {}
     for server in sorted(servers, key=lambda s: s.index):
         by_slot.setdefault(server.model_slot, []).append(server)
-    return sorted(by_slot.items())
+    # Every slot has as many rpc-servers as the first, whose devices placement splits over; one
+    # with fewer (a list cut short by agent_bounds, which the node's error says) would put two
+    # GPUs' layers on one rpc-server that serves only one of them, so it is never offered.
+    size = len(by_slot.get(0, ()))
+    return sorted((number, group) for number, group in by_slot.items() if not size or len(group) == size)
 
 
 def _on_slot(node: NodeView, group: list[RpcServerView], booked: tuple[int, ...]) -> NodeView:

@@ -6,6 +6,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 
+def device_key(name: str, uuid: str) -> str:
+    """What tells a node's devices apart: the GPU's UUID when known, else the rpc-server's name.
+    Not the name alone: with --rpc-layout per-device every GPU is its own process's CUDA0."""
+    return uuid or name
+
+
 @dataclass(frozen=True)
 class DeviceView:
     name: str  # as the rpc-server names it: CUDA0, CPU, …
@@ -56,15 +62,19 @@ class NodeView:
     # one (per-device layout): device d is served by slot_servers[d.server].
     slot_servers: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     model_files: tuple[ModelFileView, ...] = field(default_factory=tuple)  # what its models dir holds
+    # Why its first slot is not running, as the agent said (e.g. a GPU identity mismatch).
+    rpc_error: str = ""
 
     def reserving(self, reserved: Mapping[tuple[str, str], int]) -> NodeView:
-        """This node with memory already promised to loaded models taken off each device.
+        """This node with memory already promised to loaded models taken off each device
+        (`reserved`: bytes by (address, device_key)).
 
         Free is the smaller of what the agent reports and total minus what we placed here: the
         report lags a fresh load by a heartbeat, and a capped CPU device never shows our use.
         """
         devices = tuple(
-            replace(d, free_bytes=max(min(d.free_bytes, d.total_bytes - reserved.get((self.address, d.name), 0)), 0))
+            replace(d, free_bytes=max(min(d.free_bytes,
+                                          d.total_bytes - reserved.get((self.address, device_key(d.name, d.uuid)), 0)), 0))
             for d in self.devices
         )
         return replace(self, devices=devices)

@@ -452,14 +452,16 @@ class ByteRange(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., size: _Optional[int] = ..., fnv1a: _Optional[int] = ...) -> None: ...
 
 class StageTensorsRequest(_message.Message):
-    __slots__ = ("sha256", "ranges", "rpc_server_index")
+    __slots__ = ("sha256", "ranges", "rpc_server_index", "rpc_server_indexes")
     SHA256_FIELD_NUMBER: _ClassVar[int]
     RANGES_FIELD_NUMBER: _ClassVar[int]
     RPC_SERVER_INDEX_FIELD_NUMBER: _ClassVar[int]
+    RPC_SERVER_INDEXES_FIELD_NUMBER: _ClassVar[int]
     sha256: str
     ranges: _containers.RepeatedCompositeFieldContainer[ByteRange]
     rpc_server_index: int
-    def __init__(self, sha256: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ..., rpc_server_index: _Optional[int] = ...) -> None: ...
+    rpc_server_indexes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, sha256: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ..., rpc_server_index: _Optional[int] = ..., rpc_server_indexes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StageTensorsResponse(_message.Message):
     __slots__ = ("staged", "present", "skipped_small", "bytes_written", "seconds", "rewritten", "entries", "cached_bytes", "referenced")

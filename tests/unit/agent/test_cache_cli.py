@@ -50,8 +50,8 @@ def filled(tmp_path: Path, fnv: Fnv1a) -> dict[str, Path]:
     me = psutil.Process()
     with cache.transaction() as state:
         state.record_stage(IDLE, "idle-model", {files["idle1"].name: 3000, files["idle2"].name: 3000}, 1_000)
-        state.record_stage(SERVED, "served-model", {files["served"].name: 3000}, 500, slot=1,
-                           use=SlotUse(SERVED, 2, me.pid, int(me.create_time() * 1000)))
+        state.record_stage(SERVED, "served-model", {files["served"].name: 3000}, 500, uses={
+                           1: SlotUse(SERVED, 2, me.pid, int(me.create_time() * 1000))})
         stat = files["idle1"].stat()
         state.verified[files["idle1"].name] = (stat.st_size, stat.st_mtime_ns)
     return files

@@ -46,7 +46,7 @@ def test_a_pass_evicts_to_the_cap_and_removes_a_corrupt_entry(tmp_path: Path, fn
     corrupt = old_entry(cache, os.urandom(1000), fnv, name="0" * 16)
     with cache.transaction() as state:
         state.record_stage("aa" * 32, "idle", {idle.name: 1000}, 1)
-        state.record_stage("bb" * 32, "served", {served.name: 1000}, 0, slot=1, use=SlotUse("bb" * 32, 7, 4242, 0))
+        state.record_stage("bb" * 32, "served", {served.name: 1000}, 0, uses={1: SlotUse("bb" * 32, 7, 4242, 0)})
     running = {1: (7, 4242)}  # slot 1 still runs the generation it was staged for
     changes: list[int] = []
     keeper = CacheKeeper(cache, fnv, 2000, 600.0, lambda: running, on_change=lambda: changes.append(1))

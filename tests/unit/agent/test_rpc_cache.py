@@ -195,7 +195,7 @@ def test_a_model_in_use_by_a_running_process_is_kept_by_the_command_line_check(c
     started = int(me.create_time() * 1000)
     entry = write_entry(cache, fnv, os.urandom(1000))
     with cache.transaction() as state:
-        state.record_stage(SHA_A, "served", {entry.name: 1000}, 0, slot=1, use=SlotUse(SHA_A, 3, me.pid, started))
+        state.record_stage(SHA_A, "served", {entry.name: 1000}, 0, uses={1: SlotUse(SHA_A, 3, me.pid, started)})
     assert process_alive(1, SlotUse(SHA_A, 3, me.pid, started))
     assert not process_alive(1, SlotUse(SHA_A, 3, me.pid, started - 60_000))  # the pid, reused later
     report = cache.enforce(1, process_alive)
@@ -206,16 +206,34 @@ def test_a_model_in_use_by_a_running_process_is_kept_by_the_command_line_check(c
 def test_a_slot_staged_again_frees_the_model_it_served(cache: RpcCache, fnv: Fnv1a) -> None:
     first, second = write_entry(cache, fnv, os.urandom(1000)), write_entry(cache, fnv, os.urandom(1000))
     with cache.transaction() as state:
-        state.record_stage(SHA_A, "first", {first.name: 1000}, 0, slot=0, use=SlotUse(SHA_A, 1, 10, 0))
-        state.record_stage(SHA_B, "second", {second.name: 1000}, 5, slot=0, use=SlotUse(SHA_B, 1, 10, 0))
+        state.record_stage(SHA_A, "first", {first.name: 1000}, 0, uses={0: SlotUse(SHA_A, 1, 10, 0)})
+        state.record_stage(SHA_B, "second", {second.name: 1000}, 5, uses={0: SlotUse(SHA_B, 1, 10, 0)})
     report = cache.enforce(1000, lambda index, use: True)
     assert [r.entry.name for r in report.removed] == [first.name]
+
+
+def test_a_model_staged_for_every_rpc_server_of_a_per_device_slot_is_kept_while_any_serves(
+        cache: RpcCache, fnv: Fnv1a) -> None:
+    # --rpc-layout per-device: slot 0 is rpc-servers #0 and #1, one per GPU. Model B was staged
+    # for #0 alone before; model A now for both.
+    a, b = write_entry(cache, fnv, os.urandom(1000)), write_entry(cache, fnv, os.urandom(1000))
+    with cache.transaction() as state:
+        state.record_stage(SHA_B, "b", {b.name: 1000}, 0, uses={0: SlotUse(SHA_B, 1, 10, 0)})
+        state.record_stage(SHA_A, "a", {a.name: 1000}, 5, uses={0: SlotUse(SHA_A, 1, 10, 0), 1: SlotUse(SHA_A, 1, 11, 0)})
+        assert state.in_use(lambda index, use: True) == {SHA_A}  # #0 moved on from B
+    # #1 restarted (its generation changed): A is still served through #0, and stays.
+    report = cache.enforce(1000, lambda index, use: index == 0)
+    assert [r.entry.name for r in report.removed] == [b.name] and a.exists()
+    # A rpc-server that was not running when staged holds nothing: only the running one protects.
+    with cache.transaction() as state:
+        state.record_stage(SHA_B, "b", {}, 9, uses={0: None, 1: SlotUse(SHA_B, 2, 12, 0)})
+        assert 0 not in state.slots and state.in_use(lambda index, use: True) == {SHA_B}
 
 
 def test_the_record_survives_a_restart_and_a_damaged_one_is_ignored(cache: RpcCache,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     with cache.transaction() as state:
-        state.record_stage(SHA_A, "m", {"1" * 16: 5}, 7, slot=2, use=SlotUse(SHA_A, 4, 99, 123))
+        state.record_stage(SHA_A, "m", {"1" * 16: 5}, 7, uses={2: SlotUse(SHA_A, 4, 99, 123)})
         state.verified["1" * 16] = (5, 6)
         state.corrupt_removed = 3
     again = cache.read()

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
-from llamafleet.controller.agent_bounds import MAX_BYTES, MAX_ITEMS, MAX_NAME_CHARS, address_ips, bound_status
+from llamafleet.controller.agent_bounds import (
+    MAX_BYTES,
+    MAX_ITEMS,
+    MAX_NAME_CHARS,
+    MAX_RPC_SERVER_ITEMS,
+    address_ips,
+    bound_status,
+)
 from llamafleet.proto.v1 import agent_pb2 as pb
 
 ADDRESS = "127.0.0.5:50051"
@@ -129,3 +136,32 @@ def test_an_agent_with_hundreds_of_model_files_keeps_them_all_and_its_rpc_server
     refused = bound_status(lying, ADDRESS, OWN)
     assert refused.refused and refused.status.rpc_servers[1].endpoint == ""
     assert refused.status.rpc_servers[1].state == pb.RPC_SERVER_STATE_FAILED
+
+
+def per_device(gpus: int, slots: int) -> pb.AgentStatus:
+    """An honest agent with --rpc-layout per-device: one rpc-server per GPU in each model slot."""
+    servers = [pb.RpcServerStatus(index=i, slot=i // gpus, state=pb.RPC_SERVER_STATE_RUNNING,
+                                  endpoint=f"127.0.0.5:{50052 + i}", protocol_version="7.0.0",
+                                  devices=[pb.RpcDevice(name="CUDA0", total_bytes=80 * 2**30, free_bytes=79 * 2**30,
+                                                        uuid=f"GPU-{i % gpus:04x}")])
+               for i in range(gpus * slots)]
+    gpu_devices = [pb.Device(kind=pb.DEVICE_KIND_GPU, index=g, name="NVIDIA H100 80GB HBM3", uuid=f"GPU-{g:04x}",
+                             total_bytes=80 * 2**30, free_bytes=79 * 2**30) for g in range(gpus)]
+    return pb.AgentStatus(rpc_server=servers[0], rpc_servers=servers, devices=gpu_devices, rpc_layout="per-device")
+
+
+def test_an_eight_gpu_per_device_host_with_sixteen_slots_keeps_all_128_rpc_servers() -> None:
+    honest = per_device(8, 16)
+    bounded = bound_status(honest, ADDRESS, OWN)
+    assert bounded.status == honest and bounded.reason == ""
+
+
+def test_the_largest_honest_host_fits_and_a_longer_list_is_cut_and_said() -> None:
+    # 64 GPUs (the device cap) × 16 slots (--max-rpc-servers at most) is the most an agent runs.
+    assert bound_status(per_device(MAX_ITEMS, 16), ADDRESS, OWN).reason == ""
+    too_many = per_device(MAX_ITEMS + 1, 16)
+    bounded = bound_status(too_many, ADDRESS, OWN)
+    assert len(bounded.status.rpc_servers) == MAX_RPC_SERVER_ITEMS == 1024
+    assert len(bounded.status.devices) == MAX_ITEMS
+    assert bounded.reason == ("agent status clamped: AgentStatus.devices: 65 reported, kept 64; "
+                              "AgentStatus.rpc_servers: 1040 reported, kept 1024")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -22,13 +23,13 @@ SHA = "ab" * 32
 class FakeInventory:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, list[tuple[int, int]]]] = []
-        self.slots: dict[str, int | None] = {}
+        self.slots: dict[str, object] = {}
 
     async def stage_tensors(self, address: str, sha256: str, ranges: list[tuple[int, int]],
-                            timeout_s: float, rpc_server_index: int | None = None,
+                            timeout_s: float, rpc_server_indexes: Sequence[int] = (),
                             known: object = None) -> pb.StageTensorsResponse:
         self.calls.append((address, sha256, ranges))
-        self.slots[address] = rpc_server_index
+        self.slots[address] = rpc_server_indexes
         if address == "broken":
             raise AgentCallError("agent at broken: FAILED_PRECONDITION: no C compiler")
         return pb.StageTensorsResponse(staged=1, bytes_written=100, cached_bytes=100, seconds=0.5)
@@ -78,4 +79,15 @@ def test_nothing_is_asked_while_the_sha256_is_unknown() -> None:
 def test_each_holder_is_told_which_of_its_rpc_servers_the_share_is_for() -> None:
     made, inventory, _ = manager(SHA)
     asyncio.run(made._prestage("m", RESOLVED, plan(["ok", "broken"])))
-    assert inventory.slots == {"ok": 2, "broken": 0}
+    assert inventory.slots == {"ok": [2], "broken": [0]}
+
+
+def test_a_per_device_node_names_every_rpc_server_of_its_share() -> None:
+    # --rpc-layout per-device: node "ok" serves its two GPUs through rpc-servers #2 and #3 (its
+    # slot 1), "broken" its one GPU through #0. Each of them keeps the entries from eviction.
+    made, inventory, _ = manager(SHA)
+    assignments = [DeviceAssignment(n, f"{n}:{50052 + index}", "CUDA0", i, 1, 0, 0, 0, 0, 0, rpc_index=index)
+                   for i, (n, index) in enumerate((("ok", 2), ("ok", 3), ("broken", 0)))]
+    asyncio.run(made._prestage("m", RESOLVED, Plan("m", cast(Any, None), True, assignments, holders=["ok", "broken"])))
+    assert inventory.slots == {"ok": [2, 3], "broken": [0]}
+    assert [c[0] for c in inventory.calls].count("ok") == 1  # one staging of the node's whole share
