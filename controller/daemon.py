@@ -47,6 +47,7 @@ from llamafleet.controller.store import Store
 from llamafleet.controller.tensor_hashes import TensorHashes
 from llamafleet.controller.web import (
     HttpKeys,
+    cancel_when_client_gone,
     count_requests,
     errors_as_json,
     guard,
@@ -164,7 +165,8 @@ def make_app(settings: ControllerSettings, keys: HttpKeys, inventory: Inventory,
              manager: CoordinatorManager, router: Router, dispatcher: Dispatcher, events: EventLog,
              metrics: ControllerMetrics, credentials: Credentials, pulls: PullManager) -> web.Application:
     # The guard is always there: with no key configured at all, control routes still need loopback.
-    middlewares = [count_requests(metrics), cors.preflights(keys.origins), guard(keys, events.record), errors_as_json]
+    middlewares = [count_requests(metrics), cors.preflights(keys.origins), guard(keys, events.record), errors_as_json,
+                   cancel_when_client_gone]
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_request_bytes)
     app.on_response_prepare.append(cors.allow_origin_header(keys.origins))
     app.add_routes(make_routes(inventory, planner, manager, router, events, metrics, credentials, pulls))
