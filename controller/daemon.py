@@ -270,7 +270,8 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR2, _log_tasks)
     notifier.ready(status_line(settings, inventory))
-    pinger = asyncio.create_task(_keep_systemd_informed(settings, inventory, notifier))
+    pinger = Supervised("systemd notifier", lambda: _keep_systemd_informed(settings, inventory, notifier),
+                        restart=RETRY_FOREVER, events=events.record, subject="controller")
     try:
         await stop.wait()
         notifier.stopping()

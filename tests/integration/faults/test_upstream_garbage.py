@@ -6,7 +6,8 @@ event, a list where an object belongs, a wrong type, invalid UTF-8, a body that 
 final chunk or is cut mid-way, a coordinator that hangs) is the point, and only a fake does it
 on purpose. Each mode is tried with the official ollama and openai clients and with raw HTTP,
 streaming and not. A stream that already began must end with the API's error line (no `done`,
-no `[DONE]`); an answer not yet begun is a JSON 502. A hung coordinator is the client's timeout,
+no `[DONE]`); an answer not yet begun is a JSON 502 (a 503 once a coordinator that cut its answers
+was restarted for it too often in a row). A hung coordinator is the client's timeout,
 after which the slot is free again (`--parallel 1`: a slot held for the gone client would block
 the next request).
 
@@ -148,7 +149,8 @@ def _post(conn: http.client.HTTPConnection, path: str, body: dict[str, Any]) -> 
     reply = conn.getresponse()
     if reply.status != 200:
         raw = reply.read()
-        assert reply.status == 502, (reply.status, raw)
+        # 502: what the coordinator sent was wrong; 503: it was restarted for it, and failed again.
+        assert reply.status in (502, 503), (reply.status, raw)
         assert reply.getheader("Content-Type", "").startswith("application/json"), raw
         doc = json.loads(raw)
         error = doc["error"]["message"] if path.startswith("/v1/") else doc["error"]
@@ -207,9 +209,9 @@ def test_every_misbehaviour_is_a_clear_error_for_every_client(fleet: Fleet, name
         except CLEAR_ERRORS as exc:
             message = str(exc)
             if isinstance(exc, ollama.ResponseError) and not stream:
-                assert exc.status_code == 502, (mode, exc.status_code, message)
+                assert exc.status_code in (502, 503), (mode, exc.status_code, message)
             if isinstance(exc, openai.APIStatusError):
-                assert exc.status_code == 502, (mode, exc.status_code, message)
+                assert exc.status_code in (502, 503), (mode, exc.status_code, message)
             assert message and "Traceback" not in message, (mode, message)
         except AssertionError as exc:
             badly.append(f"{mode}: {exc}")
