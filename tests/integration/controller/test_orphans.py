@@ -58,8 +58,8 @@ def ask_and_wait(fleet: Fleet, body: dict[str, Any]) -> socket.socket:
     assert parsed.hostname is not None and parsed.port is not None
     conn = socket.create_connection((parsed.hostname, parsed.port), timeout=30)
     raw = json.dumps(body).encode()
-    conn.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))
+    conn.sendall(b"POST /api/generate HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (parsed.netloc.encode(), len(raw), raw))
     return conn
 
 
