@@ -17,8 +17,8 @@ pytestmark = pytest.mark.integration
 # with two busy processes beside it; only with five sessions building and testing at once (load 9)
 # did one run pass 50 ms (50 and 58 ms). What the quiet and the busy machine do not show is the
 # machine's load, not a blocking call of ours, so 50 ms here would fail by the neighbours. The
-# bound is twice the target, for a loaded 2-core machine: the defects this catches were 1.5 s (the build's version
-# probe on the loop) and ~0.1 s per header read.
+# bound is twice the target, for a loaded 2-core machine: the defects this catches were 1.5 s
+# (the build's version probe on the loop) and ~0.1 s per header read.
 MAX_STALL_S = 0.1
 
 
