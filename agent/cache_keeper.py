@@ -7,7 +7,7 @@ ones, and what rpc-servers wrote from the network) and remove those whose conten
 to their name. Everything it removes is logged with why; the summary is the status's
 `rpc_cache`.
 
-Supervised: a pass that fails is logged with its traceback and reported in the summary's
+Supervised: a pass that fails is logged (with its traceback, once per cause) and reported in the summary's
 `error`, and the loop waits before the next pass (never a hot loop, never a silent end). The
 disk work runs in threads; `stop()` makes a verification give up between chunks.
 """
@@ -32,6 +32,7 @@ from llamafleet.agent.rpc_cache import (
     effective_cap,
 )
 from llamafleet.common.units import format_size
+from llamafleet.common.supervised import describe_exception
 
 log = logging.getLogger(__name__)
 # After a failed pass the next waits this long (or the interval, if shorter, but never under
@@ -122,15 +123,23 @@ class CacheKeeper:
 
     async def run(self) -> None:
         """Until cancelled (or stopped): a pass, then wait for a kick or the interval."""
+        last_cause = ""
         while not self._stop.is_set():
             failed = False
             try:
                 await self.check()
+                last_cause = ""
             except CacheWorkStopped:
                 return
             except Exception as exc:  # noqa: BLE001 - the keeper outlives its own failures: logged, reported, retried
                 failed = True
-                log.exception("rpc cache keeper pass failed; next try in %.0f s", self._retry_s)
+                cause = describe_exception(exc)
+                if cause != last_cause:
+                    log.exception("rpc cache keeper pass failed; next try in %.0f s", self._retry_s)
+                else:
+                    # The same cause again: its traceback is in the log already.
+                    log.error("rpc cache keeper pass failed again: %s; next try in %.0f s", cause, self._retry_s)
+                last_cause = cause
                 self._publish(dataclasses.replace(self._summary, error=f"keeper pass failed: {exc!r}"[:500]))
             if failed:
                 await asyncio.sleep(self._retry_s)

@@ -8,7 +8,6 @@ only while the supervisor's loop is turning; STATUS= one line on every change; S
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import time
@@ -23,6 +22,7 @@ from llamafleet.agent.settings import AgentSettings
 from llamafleet.agent.supervisor import TICK_S
 from llamafleet.common.agent_client import read_token_file
 from llamafleet.common.errors import LlamafleetError
+from llamafleet.common.supervised import RETRY_FOREVER, Supervised
 from llamafleet.common.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,30 @@ async def _keep_systemd_informed(agent: Agent, notifier: Notifier) -> None:
             log.error("a supervisor loop has not turned for %.1f s: withholding the watchdog ping", stale_s)
 
 
+# A long-lived task of the agent that raised what nobody expected runs again after this back-off:
+# logged once with its traceback, shown in its state (an rpc-server's `last_exit`), never a hot loop.
+BACKGROUND_RESTART = RETRY_FOREVER
+
+
+def supervise_background(agent: Agent, settings: AgentSettings, join_token: str, keyring: Keyring,
+                         notifier: Notifier) -> list[Supervised]:
+    """Start the agent's long-lived coroutines, each in a `Supervised` (common/supervised.py)."""
+    tasks = [Supervised(f"rpc-server #{i} supervisor", s.run, on_failure=s.loop_failed, restart=BACKGROUND_RESTART)
+             for i, s in enumerate(agent.supervisors)]
+    # The watchdog is fed from the start: systemd may count it before READY=1.
+    tasks.append(Supervised("systemd notifier", lambda: _keep_systemd_informed(agent, notifier),
+                            restart=BACKGROUND_RESTART))
+    tasks.append(Supervised("join", lambda: _join_when_needed(settings, join_token, keyring, agent.node),
+                            restart=BACKGROUND_RESTART))
+    if agent.models is not None:
+        # The model store's rescans and hashes run beside the supervisors (its threads stop with it).
+        tasks.append(Supervised("models dir", agent.models.run, restart=BACKGROUND_RESTART))
+    if agent.cache_keeper is not None:
+        # Verifies and bounds the rpc tensor cache; it reports a failed pass in its summary.
+        tasks.append(Supervised("rpc cache keeper", agent.cache_keeper.run, restart=BACKGROUND_RESTART))
+    return tasks
+
+
 async def serve(settings: AgentSettings, notifier: Notifier | None = None) -> None:
     notifier = notifier or Notifier()
     state = settings.state_path
@@ -116,27 +140,14 @@ async def serve(settings: AgentSettings, notifier: Notifier | None = None) -> No
         gpu_uuids=agent.gpu_uuids, secrets=keyring.held, on_change=agent.changes.bump)
     await agent.coordinators.open()
     server, port = await start_server(agent, settings, keyring)
-    joining = asyncio.create_task(_join_when_needed(settings, join_token, keyring, agent.node), name="join")
     metrics = await start_metrics_server(agent.snapshot, settings.metrics_listen) if settings.metrics_listen else None
     log.info("agent %s listening on %s (port %d); rpc-server endpoint %s",
              agent.node.node_id, settings.listen, port, settings.rpc_endpoint)
-    supervisor_tasks = [asyncio.create_task(s.run(), name=f"rpc-server #{i} supervisor")
-                        for i, s in enumerate(agent.supervisors)]
-    # The model store's rescans and hashes run beside the supervisors (its threads stop with it).
-    background = [asyncio.create_task(agent.models.run(), name="models dir")] if agent.models else []
-    if agent.cache_keeper is not None:
-        # Verifies and bounds the rpc tensor cache; it logs and retries its own failures.
-        background.append(asyncio.create_task(agent.cache_keeper.run(), name="rpc cache keeper"))
+    tasks = supervise_background(agent, settings, join_token, keyring, notifier)
     stop = asyncio.Event()
-    # A supervisor, the model store or the cache keeper only ends when cancelled; if one dies of
-    # a bug, the agent must not linger half alive (it exits with the error, and systemd restarts it).
-    for task in (*supervisor_tasks, *background):
-        task.add_done_callback(lambda task: None if task.cancelled() else stop.set())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # The watchdog is fed from the start: systemd may count it before READY=1.
-    informer = asyncio.create_task(_keep_systemd_informed(agent, notifier))
     try:
         # A stop during a slow start-up is honoured at once, not after the rpc-server settles.
         stopped = asyncio.ensure_future(stop.wait())
@@ -150,16 +161,9 @@ async def serve(settings: AgentSettings, notifier: Notifier | None = None) -> No
         notifier.stopping()
     finally:
         agent.stop_threads()  # a staging or pull thread would otherwise read and write until it is done
-        for task in (informer, joining, *background, *supervisor_tasks):
-            task.cancel()
-        for task in (informer, joining, *background, *supervisor_tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                # Cancellation is how these tasks are asked to end (the rpc-servers stop together).
-                await task
+        # Cancellation is how these tasks are asked to end (the rpc-servers stop together).
+        await asyncio.gather(*(task.stop() for task in tasks))
         await agent.coordinators.close()  # its llama-servers go before the gRPC server that reports them
         await server.stop(grace=1.0)
         if metrics is not None:
             await metrics.cleanup()
-    for task in (*supervisor_tasks, *background):
-        if not task.cancelled() and (error := task.exception()) is not None:
-            raise error

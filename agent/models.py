@@ -198,5 +198,7 @@ class ModelIndex:
                     # E.g. the cache cannot be written (disk full): say so, keep serving, retry.
                     log.warning("models dir %s: %s", self.root, exc)
                 await asyncio.sleep(self.rescan_s)
-        finally:
+        except asyncio.CancelledError:
+            # Stopped: a hash in its thread gives up. Not on a failure: run again (supervised), it hashes on.
             self._stop.set()
+            raise

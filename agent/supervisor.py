@@ -34,12 +34,16 @@ from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.llamacpp.banner import BannerDevice, RpcBanner
 from llamafleet.common.process import describe_exit, spawn_group_async, stop_group_async
 from llamafleet.common.restart import RestartPolicy
+from llamafleet.common.supervised import Supervised, TaskFailure
 
 log = logging.getLogger(__name__)
 # How often the loop wakes when nothing happens: bounds watchdog staleness and poll latency.
 TICK_S = 0.25
 READY_POLL_S = 0.05
 OUTPUT_LINES_KEPT = 30
+# An output reader that raised (a line longer than the pipe reader's limit, say) reads on after a
+# short pause for as long as the child lives: while nobody reads, the rpc-server blocks on its pipe.
+OUTPUT_READER_RESTART = RestartPolicy(initial_s=0.05, max_s=1.0, max_failures=1_000_000)
 
 
 class RpcState(enum.Enum):
@@ -108,7 +112,7 @@ class _Child:
     proc: asyncio.subprocess.Process
     launch: RpcLaunch
     banner: RpcBanner = field(default_factory=RpcBanner)
-    reader: asyncio.Task[None] | None = None
+    reader: Supervised | None = None
     exited: asyncio.Task[int] | None = None
 
 
@@ -169,6 +173,18 @@ class RpcServerSupervisor:
             await self._changes.wait_newer(self._changes.version, remaining)
         return self._snapshot
 
+    def loop_failed(self, failure: TaskFailure, exc: Exception) -> None:
+        """`run()` raised what nobody expected (its `finally` stopped the child): say so in the state
+        `status` shows, until its supervisor (common/supervised.py) runs it again after a delay."""
+        why = f"the supervisor's loop failed: {failure.cause}"
+        if failure.retry_in_s is None:
+            self._set(RpcState.FAILED, pid=0, last_exit=f"{why} (not retried)")
+            return
+        self._set(RpcState.BACKOFF, pid=0, last_exit=why,
+                  next_start_unix_ms=_now_ms() + int(failure.retry_in_s * 1000))
+        # Waiting out a back-off is not a wedged loop: the watchdog judges it from when it is due.
+        self.last_tick = time.monotonic() + failure.retry_in_s
+
     # ---- the owner --------------------------------------------------------------------------
 
     def _set(self, state: RpcState, **changes: object) -> None:
@@ -225,7 +241,8 @@ class RpcServerSupervisor:
         self._output.clear()
         proc = await spawn_group_async(launch.argv, env=launch.env)
         child = _Child(proc, launch)
-        child.reader = asyncio.ensure_future(self._read_output(child))
+        child.reader = Supervised(f"output reader of rpc-server #{self._snapshot.index} (pid {proc.pid})",
+                                  lambda: self._read_output(child), restart=OUTPUT_READER_RESTART)
         child.exited = asyncio.ensure_future(proc.wait())
         self._child = child
         self._set(
@@ -322,7 +339,7 @@ class RpcServerSupervisor:
         if child.reader is not None:
             with contextlib.suppress(TimeoutError):
                 # A grandchild holding the pipe open must not hang us: the group is dead anyway.
-                await asyncio.wait_for(child.reader, timeout=2)
+                await asyncio.wait_for(child.reader.task, timeout=2)
 
     async def _after_exit(self, child: _Child, ready_at: float | None, cause: str = "") -> None:
         """The child ended on its own: record why, then back off or give up."""

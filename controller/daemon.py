@@ -50,6 +50,7 @@ from llamafleet.controller.store import Store
 from llamafleet.controller.tensor_hashes import TensorHashes
 from llamafleet.controller.web import (
     HttpKeys,
+    cancel_when_client_gone,
     count_requests,
     errors_as_json,
     guard,
@@ -167,7 +168,8 @@ def make_app(settings: ControllerSettings, keys: HttpKeys, inventory: Inventory,
              manager: CoordinatorManager, router: Router, dispatcher: Dispatcher, events: EventLog,
              metrics: ControllerMetrics, credentials: Credentials, pulls: PullManager) -> web.Application:
     # The guard is always there: with no key configured at all, control routes still need loopback.
-    middlewares = [count_requests(metrics), cors.preflights(keys.origins), guard(keys, events.record), errors_as_json]
+    middlewares = [count_requests(metrics), cors.preflights(keys.origins), guard(keys, events.record), errors_as_json,
+                   cancel_when_client_gone]
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_request_bytes)
     app.on_response_prepare.append(cors.allow_origin_header(keys.origins))
     app.add_routes(make_routes(inventory, planner, manager, router, events, metrics, credentials, pulls))
@@ -285,7 +287,8 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR2, _log_tasks)
     notifier.ready(status_line(settings, inventory))
-    pinger = asyncio.create_task(_keep_systemd_informed(settings, inventory, notifier))
+    pinger = Supervised("systemd notifier", lambda: _keep_systemd_informed(settings, inventory, notifier),
+                        restart=RETRY_FOREVER, events=events.record, subject="controller")
     try:
         await stop.wait()
         notifier.stopping()

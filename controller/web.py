@@ -7,6 +7,7 @@ its clients parse. Nothing raises out of a handler as a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hmac
 import json
@@ -112,6 +113,47 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
             raise
         log.error("%s %s: %s", request.method, request.path, exc)
         return error(503, f"the controller cannot write its state: {exc.strerror}", openai)
+
+
+# The routes that hold a model's slot, a place in its queue or a coordinator's start for a client.
+GENERATION_PATHS = frozenset({"/api/chat", "/api/generate", "/api/embed", "/api/embeddings",
+                              "/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+# How often a generation checks that its client is still there (aiohttp tells no one; it only
+# drops the transport when the peer closes).
+CLIENT_GONE_POLL_S = 0.25
+
+
+def client_gone(request: web.BaseRequest) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+@web.middleware
+async def cancel_when_client_gone(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A generation whose client hung up ends there, wherever it waits: its turn at the slots
+    (it leaves the queue), a coordinator's start, llama-server's next token (the connection to
+    llama-server closes, and llama-server stops working for nobody). Without this a request whose
+    client had gone waited its turn, then made the coordinator evaluate its prompt, and one that
+    waited on a silent coordinator held its slot for ever (there is no read timeout upstream)."""
+    if request.method != "POST" or request.path not in GENERATION_PATHS:
+        return await handler(request)
+    work = asyncio.ensure_future(handler(request))
+    try:
+        while True:
+            done, _ = await asyncio.wait({work}, timeout=CLIENT_GONE_POLL_S)
+            if done:
+                return work.result()
+            if client_gone(request):
+                break
+    finally:
+        if not work.done():
+            work.cancel()
+            # Its `finally` blocks run (the lease goes back, the queue forgets it) before we go on.
+            await asyncio.wait({work})
+    if not work.cancelled() and (exc := work.exception()) is not None:
+        log.info("%s %s: ended as its client left: %s", request.method, request.path, exc)
+    log.info("%s %s: the client hung up before the answer ended", request.method, request.path)
+    return web.Response(status=499, text="the client hung up")  # read by nobody: its connection is gone
 
 
 def read_api_keys(path: Path, what: str = "API key") -> tuple[str, ...]:

@@ -378,8 +378,9 @@ class Deployment:
             log.warning("coordinator %s: restarting: %s", self.model, reason.message)
             failures += 1
             restarting = True
-            error = LlamafleetError(f"coordinator for {self.model} failed {failures} times in a row; "
-                                    f"last: {reason.message}")
+            # The coordinator's failure, as a start that failed is: a 503 naming it, not a 500.
+            error = CoordinatorExited(f"coordinator for {self.model} failed {failures} times in a row; "
+                                      f"last: {reason.message}")
             if not await self._back_off_or_fail(failures, error, reason.message):
                 return
         self._set(Stopped(self.phase.reason if isinstance(self.phase, Stopping) else ""))

@@ -41,6 +41,7 @@ from llamafleet.controller.gateway.upstream import (
     CHAT_TRACKING,
     Final,
     chat_event_token,
+    checked_openai,
     one_answer,
     sse_events,
 )
@@ -128,6 +129,7 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
                 # The same events, with the id of every token recorded (and its logprobs, which
                 # the client did not ask for, taken out again).
                 async for event in sse_events(session, f"{url}{path}", body | CHAT_TRACKING):
+                    checked_openai(event, chunk=True)
                     chunks.seen(event)
                     chat_event_token(event, progress)
                     for choice in event.get("choices") or []:
@@ -141,12 +143,17 @@ def make_routes(dispatcher: Dispatcher, catalog: Catalog, max_body_bytes: int) -
                         yield chunk
             resume = Resume(progress, resumed)
 
+        async def checked(events: AsyncGenerator[dict[str, Any]]) -> AsyncGenerator[dict[str, Any]]:
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield checked_openai(event, chunk=stream)
+
         def open_stream(url: str) -> AsyncGenerator[dict[str, Any]]:
             if resume is not None:
                 return tracked(url)
             if stream:
-                return sse_events(session, f"{url}{path}", body)
-            return one_answer(session, f"{url}{path}", body)
+                return checked(sse_events(session, f"{url}{path}", body))
+            return checked(one_answer(session, f"{url}{path}", body))
         events = dispatcher.fleet_stream(model, None, None, open_stream, info, resume)
         async with contextlib.aclosing(events):
             if not stream:

@@ -157,13 +157,49 @@ def _merge_tool_call_deltas(calls: dict[int, dict[str, str]], deltas: list[dict[
 
 
 def _final(timings: dict[str, Any], prompt_tokens: int | None, predicted: int | None, done_reason: str) -> Final:
-    return Final(
-        done_reason=done_reason,
-        prompt_tokens=int(prompt_tokens if prompt_tokens is not None else timings.get("prompt_n", 0)),
-        prompt_ms=float(timings.get("prompt_ms", 0.0)),
-        predicted_tokens=int(predicted if predicted is not None else timings.get("predicted_n", 0)),
-        predicted_ms=float(timings.get("predicted_ms", 0.0)),
-    )
+    try:
+        return Final(
+            done_reason=done_reason,
+            prompt_tokens=int(prompt_tokens if prompt_tokens is not None else timings.get("prompt_n", 0)),
+            prompt_ms=float(timings.get("prompt_ms", 0.0)),
+            predicted_tokens=int(predicted if predicted is not None else timings.get("predicted_n", 0)),
+            predicted_ms=float(timings.get("predicted_ms", 0.0)),
+        )
+    except (TypeError, ValueError):
+        raise UpstreamGarbage("the coordinator sent counts or timings that are not numbers") from None
+
+
+def _text(value: Any, what: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise UpstreamGarbage(f"the coordinator sent '{what}' that is not a string")
+    return value
+
+
+def checked_openai(doc: dict[str, Any], *, chunk: bool) -> dict[str, Any]:
+    """An OpenAI-style answer or stream chunk from llama-server, checked where clients read it:
+    passed on as it is, it would reach the client as a wrong-typed "success" (the official
+    openai client does not validate), so a wrong type is garbage here."""
+    choices = doc.get("choices")
+    if choices is None and chunk:
+        choices = []
+    if not isinstance(choices, list):
+        raise UpstreamGarbage("the coordinator sent 'choices' that are not a list")
+    for choice in choices:
+        choice = _dict(choice, "choice")
+        _text(choice.get("finish_reason"), "finish_reason")
+        if "text" in choice:  # /v1/completions
+            _text(choice["text"], "text")
+            continue
+        part = _dict(choice.get("delta" if chunk else "message"), "delta" if chunk else "message")
+        for key in ("content", "reasoning_content", "role"):
+            _text(part.get(key), key)
+        calls = part.get("tool_calls")
+        if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
+            raise UpstreamGarbage("the coordinator sent 'tool_calls' that are not a list of objects")
+    _dict(doc.get("usage"), "usage")
+    return doc
 
 
 def _dict(value: Any, what: str) -> dict[str, Any]:
@@ -213,6 +249,7 @@ async def chat_pieces(session: aiohttp.ClientSession, base: str, body: dict[str,
     reason = "stop"
     tool_calls: dict[int, dict[str, str]] = {}
     async for event in sse_events(session, f"{base}/v1/chat/completions", body):
+        checked_openai(event, chunk=True)
         if progress is not None and (text := chat_event_token(event, progress)):
             yield text
         for choice in event.get("choices") or []:

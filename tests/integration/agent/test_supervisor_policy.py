@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -154,3 +155,56 @@ def test_start_after_failed_leaves_the_failed_state_at_once() -> None:
         assert snap.generation >= 1 and snap.state in (RpcState.BACKOFF, RpcState.FAILED)
 
     asyncio.run(_run(supervisor, body))
+
+
+def test_a_line_longer_than_the_pipe_reader_allows_does_not_stop_the_reading() -> None:
+    # 100 KiB without a newline (the reader's limit is 64 KiB), then more than a pipe holds: were
+    # the reader to die, the child would block on its full pipe and never print its last line.
+    script = ("head -c 100000 /dev/zero | tr '\\\\0' x; echo; "
+              "i=0; while [ $i -lt 2000 ]; do echo \"line $i of a chatty child, long enough to fill a pipe\"; "
+              "i=$((i+1)); done; echo 'all written'; exec sleep 60")
+    supervisor = RpcServerSupervisor(lambda: _launch(script), FAST)
+
+    async def body() -> None:
+        await _until(supervisor, lambda s: "all written" in s.recent_output)
+
+    asyncio.run(_run(supervisor, body))
+
+
+def test_a_supervisor_loop_that_raises_is_reported_backs_off_and_runs_again(caplog: pytest.LogCaptureFixture) -> None:
+    from llamafleet.agent.daemon import BACKGROUND_RESTART
+    from llamafleet.common.supervised import Supervised
+
+    calls = 0
+
+    def launch() -> RpcLaunch:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            raise RuntimeError("a bug in the launch")  # not a LlamafleetError: nobody expects it
+        return _launch("echo started; exec sleep 60")
+
+    supervisor = RpcServerSupervisor(launch, FAST)
+    states: list[RpcServerSnapshot] = []
+
+    async def main() -> None:
+        task = Supervised("rpc-server #0 supervisor", supervisor.run, on_failure=supervisor.loop_failed,
+                          restart=BACKGROUND_RESTART)
+        try:
+            await _until(supervisor, lambda s: s.state == RpcState.BACKOFF)
+            states.append(supervisor.snapshot())
+            # The back-off is not a wedged loop: the watchdog judges it from when the retry is due.
+            assert supervisor.last_tick > time.monotonic() - 1
+            await _until(supervisor, lambda s: s.state == RpcState.STARTING and s.pid > 0)
+            states.append(supervisor.snapshot())
+        finally:
+            await task.stop()
+
+    asyncio.run(main())
+    backoff, started = states
+    assert backoff.last_exit == "the supervisor's loop failed: RuntimeError: a bug in the launch"
+    assert backoff.next_start_unix_ms > 0
+    assert "started" in supervisor.snapshot().recent_output or started.pid > 0
+    # Logged once with its traceback; the second time, one line.
+    failures = [r for r in caplog.records if "rpc-server #0 supervisor failed" in r.getMessage()]
+    assert len(failures) == 2 and failures[0].exc_info is not None and failures[1].exc_info is None
