@@ -69,6 +69,11 @@ STORIES = [
     "On the first day of school, Mia found a strange letter in her desk. It said",
     "The storm had passed, and the children ran down to the beach to see what",
 ]
+# Long enough that prompt + tail is at least 64 tokens, where the CPU backend's flash attention
+# takes its tiled kernel (GGML_FA_TILE_Q); shorter batches differ from one token less often.
+PREAMBLE = ("What follows is a short story for children, written for a collection of bedtime stories. "
+            "Each story in the collection has a beginning, a middle and an end, the characters have names, "
+            "and something surprising happens before the end. The stories are told simply, in the past tense. ")
 SAMPLING = {"temperature": 0, "seed": 3}
 
 
@@ -94,12 +99,12 @@ def wait_until(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
 
 
 @contextmanager
-def coordinator(manifest: Manifest, model: Path, log_dir: Path) -> Iterator[str]:
+def coordinator(manifest: Manifest, model: Path, log_dir: Path, rpc_threads: int) -> Iterator[str]:
     """A ggml-rpc-server and a llama-server with every layer on it; yields llama-server's URL."""
     rpc_port, port = free_loopback_port(), free_loopback_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     with (log_dir / "rpc.log").open("wb") as rpc_log, (log_dir / "server.log").open("wb") as server_log:
-        rpc = subprocess.Popen([manifest.rpc_server, "-H", "127.0.0.1", "-p", str(rpc_port), "-t", "2"],
+        rpc = subprocess.Popen([manifest.rpc_server, "-H", "127.0.0.1", "-p", str(rpc_port), "-t", str(rpc_threads)],
                                stdout=rpc_log, stderr=subprocess.STDOUT)
         wait_until(lambda: _accepts(rpc_port), 30, "the rpc-server's port")
         server = subprocess.Popen([manifest.llama_server, "--model", str(model), "--rpc", f"127.0.0.1:{rpc_port}",
@@ -134,12 +139,12 @@ async def uninterrupted(session: aiohttp.ClientSession, url: str, spec: ResumeSp
 
 
 async def resumed(session: aiohttp.ClientSession, url: str, spec: ResumeSpec, generated: list[int],
-                  tail_decoded: bool) -> list[int]:
-    """The ids that a continuation after `generated` produces (the gateway's request)."""
+                  tail_decoded: bool, n_predict: int) -> list[int]:
+    """The `n_predict` ids that a continuation after `generated` produces (the gateway's request)."""
     prompt = await prompt_ids(session, url, spec)
-    body = continuation_body(spec, prompt, generated, spec.n_predict - len(generated))
+    body = continuation_body(spec, prompt, generated, n_predict)
     if not tail_decoded:
-        body.pop("n_decode_tail")
+        body.pop("n_decode_tail", None)
         body.pop("message_delimiters", None)
     progress = Progress(ids=list(generated), safe_ids=len(generated), base=len(generated))
     async for _ in completion_pieces(session, url, body, progress):
@@ -148,26 +153,36 @@ async def resumed(session: aiohttp.ClientSession, url: str, spec: ResumeSpec, ge
 
 
 async def measure(url: str, specs: list[tuple[str, ResumeSpec]], step: int, tail_decoded: bool,
-                  reference: dict[str, list[int]] | None) -> dict[str, Any]:
-    """Resume every spec at every `step`-th position; count the continuations that differ."""
+                  reference: dict[str, list[int]] | None, horizon: int = 0) -> dict[str, Any]:
+    """Resume every spec at every `step`-th position; count the continuations that differ from
+    the uninterrupted answer (over its whole rest, or its next `horizon` tokens)."""
     tried = differ = 0
     where: list[str] = []
     answers: dict[str, list[int]] = {}
-    async with aiohttp.ClientSession() as session:
+    # As the controller does (daemon.py): llama-server closes connections that aiohttp would reuse.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as session:
         for name, spec in specs:
             _, whole = await uninterrupted(session, url, spec)
             answers[name] = whole
             if reference is not None and reference[name] != whole:
                 where.append(f"{name}: the uninterrupted answer differs from the first build's")
             for at in range(1, len(whole) - 1, step):
-                rest = await resumed(session, url, spec, whole[:at], tail_decoded)
+                expected = whole[at:at + horizon] if horizon else whole[at:]
+                rest = await resumed(session, url, spec, whole[:at], tail_decoded, len(expected))
                 tried += 1
-                if rest != whole[at:]:
+                if rest != expected:
                     differ += 1
                     first = next((i for i, (a, b) in enumerate(zip(rest, whole[at:], strict=False)) if a != b),
-                                 min(len(rest), len(whole) - at))
+                                 min(len(rest), len(expected)))
                     where.append(f"{name}: resumed after {at} tokens, differs {first} tokens later")
     return {"resumes": tried, "differ": differ, "where": where, "answers": answers}
+
+
+def story_specs(i: int, story: str, tokens: int) -> list[tuple[str, ResumeSpec]]:
+    """One raw prompt and one chat, each continuing `story`."""
+    return [(f"raw{i}", ResumeSpec(SAMPLING, tokens, prompt=PREAMBLE + story)),
+            (f"chat{i}", ResumeSpec(SAMPLING, tokens, messages=[
+                {"role": "user", "content": f"{PREAMBLE}Go on with this story: {story}"}]))]
 
 
 def main() -> None:
@@ -176,6 +191,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=40, help="tokens per answer")
     parser.add_argument("--step", type=int, default=2, help="resume after every STEP-th token")
     parser.add_argument("--stock", type=Path, help="a stock build's install dir: also run the `stock` arm")
+    parser.add_argument("--rpc-threads", type=int, default=1,
+                        help="the rpc-server's threads (more than the free cores makes ggml's spinning threads crawl)")
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
     args = parser.parse_args()
     manifest = read_manifest(Path(os.environ["LLAMAFLEET_TEST_LLAMA_CPP"]))
@@ -184,17 +201,17 @@ def main() -> None:
         raise SystemExit(f"{manifest.install_dir} lacks patch 0005: the `tail-decoded` arm would measure nothing")
     specs: list[tuple[str, ResumeSpec]] = []
     for i, story in enumerate(STORIES[:args.prompts]):
-        specs.append((f"raw{i}", ResumeSpec(SAMPLING, args.tokens, prompt=story)))
-        specs.append((f"chat{i}", ResumeSpec(SAMPLING, args.tokens, messages=[
-            {"role": "user", "content": f"Go on with this story: {story}"}])))
+        specs += story_specs(i, story, args.tokens)
     results: dict[str, dict[str, Any]] = {}
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="resume-exactness-") as tmp:
-        with coordinator(manifest, model, Path(tmp) / "patched") as url:
+    logs = Path(tempfile.mkdtemp(prefix="resume-exactness-"))
+    print(f"logs: {logs}", file=sys.stderr)
+    if True:
+        with coordinator(manifest, model, logs / "patched", args.rpc_threads) as url:
             results["batched"] = asyncio.run(measure(url, specs, args.step, False, None))
             results["tail-decoded"] = asyncio.run(measure(url, specs, args.step, True, results["batched"]["answers"]))
         if args.stock is not None:
-            with coordinator(read_manifest(args.stock), model, Path(tmp) / "stock") as url:
+            with coordinator(read_manifest(args.stock), model, logs / "stock", args.rpc_threads) as url:
                 results["stock"] = asyncio.run(measure(url, specs, args.step, True, results["batched"]["answers"]))
     for result in results.values():
         del result["answers"]

@@ -158,18 +158,28 @@ async def prompt_ids(session: aiohttp.ClientSession, base: str, spec: ResumeSpec
 def continuation_body(spec: ResumeSpec, prompt: Prompt, generated: list[int], left: int) -> dict[str, Any]:
     """The /completion request that goes on after `generated`.
 
-    `n_decode_tail` asks a patched llama-server (patch 0005) to decode the generated ids one at a
-    time, as the uninterrupted answer did, and to batch the prompt before them as that answer
-    batched its prompt: batched and single-token kernels round differently, and at a near-tie
-    greedy decoding would otherwise take the other token. A stock llama-server ignores both
-    fields and evaluates everything as one batched prompt (the answer goes on, without the
-    guarantee).
+    For a greedy answer, `n_decode_tail` asks a patched llama-server (patch 0005) to decode the
+    generated ids one at a time, as the uninterrupted answer did, and to batch the prompt before
+    them as that answer batched its prompt: batched and single-token kernels round differently,
+    and at a near-tie greedy decoding would otherwise take the other token. A stock llama-server
+    ignores both fields and evaluates everything as one batched prompt (the answer goes on,
+    without the guarantee).
     """
-    body = spec.sampling | {"prompt": prompt.ids + generated, "n_predict": left, "cache_prompt": False,
-                            "n_decode_tail": len(generated)}
+    body = spec.sampling | {"prompt": prompt.ids + generated, "n_predict": left, "cache_prompt": False}
+    if greedy(spec.sampling):
+        # Only where it buys the same answer: decoding the tail costs the time it took to generate
+        # it, and a sampled continuation draws afresh anyway.
+        body["n_decode_tail"] = len(generated)
     if prompt.message_delimiters is not None:
         body["message_delimiters"] = prompt.message_delimiters
     return body
+
+
+def greedy(sampling: dict[str, Any]) -> bool:
+    """Whether llama-server decodes greedily with these settings (its default temperature is 0.8)."""
+    temperature, top_k = sampling.get("temperature", 0.8), sampling.get("top_k", 40)
+    return bool((isinstance(temperature, (int, float)) and temperature <= 0)
+                or (isinstance(top_k, int) and top_k == 1))
 
 
 async def continuation(session: aiohttp.ClientSession, base: str, spec: ResumeSpec,

@@ -38,6 +38,11 @@ def test_the_continuation_marks_the_generated_ids_as_a_tail_to_decode_one_at_a_t
                     "cache_prompt": False, "n_decode_tail": 2, "message_delimiters": delimiters}
     # A stock coordinator answers no delimiters: none are sent (it ignores n_decode_tail).
     assert "message_delimiters" not in continuation_body(spec, Prompt([2, 5, 7]), [11], 95)
+    # A sampled continuation draws afresh anyway: its tail is not worth decoding token by token.
+    sampled = ResumeSpec({"temperature": 0.7}, 96, prompt="Once")
+    assert "n_decode_tail" not in continuation_body(sampled, Prompt([2, 5]), [11], 95)
+    assert "n_decode_tail" not in continuation_body(ResumeSpec({}, 96, prompt="Once"), Prompt([2, 5]), [11], 95)
+    assert continuation_body(ResumeSpec({"top_k": 1}, 96, prompt="Once"), Prompt([2, 5]), [11], 95)["n_decode_tail"] == 1
 
 
 def test_a_continuation_that_differs_from_the_text_sent_is_refused() -> None:
