@@ -220,7 +220,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(summary, indent=2))
         return
-    print(f"{len(specs)} answers of {args.tokens} tokens (raw and chat), resumed after every {args.step}th token; "
+    print(f"{len(specs)} answers of {args.tokens} tokens (raw and chat), resumed after every {args.step} tokens; "
           f"{summary['seconds']} s")
     print(f"{'arm':<14}{'resumes':>9}{'differ':>8}{'share':>8}")
     for arm, result in results.items():
