@@ -125,34 +125,75 @@ async def _post_json(session: aiohttp.ClientSession, url: str, body: dict[str, A
     raise ResumeFailed(f"{url} answered nothing")
 
 
-async def prompt_ids(session: aiohttp.ClientSession, base: str, spec: ResumeSpec) -> list[int]:
+@dataclass(frozen=True)
+class Prompt:
+    """The prompt of a continuation, as the new coordinator tokenizes it."""
+
+    ids: list[int]
+    # A chat's message delimiters, where the coordinator answers them (patch 0005): a completion
+    # of the templated prompt then splits it into batches where the chat did.
+    message_delimiters: list[Any] | None = None
+
+
+async def prompt_ids(session: aiohttp.ClientSession, base: str, spec: ResumeSpec) -> Prompt:
     """The prompt as the coordinator tokenizes it for a generation (the template applied for a chat)."""
     text = spec.prompt
+    delimiters = None
     if spec.messages is not None:
-        text = (await _post_json(session, f"{base}/apply-template", {"messages": spec.messages})).get("prompt")
+        templated = await _post_json(session, f"{base}/apply-template", {"messages": spec.messages})
+        text = templated.get("prompt")
         if not isinstance(text, str):
             raise ResumeFailed("the coordinator's /apply-template answered no prompt")
+        delimiters = templated.get("message_delimiters")
+        if not isinstance(delimiters, list):
+            delimiters = None  # a stock llama-server: it batches the prompt its own way
     # The flags llama-server itself tokenizes a completion's prompt with.
     doc = await _post_json(session, f"{base}/tokenize", {"content": text, "add_special": True, "parse_special": True})
     tokens = doc.get("tokens")
     if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
         raise ResumeFailed("the coordinator's /tokenize answered no token list")
-    return tokens
+    return Prompt(tokens, delimiters)
+
+
+def continuation_body(spec: ResumeSpec, prompt: Prompt, generated: list[int], left: int) -> dict[str, Any]:
+    """The /completion request that goes on after `generated`.
+
+    For a greedy answer, `n_decode_tail` asks a patched llama-server (patch 0005) to decode the
+    generated ids one at a time, as the uninterrupted answer did, and to batch the prompt before
+    them as that answer batched its prompt: batched and single-token kernels round differently,
+    and at a near-tie greedy decoding would otherwise take the other token. A stock llama-server
+    ignores both fields and evaluates everything as one batched prompt (the answer goes on,
+    without the guarantee).
+    """
+    body = spec.sampling | {"prompt": prompt.ids + generated, "n_predict": left, "cache_prompt": False}
+    if greedy(spec.sampling):
+        # Only where it buys the same answer: decoding the tail costs the time it took to generate
+        # it, and a sampled continuation draws afresh anyway.
+        body["n_decode_tail"] = len(generated)
+    if prompt.message_delimiters is not None:
+        body["message_delimiters"] = prompt.message_delimiters
+    return body
+
+
+def greedy(sampling: dict[str, Any]) -> bool:
+    """Whether llama-server decodes greedily with these settings (its default temperature is 0.8)."""
+    temperature, top_k = sampling.get("temperature", 0.8), sampling.get("top_k", 40)
+    return bool((isinstance(temperature, (int, float)) and temperature <= 0)
+                or (isinstance(top_k, int) and top_k == 1))
 
 
 async def continuation(session: aiohttp.ClientSession, base: str, spec: ResumeSpec,
                        progress: Progress) -> AsyncGenerator[str | Final]:
     """Stream the rest of the answer from the coordinator at `base`: text pieces, then one Final."""
     prompt = await prompt_ids(session, base, spec)
-    if progress.prompt_tokens is not None and len(prompt) != progress.prompt_tokens:
-        raise ResumeFailed(f"the new coordinator counts {len(prompt)} prompt tokens, the first one counted "
+    if progress.prompt_tokens is not None and len(prompt.ids) != progress.prompt_tokens:
+        raise ResumeFailed(f"the new coordinator counts {len(prompt.ids)} prompt tokens, the first one counted "
                            f"{progress.prompt_tokens}")
     progress.begin_resume()
     left = spec.n_predict - progress.base if spec.n_predict > 0 else -1
     if left == 0:  # everything was generated; only the final counts were lost
-        yield Final("length", progress.prompt_tokens or len(prompt), progress.prompt_ms, progress.base,
+        yield Final("length", progress.prompt_tokens or len(prompt.ids), progress.prompt_ms, progress.base,
                     progress.earlier_predicted_ms)
         return
-    body = spec.sampling | {"prompt": prompt + progress.ids, "n_predict": left, "cache_prompt": False}
-    async for piece in completion_pieces(session, base, body, progress):
+    async for piece in completion_pieces(session, base, continuation_body(spec, prompt, progress.ids, left), progress):
         yield piece

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from llamafleet.controller.gateway.resume import Progress, ResumeFailed
+from llamafleet.controller.gateway.resume import Progress, Prompt, ResumeFailed, ResumeSpec, continuation_body
 from llamafleet.controller.gateway.upstream import UpstreamGarbage, UpstreamUnavailable, one_answer, sse_events
 
 
@@ -28,6 +28,21 @@ def test_the_resume_point_is_the_last_event_whose_text_matches_its_ids() -> None
     assert progress.token(1, 13, "r") == ""
     assert progress.token(2, 14, "ld!") == "!"
     assert progress.ids == [10, 11, 12, 13, 14] and progress.base + progress.decoded == 5
+
+
+def test_the_continuation_marks_the_generated_ids_as_a_tail_to_decode_one_at_a_time() -> None:
+    spec = ResumeSpec({"temperature": 0, "seed": 3}, 96, messages=[{"role": "user", "content": "hi"}])
+    delimiters = [{"role": "user", "delimiter": "<start_of_turn>user"}]
+    body = continuation_body(spec, Prompt([2, 5, 7], delimiters), [11, 12], 94)
+    assert body == {"temperature": 0, "seed": 3, "prompt": [2, 5, 7, 11, 12], "n_predict": 94,
+                    "cache_prompt": False, "n_decode_tail": 2, "message_delimiters": delimiters}
+    # A stock coordinator answers no delimiters: none are sent (it ignores n_decode_tail).
+    assert "message_delimiters" not in continuation_body(spec, Prompt([2, 5, 7]), [11], 95)
+    # A sampled continuation draws afresh anyway: its tail is not worth decoding token by token.
+    sampled = ResumeSpec({"temperature": 0.7}, 96, prompt="Once")
+    assert "n_decode_tail" not in continuation_body(sampled, Prompt([2, 5]), [11], 95)
+    assert "n_decode_tail" not in continuation_body(ResumeSpec({}, 96, prompt="Once"), Prompt([2, 5]), [11], 95)
+    assert continuation_body(ResumeSpec({"top_k": 1}, 96, prompt="Once"), Prompt([2, 5]), [11], 95)["n_decode_tail"] == 1
 
 
 def test_a_continuation_that_differs_from_the_text_sent_is_refused() -> None:
