@@ -39,7 +39,7 @@ from bench.delay_relay import RelayThread  # noqa: E402
 from llamafleet.common.llamacpp.install import read_manifest  # noqa: E402
 from llamafleet.common.llamacpp.probe import free_loopback_port  # noqa: E402
 from tests.integration.agent.harness import wait_for  # noqa: E402
-from tests.integration.controller.harness import Fleet, running_fleet  # noqa: E402
+from tests.integration.controller.harness import Fleet, holder_stores, running_fleet  # noqa: E402
 
 PROMPT = "Count from 1 to 500, one number after another: 1, 2, 3, 4,"
 THREADS = "2"
@@ -87,16 +87,10 @@ def restart_controller(fleet: Fleet, mode: str) -> None:
 def fleet_case(tmp: Path, rounds: int, tokens: int) -> dict[str, Any]:
     manifest = read_manifest(Path(os.environ["LLAMAFLEET_TEST_LLAMA_CPP"]))
     model = Path(os.environ["LLAMAFLEET_TEST_MODEL"])
-    stores = []
-    for i in range(3):
-        store = tmp / f"store{i}"
-        store.mkdir()
-        (store / "gemma.gguf").symlink_to(model)
-        stores.append(store)
     results: dict[str, list[float]] = {"controller": [], "auto": []}
     placements: dict[str, Any] = {}
     with running_fleet(tmp / "fleet", manifest, model, agents=3,
-                       agent_args=tuple(("--models-dir", str(s), "--rpc-threads", THREADS) for s in stores)) as fleet:
+                       agent_args=tuple((*store, "--rpc-threads", THREADS) for store in holder_stores(tmp, model, 3))) as fleet:
         for _ in range(rounds):
             for mode in ("controller", "auto"):
                 restart_controller(fleet, mode)

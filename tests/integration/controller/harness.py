@@ -123,6 +123,18 @@ class AgentHost:
     argv_prefix: tuple[str, ...] = ()
 
 
+def holder_stores(root: Path, model: Path, count: int, name: str = "gemma") -> tuple[tuple[str, ...], ...]:
+    """`count` models dirs that each hold `model` (as NAME.gguf): one `--models-dir` per agent,
+    as `running_fleet`'s `agent_args` (agents never share a models dir)."""
+    args = []
+    for i in range(count):
+        store = root / f"store{i}"
+        store.mkdir(parents=True)
+        (store / f"{name}.gguf").symlink_to(model)
+        args.append(("--models-dir", str(store)))
+    return tuple(args)
+
+
 @contextmanager
 def running_fleet(tmp_path: Path, llama_cpp: Manifest, model: Path, *, agents: int = 2,
                   memory_limit: str | tuple[str, ...] = "260MiB", heartbeat_s: float = 0.3,

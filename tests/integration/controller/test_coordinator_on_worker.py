@@ -24,9 +24,10 @@ import pytest
 
 from llamafleet.common.llamacpp.install import Manifest
 from llamafleet.common.node_auth import coordinator_key
+from llamafleet.common.process import wait_gone
 from tests.integration.agent.harness import wait_for
-from tests.integration.controller.harness import Fleet, running_fleet
-from tests.integration.faults.test_resume import stream, text_of
+from tests.integration.controller.harness import Fleet, holder_stores, running_fleet
+from tests.integration.faults.test_resume import ndjson, stream, text_of
 
 pytestmark = pytest.mark.integration
 N = 64
@@ -46,14 +47,8 @@ def holders_known(fleet: Fleet) -> dict[str, Any] | None:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, llama_cpp: Manifest, test_model: Path) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("coordinator-on-worker")
-    stores = []
-    for i in range(3):
-        store = root / f"store{i}"
-        store.mkdir()
-        (store / "gemma.gguf").symlink_to(test_model)
-        stores.append(store)
     with running_fleet(root / "fleet", llama_cpp, test_model, agents=3,
-                       agent_args=tuple(("--models-dir", str(s)) for s in stores)) as started:
+                       agent_args=holder_stores(root, test_model, 3)) as started:
         # The controller names holders once it and the agents have hashed the file.
         wait_for(lambda: holders_known(started), 60, "the plan to put the coordinator on a worker")
         yield started
@@ -115,8 +110,6 @@ def test_the_proxy_opens_only_with_the_coordinators_key_and_only_the_gateways_ro
 
 
 def test_a_client_that_hangs_up_stops_the_generation_on_the_worker(fleet: Fleet) -> None:
-    from tests.integration.faults.test_resume import ndjson
-
     ollama.Client(host=fleet.url).generate(model="gemma", prompt="Hi", options={"num_predict": 2})
     worker_server = psutil.Process(loaded(fleet)["pid"])
     conn, lines = ndjson(fleet.url, "/api/generate", {**GENERATE, "options": {**OPTIONS, "num_predict": 4000}})
@@ -141,7 +134,7 @@ def test_a_killed_coordinator_on_the_worker_is_restarted_and_the_stream_goes_on(
     assert text_of(docs) == text_of(whole)
     after = loaded(fleet)
     assert after["pid"] != before["pid"] and after["coordinator"] != "controller"
-    assert not psutil.pid_exists(before["pid"]) or psutil.Process(before["pid"]).status() == psutil.STATUS_ZOMBIE
+    assert wait_gone(before["pid"], 5)
 
 
 def test_a_frozen_coordinator_worker_is_a_pause_and_frees_the_rpc_servers_it_held(fleet: Fleet) -> None:
@@ -169,8 +162,7 @@ def test_a_frozen_coordinator_worker_is_a_pause_and_frees_the_rpc_servers_it_hel
             os.kill(pid, signal.SIGCONT)
     wait_for(lambda: fleet.node(frozen.address)["state"] == "ready", 30, "the worker back")
     # Its old llama-server is a stray now: stopped once its agent reports it again.
-    wait_for(lambda: not psutil.pid_exists(before["pid"])
-             or psutil.Process(before["pid"]).status() == psutil.STATUS_ZOMBIE, 60, "the stray stopped")
+    assert wait_gone(before["pid"], 60), "the stray was not stopped"
 
 
 def test_a_lost_coordinator_worker_is_a_pause_and_the_model_goes_on_without_it(fleet: Fleet) -> None:
@@ -203,8 +195,7 @@ def test_a_restarted_controller_reloads_on_the_worker_and_stops_the_stray(fleet:
     assert psutil.pid_exists(before["pid"])
     fleet.start_controller([a.address for a in fleet.agents])
     wait_for(lambda: (d := fleet.ps()) and d[0]["state"] == "ready", 90, "the model reloaded")
-    wait_for(lambda: not psutil.pid_exists(before["pid"])
-             or psutil.Process(before["pid"]).status() == psutil.STATUS_ZOMBIE, 30, "the stray stopped")
+    assert wait_gone(before["pid"], 30), "the stray was not stopped"
     reply = ollama.Client(host=fleet.url).generate(model="gemma", prompt=PROMPT, raw=True, options=OPTIONS)
     assert reply.done and reply.eval_count == N
     assert "coordinator.stray_stopped" in fleet.cli("events", "--json").stdout
