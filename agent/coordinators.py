@@ -41,14 +41,12 @@ from llamafleet.agent.models import ModelFile
 from llamafleet.agent.staging import find_model
 from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.common.llamacpp.probe import free_loopback_port
-from llamafleet.common.llamacpp.server_command import ServerCommand, server_env
+from llamafleet.common.llamacpp.server_command import RPC_BACKEND_LOST, ServerCommand, server_env
 from llamafleet.common.node_auth import coordinator_key
 from llamafleet.common.process import STOP_GRACE_S, describe_exit, spawn_group_async, stop_group_async
 from llamafleet.common.supervised import Supervised
 
 log = logging.getLogger(__name__)
-# What llama.cpp's RPC client prints before it aborts when an rpc-server under it went away.
-RPC_BACKEND_LOST = "Remote RPC server crashed"
 OUTPUT_LINES_KEPT = 30
 LOGS_KEPT = 20
 HEALTH_POLL_S = 0.1
@@ -62,6 +60,8 @@ PROXIED_PATHS = frozenset({"/health", "/v1/chat/completions", "/completion", "/t
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 _ID = re.compile(r"^[0-9a-f]{32}$")
 _WORD = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# A model name as Ollama spells it (gemma3:270m, library/qwen3:4b); never one that reads as a flag.
+_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _POOLINGS = {"", "none", "mean", "cls", "last", "rank"}
 _ENDPOINT = re.compile(r"^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$")
 MAX_PARALLEL = 64
@@ -104,7 +104,7 @@ def check_request(request: CoordinatorRequest, gpu_uuids: Sequence[str]) -> None
     """Refuse (UsageError, one line naming the field) anything the argv must not carry."""
     if not _ID.match(request.id):
         raise UsageError("id must be 32 lowercase hex digits")
-    if not _WORD.match(request.model.replace("/", "_").replace(":", "_")) or len(request.model) > 128:
+    if not _MODEL.match(request.model):
         raise UsageError("model must be a model name of letters, digits and ._-/:")
     if not re.fullmatch(r"[0-9a-f]{64}", request.model_sha256):
         raise UsageError("model_sha256 must be 64 lowercase hex digits")
@@ -341,11 +341,12 @@ class Coordinators:
         headers = {"Authorization": request.headers["Authorization"]}
         if request.content_type:
             headers["Content-Type"] = request.content_type
+        response = web.StreamResponse()
         try:
             async with self._session.request(request.method, f"http://127.0.0.1:{coordinator.port}{path}",
                                              data=body or None, headers=headers,
                                              timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)) as upstream:
-                response = web.StreamResponse(status=upstream.status)
+                response.set_status(upstream.status)
                 if "Content-Type" in upstream.headers:
                     response.headers["Content-Type"] = upstream.headers["Content-Type"]
                 await response.prepare(request)
@@ -356,11 +357,14 @@ class Coordinators:
                 await response.write_eof()
                 return response
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            # llama-server went away mid-request: the gateway sees a cut connection, as it would locally.
+            # llama-server went away mid-request: the gateway must see a broken answer, as it
+            # would from a local one (a 502 before the headers, a cut connection after them).
             log.info("coordinator %s: connection to llama-server failed: %s", coordinator.request.id[:8], exc)
+            if not response.prepared:
+                return web.json_response({"error": f"the coordinator's llama-server failed: {exc}"}, status=502)
             if request.transport is not None:
                 request.transport.close()
-            raise web.HTTPBadGateway() from None
+            return response
 
     # ---- starting and stopping ------------------------------------------------------------------
 

@@ -19,6 +19,9 @@ from pathlib import Path
 _LLAMA_ARG_ENV = re.compile(r"^LLAMA_ARG_|^LLAMA_RPC_TENSOR_HASHES$")
 # Read by a llama-server built with patches/llama.cpp/0002 (a stock one ignores it).
 TENSOR_HASHES_ENV = "LLAMA_RPC_TENSOR_HASHES"
+# What llama.cpp's RPC client (ggml-rpc.cpp) prints before it aborts the process when an
+# rpc-server died or its connection broke: the coordinator did not fail, a backend did.
+RPC_BACKEND_LOST = "Remote RPC server crashed"
 
 
 @dataclass(frozen=True)

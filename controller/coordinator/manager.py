@@ -399,19 +399,17 @@ class CoordinatorManager:
             raise StateNotWritable(f"not loading {model}: cannot record its placement in {self.store.path}: "
                                    f"{exc}") from None
         self._plans[model] = plan
-        local_count = len(plan.assignments) - len(plan.remote_assignments)
-        split = plan.tensor_split
-        where = f"coordinator on {plan.coordinator} with {sum(split[:local_count])} layer(s) of its own, " if local else ""
+        where = f"coordinator on {plan.coordinator} with {sum(plan.local_split)} layer(s) of its own, " if local else ""
         self.runtime.events("placement", model, f"{where}on {len(backends)} backend(s): --rpc {','.join(endpoints)} "
-                            f"--tensor-split {','.join(map(str, split[local_count:]))}",
-                            backends=list(endpoints), tensor_split=split, coordinator=plan.coordinator or "controller",
+                            f"--tensor-split {','.join(map(str, plan.remote_split))}",
+                            backends=list(endpoints), tensor_split=plan.tensor_split, coordinator=plan.coordinator or "controller",
                             coordinator_reason=plan.coordinator_reason,
                             layers=[assignment_doc(a) for a in plan.assignments])
         e = plan.estimate
         # The header is the one the plan just read (the planner keeps it).
         header = self.planner.header(resolved.path)
         own_pooling = header.arch_key("pooling_type") is not None
-        return CoordinatorSpec(model, resolved.path, backends, tuple(split[local_count:]), e.n_layers,
+        return CoordinatorSpec(model, resolved.path, backends, tuple(plan.remote_split), e.n_layers,
                                e.ctx_per_slot, e.parallel, self.prompt_cache_mib,
                                builtin_chat_template=builtin_template(header),
                                embedding_pooling="" if own_pooling else GENERATIVE_POOLING, local=local)
@@ -424,10 +422,8 @@ class CoordinatorManager:
         sha = digests.digest(resolved.path) if digests is not None else None
         if sha is None:
             return None
-        mine = [a for a in plan.assignments if a.node == plan.coordinator]
-        layers = tuple(plan.tensor_split[: len(mine)])
-        gpus = tuple(a.uuid for a in mine if a.device != "CPU")
-        return LocalShare(plan.coordinator, gpus, layers, sha)
+        gpus = tuple(a.uuid for a in plan.assignments if a.node == plan.coordinator and a.device != "CPU")
+        return LocalShare(plan.coordinator, gpus, tuple(plan.local_split), sha)
 
     def release(self, model: str) -> None:
         self._prestaged.pop(model, None)

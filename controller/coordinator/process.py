@@ -23,6 +23,7 @@ from llamafleet.common.process import (
     spawn_group_async,
     stop_group_async,
 )
+from llamafleet.common.llamacpp.server_command import RPC_BACKEND_LOST
 from llamafleet.common.restart import RestartPolicy
 from llamafleet.common.supervised import Supervised
 from llamafleet.controller.coordinator.command import (
@@ -34,9 +35,6 @@ from llamafleet.controller.coordinator.command import (
 log = logging.getLogger(__name__)
 HEALTH_POLL_S = 0.1
 OUTPUT_LINES_KEPT = 30
-# What llama.cpp's RPC client prints (ggml-rpc.cpp) before it aborts the process when an
-# rpc-server died or its connection broke: the coordinator did not fail, a backend did.
-RPC_BACKEND_LOST = "Remote RPC server crashed"
 LOGS_KEPT_PER_MODEL = 10
 # A log reader that raised what nobody expected reads on after a short pause, for as long as the
 # process lives: while nobody reads, llama-server blocks on its full pipe.

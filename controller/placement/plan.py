@@ -116,6 +116,16 @@ class Plan:
             counts[-1] += 1
         return counts
 
+    @property
+    def local_split(self) -> list[int]:
+        """The layer counts the coordinator's own node computes (its share leads the layer order)."""
+        return self.tensor_split[: len(self.assignments) - len(self.remote_assignments)]
+
+    @property
+    def remote_split(self) -> list[int]:
+        """`--tensor-split`: the layer counts of the rpc-servers, in `--rpc` order."""
+        return self.tensor_split[len(self.assignments) - len(self.remote_assignments):]
+
 
 def _devices_in_order(nodes: Sequence[NodeView], headroom: Headroom,
                       usable: dict[str, int]) -> list[tuple[NodeView, DeviceView, int]]:
