@@ -78,6 +78,9 @@ class Resume(Generic[T]):
     open: Callable[[str], AsyncGenerator[T]]
 
 
+CLIENT_GONE = "the client hung up while its answer was paused"
+
+
 class ClientGone(LlamafleetError):
     """The client hung up while its answer was paused."""
 
@@ -177,7 +180,7 @@ class Dispatcher:
                 if done:
                     return acquiring.result()
                 if info.client_gone():
-                    raise ClientGone("the client hung up while its answer was paused")
+                    raise ClientGone(CLIENT_GONE)
                 if left <= 0:
                     raise UpstreamUnavailable(f"{paused[1]}; the model was not ready again within "
                                               f"{self.resume_policy.timeout_s:g} s")
@@ -190,6 +193,10 @@ class Dispatcher:
                 deployment.release()
             if isinstance(exc, LlamafleetError):  # given up, timed out, or the model fits nowhere now
                 self._resume_failed(deployment.model, exc.message, None)
+            elif isinstance(exc, asyncio.CancelledError) and info.client_gone():
+                # The gateway cancels a generation whose client left (web.cancel_when_client_gone),
+                # usually before the poll above sees it: the same end, said the same way.
+                self._resume_failed(deployment.model, CLIENT_GONE, None)
             raise
 
     def _resumed(self, model: str, paused: tuple[float, str], pause_s: float) -> None:
