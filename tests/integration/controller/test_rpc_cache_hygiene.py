@@ -74,8 +74,11 @@ def test_a_corrupted_entry_is_replaced_and_the_answer_is_the_same(tmp_path: Path
         handle.seek(header.data_offset + embd.offset)
         expected = handle.read(embd.n_bytes)
     holder_args = store_with_gemma(tmp_path / "store", test_model)
+    # The coordinator stays here, so that the holder's share is staged into its rpc cache (a
+    # coordinator on the holder would read its share from the file, and stage nothing).
     with running_fleet(tmp_path / "fleet", llama_cpp, test_model, memory_limit=LIMITS,
-                       agent_args=((), holder_args), agent_llama_cpp=stock_llama_cpp) as fleet:
+                       agent_args=((), holder_args), agent_llama_cpp=stock_llama_cpp,
+                       controller_args=("--coordinator", "controller")) as fleet:
         holder = fleet.agents[1]
         holders_confirmed(fleet)
         first = raw_tokens(fleet)

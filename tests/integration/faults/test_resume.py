@@ -92,8 +92,13 @@ def kill_rpc_server(fleet: Fleet, index: int) -> None:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, llama_cpp: Manifest, test_model: Path) -> Iterator[Fleet]:
+    # The module's tests kill its rpc-servers a dozen times within minutes, each well inside the
+    # agent's default 30 s healthy reset: its restart back-off would grow past what the controller
+    # waits, and after five it would stop restarting them (the crash-loop policy, tested in
+    # test_supervisor_policy.py). Here a second of running counts as healthy.
+    healthy_soon = ("--healthy-reset-s", "1")
     with running_fleet(tmp_path_factory.mktemp("resume"), llama_cpp, test_model, agents=2,
-                       controller_args=("--resume-timeout", "90")) as started:
+                       controller_args=("--resume-timeout", "90"), agent_args=(healthy_soon, healthy_soon)) as started:
         yield started
 
 
