@@ -14,6 +14,8 @@
 #                                               # fleet,llamafleet,single,rpc,membw) in what is left
 #   bash scripts/device/gpu_bench.sh coordinator-all # setup without packing, then the coordinator
 #                                               # placement stages (issue 22)
+#   bash scripts/device/gpu_bench.sh paths-all # setup without packing, then bench/gpu/decode_paths.py
+#                                               # (where a split's decode time goes; BENCH_PATHS_ARGS)
 #
 # It needs what scripts/device/prepare.sh put in the checkout's ignored folders: .whl/ (wheels
 # for Python 3.12, llamafleet's own among them) and .devsrc/ (the trimmed llama.cpp source), and
@@ -289,6 +291,15 @@ case "$MODE" in
     BENCH_STAGES=${BENCH_STAGES:-fleet,single,rpc_one_local,llamafleet_worker,rpc,llamafleet} bench \
       || say "split_bench.py exited $?"
     ;;
-  *) echo "usage: $0 all|setup|bench|streams|streams-all|loads|loads-all|report-all|coordinator-all" >&2; exit 2 ;;
+  paths-all)
+    SKIP_PACK=1 setup
+    install_wheels
+    left=$((BUDGET - ($(date +%s) - START)))
+    say "decode paths (about $left s left)"
+    # shellcheck disable=SC2086 # BENCH_PATHS_ARGS is a list of flags
+    PYTHONUNBUFFERED=1 python3 bench/gpu/decode_paths.py --llama-cpp "$(cat "$WORK/install-dir")" --model "$MODEL" \
+      --out "$OUT" --workdir "$WORK/paths" --deadline-s "$left" ${BENCH_PATHS_ARGS:-} || say "decode_paths.py exited $?"
+    ;;
+  *) echo "usage: $0 all|setup|bench|streams|streams-all|loads|loads-all|report-all|coordinator-all|paths-all" >&2; exit 2 ;;
 esac
 say "done"
