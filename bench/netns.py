@@ -1,19 +1,22 @@
-"""Emulated links for the benchmarks: each worker in a network namespace behind a rate-limited veth pair.
+"""Emulated links for the benchmarks and tests: each worker in a network namespace of its own,
+behind a rate-limited veth pair to a hub namespace that routes between all of them.
 
-    root namespace (controller, coordinator, the bench)          namespace lfbench-PID-wI (agent I, its rpc-servers)
-    lfbPIDwI 198.18.B.(4I+1)/30  ── veth, tbf both ways ──  uplink 198.18.B.(4I+2)/30
+    root namespace (controller, the bench)    hub lfbench-PID-hub (ip_forward)    worker lfbench-PID-wI
+    lfbPIDh 198.18.B.253/30 ── veth ── 198.18.B.254 │ lfbPIDwI 198.18.B.(4I+1)/30 ── veth, tbf ── uplink .(4I+2)/30
 
-Both ends of every pair get `tc qdisc add dev X root tbf rate RATE burst 256kb latency 50ms`, so
-the coordinator's sends and the worker's replies are each limited to RATE (sch_netem is not on
-these machines; tbf is). Each worker has a link of its own, as on a switch; the coordinator's
-side is not one shared port, which changes nothing for a load: llama.cpp sets one tensor at a
-time, so one link carries the load at any moment.
+Both ends of every worker's pair get `tc qdisc add dev X root tbf rate RATE burst 256kb latency
+50ms`, so each direction is limited to RATE (sch_netem is not on these machines; tbf is). Each
+worker has a link of its own, as on a switch. The hub forwards between the links (forwarding is
+a setting of each namespace, so the root namespace's stays as it was): workers reach each other,
+as a coordinator on one worker reaches the others' rpc-servers, and the root namespace reaches
+every worker through one route. `Link.set_up(False)` cuts one worker off from everyone: no RST,
+no FIN, packets just stop, as when a cable is pulled.
 
 The addresses are 198.18.0.0/15, the range RFC 2544 reserves for benchmarks: the root namespace
-gets one /30 route per worker and nothing else changes. Everything is removed on the way out
-(an exception, Ctrl-C, SIGTERM): first the processes still inside each namespace, then the
-namespace, which takes its veth pair with it. Namespaces left by a bench that was killed with
-SIGKILL are removed by the next run (their names carry the dead bench's pid).
+gets one /30 and one /24 route through the hub, and nothing else changes. Everything is removed
+on the way out (an exception, Ctrl-C, SIGTERM): first the processes still inside each namespace,
+then the namespaces, which take their veth pairs with them. Namespaces left by a bench that was
+killed with SIGKILL are removed by the next run (their names carry the dead bench's pid).
 
 Needs root (`ip netns`, `tc`).
 """
@@ -30,20 +33,25 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 PREFIX = "lfbench"
-_OURS = re.compile(rf"^{PREFIX}-(\d+)-w\d+$")
+_OURS = re.compile(rf"^{PREFIX}-(\d+)-(?:w\d+|hub)$")
 TERM_GRACE_S = 10.0
 
 
 @dataclass(frozen=True)
 class Link:
     namespace: str
-    host_device: str
-    host_address: str  # the root namespace's end: what the worker sees the coordinator as
+    hub: str  # the namespace of the link's other end
+    hub_device: str
+    hub_address: str  # the hub's end: the worker's route to everyone else
     worker_address: str  # inside the namespace: the agent's gRPC address and its rpc-server's
 
     @property
     def exec_prefix(self) -> tuple[str, ...]:
         return ("ip", "netns", "exec", self.namespace)
+
+    def set_up(self, up: bool) -> None:
+        """Connect (True) or cut (False) this worker's link, at the hub's end."""
+        _ip("-n", self.hub, "link", "set", self.hub_device, "up" if up else "down")
 
 
 def _ip(*args: str) -> str:
@@ -57,6 +65,14 @@ def _tc(*args: str) -> None:
     done = subprocess.run(["tc", *args], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"tc {' '.join(args)}: {done.stderr.strip()}")
+
+
+def _sysctl(namespace: str, setting: str) -> None:
+    key, value = setting.split("=")
+    done = subprocess.run(["ip", "netns", "exec", namespace, "sh", "-c",
+                           f"echo {value} > /proc/sys/{key.replace('.', '/')}"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{setting} in {namespace}: {done.stderr.strip()}")
 
 
 def _namespaces() -> list[str]:
@@ -119,7 +135,7 @@ def _free_block() -> int:
 
 @contextmanager
 def shaped_links(count: int, rate: str = "1gbit", burst: str = "256kb", latency: str = "50ms") -> Iterator[list[Link]]:
-    """`count` worker namespaces, each linked to the root namespace at `rate` both ways."""
+    """`count` worker namespaces, each linked to the hub at `rate` both ways."""
     if os.geteuid() != 0:
         raise SystemExit("the emulated link needs root (ip netns, tc)")
     if count > 63:
@@ -127,27 +143,43 @@ def shaped_links(count: int, rate: str = "1gbit", burst: str = "256kb", latency:
     remove_stale()
     pid = os.getpid()
     block = _free_block()
+    hub, uplink = f"{PREFIX}-{pid}-hub", f"lfb{pid}h"
+    hub_end = f"198.18.{block}.254"
+    namespaces: list[str] = []
     links: list[Link] = []
     try:
+        _ip("netns", "add", hub)
+        namespaces.append(hub)
+        _ip("-n", hub, "link", "set", "lo", "up")
+        _sysctl(hub, "net.ipv4.ip_forward=1")
+        _ip("link", "add", uplink, "type", "veth", "peer", "name", "root", "netns", hub)
+        _ip("addr", "add", f"198.18.{block}.253/30", "dev", uplink)
+        _ip("link", "set", uplink, "up")
+        _ip("-n", hub, "addr", "add", f"{hub_end}/30", "dev", "root")
+        _ip("-n", hub, "link", "set", "root", "up")
+        _ip("route", "add", f"198.18.{block}.0/24", "via", hub_end, "dev", uplink)
         for i in range(count):
-            link = Link(f"{PREFIX}-{pid}-w{i}", f"lfb{pid}w{i}", f"198.18.{block}.{4 * i + 1}",
+            link = Link(f"{PREFIX}-{pid}-w{i}", hub, f"lfb{pid}w{i}", f"198.18.{block}.{4 * i + 1}",
                         f"198.18.{block}.{4 * i + 2}")
             _ip("netns", "add", link.namespace)
+            namespaces.insert(0, link.namespace)  # emptied before the hub goes
             links.append(link)
-            _ip("link", "add", link.host_device, "type", "veth", "peer", "name", "uplink", "netns", link.namespace)
-            _ip("addr", "add", f"{link.host_address}/30", "dev", link.host_device)
-            _ip("link", "set", link.host_device, "up")
+            _ip("-n", hub, "link", "add", link.hub_device, "type", "veth", "peer", "name", "uplink",
+                "netns", link.namespace)
+            _ip("-n", hub, "addr", "add", f"{link.hub_address}/30", "dev", link.hub_device)
+            _ip("-n", hub, "link", "set", link.hub_device, "up")
             _ip("-n", link.namespace, "addr", "add", f"{link.worker_address}/30", "dev", "uplink")
             _ip("-n", link.namespace, "link", "set", "uplink", "up")
             _ip("-n", link.namespace, "link", "set", "lo", "up")
+            _ip("-n", link.namespace, "route", "add", "default", "via", link.hub_address)
             shape = ("root", "tbf", "rate", rate, "burst", burst, "latency", latency)
-            _tc("qdisc", "add", "dev", link.host_device, *shape)
+            _tc("-n", hub, "qdisc", "add", "dev", link.hub_device, *shape)
             _tc("-n", link.namespace, "qdisc", "add", "dev", "uplink", *shape)
         yield links
     finally:
-        for link in links:
-            _empty_and_delete(link.namespace)
-            subprocess.run(["ip", "link", "del", link.host_device], capture_output=True)  # gone with it, normally
+        for namespace in namespaces:
+            _empty_and_delete(namespace)
+        subprocess.run(["ip", "link", "del", uplink], capture_output=True)  # gone with the hub, normally
 
 
 def exit_on_sigterm() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 import urllib.error
@@ -22,11 +23,12 @@ import ollama
 import psutil
 import pytest
 
+from bench.netns import shaped_links
 from llamafleet.common.llamacpp.install import Manifest
 from llamafleet.common.node_auth import coordinator_key
 from llamafleet.common.process import wait_gone
 from tests.integration.agent.harness import wait_for
-from tests.integration.controller.harness import Fleet, holder_stores, running_fleet
+from tests.integration.controller.harness import AgentHost, Fleet, holder_stores, running_fleet
 from tests.integration.faults.test_resume import ndjson, stream, text_of
 
 pytestmark = pytest.mark.integration
@@ -199,3 +201,36 @@ def test_a_restarted_controller_reloads_on_the_worker_and_stops_the_stray(fleet:
     reply = ollama.Client(host=fleet.url).generate(model="gemma", prompt=PROMPT, raw=True, options=OPTIONS)
     assert reply.done and reply.eval_count == N
     assert "coordinator.stray_stopped" in fleet.cli("events", "--json").stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("tc")),
+                    reason="a cut link needs root and iproute2 (network namespaces the test makes itself)")
+def test_a_cut_link_to_the_coordinators_worker_is_a_pause_and_the_answer_goes_on(
+        tmp_path: Path, llama_cpp: Manifest, test_model: Path) -> None:
+    # Three workers, each in a network namespace of its own, routed to each other through a hub;
+    # the model needs two. The coordinator's worker is cut off mid-answer: no RST, no FIN. Its
+    # llama-server runs on, holding the other share's rpc-server (which serves one client at a
+    # time) over a connection that only stalls: the answer goes on only because the controller
+    # restarts that rpc-server, and the stray is stopped once the link is back.
+    with shaped_links(3) as links, running_fleet(
+            tmp_path / "fleet", llama_cpp, test_model, agents=3, agent_args=holder_stores(tmp_path, test_model, 3),
+            hosts=tuple(AgentHost(link.worker_address, link.exec_prefix) for link in links)) as fleet:
+        wait_for(lambda: holders_known(fleet), 60, "the plan to put the coordinator on a worker")
+        whole, _ = stream(fleet, "/api/generate", GENERATE)
+        before = loaded(fleet)
+        victim = next(link for link in links if before["coordinator"].startswith(f"{link.worker_address}:"))
+        docs, pause = stream(fleet, "/api/generate", GENERATE, 10, lambda: victim.set_up(False))
+        print(f"the link to the coordinator's worker cut after 10 pieces: paused {pause:.1f} s")
+        assert "error" not in docs[-1], docs[-1]
+        assert docs[-1]["done"] and docs[-1]["resumed"] == 1 and docs[-1]["eval_count"] == N
+        assert text_of(docs) == text_of(whole)
+        assert pause < 30, "a stalled connection held the answer"
+        after = loaded(fleet)
+        assert before["coordinator"] not in after["nodes"] and after["coordinator"] != before["coordinator"]
+        # The cut worker's llama-server never heard of any of this: a stray until its agent reports.
+        assert psutil.pid_exists(before["pid"])
+        victim.set_up(True)
+        wait_for(lambda: fleet.node(before["coordinator"])["state"] == "ready", 60, "the worker back")
+        assert wait_gone(before["pid"], 60), "the stray was not stopped"
+        reply = ollama.Client(host=fleet.url).generate(model="gemma", prompt=PROMPT, raw=True, options=OPTIONS)
+        assert reply.done and reply.eval_count == N

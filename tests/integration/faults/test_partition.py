@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -46,11 +45,11 @@ def test_a_node_back_from_a_partition_is_ready_within_a_heartbeat(tmp_path: Path
             hosts=(AgentHost(links[0].worker_address, links[0].exec_prefix),)) as fleet:
         [link] = links
         address = fleet.agents[0].address
-        subprocess.run(["ip", "link", "set", link.host_device, "down"], check=True)
+        link.set_up(False)
         wait_for(lambda: node(fleet, address)["state"] == "unreachable", 15, "the node unreachable")
         time.sleep(PARTITION_S)
         assert node(fleet, address)["state"] == "unreachable"
-        subprocess.run(["ip", "link", "set", link.host_device, "up"], check=True)
+        link.set_up(True)
         returned = time.monotonic()
         wait_for(lambda: node(fleet, address)["state"] == "ready", 90, "the node ready again", interval_s=0.1)
         back_s = time.monotonic() - returned
