@@ -116,7 +116,9 @@ def coordinator_from_proto(message: pb.StartCoordinatorRequest) -> CoordinatorRe
         local_gpus=tuple(message.local_gpus), local_layers=tuple(message.local_layers),
         rpc_endpoints=tuple(message.rpc_endpoints), rpc_layers=tuple(message.rpc_layers),
         n_layers=message.n_layers, ctx_per_slot=message.ctx_per_slot, parallel=message.parallel,
-        chat_template=message.chat_template, pooling=message.pooling, prompt_cache_mib=message.prompt_cache_mib)
+        chat_template=message.chat_template, pooling=message.pooling, prompt_cache_mib=message.prompt_cache_mib,
+        local_last=message.local_last,
+        tensor_hashes=tuple((t.offset, t.size, t.fnv1a) for t in message.tensor_hashes))
 
 
 def status_to_proto(snap: AgentSnapshot) -> pb.AgentStatus:

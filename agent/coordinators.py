@@ -39,9 +39,11 @@ from aiohttp import web
 
 from llamafleet.agent.models import ModelFile
 from llamafleet.agent.staging import find_model
+from llamafleet.common.digests import FileKey
 from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.common.llamacpp.probe import free_loopback_port
 from llamafleet.common.llamacpp.server_command import RPC_BACKEND_LOST, ServerCommand, server_env
+from llamafleet.common.llamacpp.tensor_hash_file import render
 from llamafleet.common.node_auth import coordinator_key
 from llamafleet.common.process import STOP_GRACE_S, describe_exit, spawn_group_async, stop_group_async
 from llamafleet.common.supervised import Supervised
@@ -67,6 +69,7 @@ _ENDPOINT = re.compile(r"^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$")
 MAX_PARALLEL = 64
 MAX_CTX = 1 << 24
 MAX_LAYERS = 4096
+MAX_TENSOR_HASHES = 1 << 16  # a 405B GGUF has about 1100 weight tensors
 
 
 class CoordinatorRefused(LlamafleetError):
@@ -98,6 +101,9 @@ class CoordinatorRequest:
     chat_template: str = ""
     pooling: str = ""
     prompt_cache_mib: int = 0
+    local_last: bool = False  # the local GPUs after the rpc-servers (with the output layer)
+    # (file offset, size, FNV-1a) of weight tensors, the controller's (tensor_hash_file.py)
+    tensor_hashes: tuple[tuple[int, int, int], ...] = ()
 
 
 def check_request(request: CoordinatorRequest, gpu_uuids: Sequence[str]) -> None:
@@ -124,7 +130,11 @@ def check_request(request: CoordinatorRequest, gpu_uuids: Sequence[str]) -> None
         raise UsageError(f"n_layers must be 1..{MAX_LAYERS}")
     if sum(request.local_layers) + sum(request.rpc_layers) != request.n_layers + 1:
         raise UsageError("the layer counts must add up to n_layers + 1 (the output layer counted last)")
-    if not request.local_gpus and request.rpc_endpoints and request.rpc_layers[-1] < 1:
+    if request.local_last and not request.local_gpus:
+        raise UsageError("local_last needs local_gpus: llama.cpp keeps only the leading layers on the CPU")
+    if request.local_last and request.local_layers[-1] < 1:
+        raise UsageError("with local_last the last local GPU must hold the output layer")
+    if not request.local_last and request.rpc_endpoints and request.rpc_layers[-1] < 1:
         raise UsageError("the last rpc endpoint must hold the output layer")
     if not 1 <= request.parallel <= MAX_PARALLEL or not 1 <= request.ctx_per_slot * request.parallel <= MAX_CTX:
         raise UsageError(f"parallel must be 1..{MAX_PARALLEL} and ctx_per_slot × parallel 1..{MAX_CTX}")
@@ -134,16 +144,22 @@ def check_request(request: CoordinatorRequest, gpu_uuids: Sequence[str]) -> None
         raise UsageError(f"pooling must be one of {', '.join(sorted(p for p in _POOLINGS if p))}")
     if request.prompt_cache_mib < -1:
         raise UsageError("prompt_cache_mib must be -1 (no limit), 0 (off) or a size in MiB")
+    if len(request.tensor_hashes) > MAX_TENSOR_HASHES:
+        raise UsageError(f"tensor_hashes: more than {MAX_TENSOR_HASHES} tensors")
+    if any(offset < 0 or size <= 0 or not 0 <= value < 2**64 for offset, size, value in request.tensor_hashes):
+        raise UsageError("tensor_hashes: every tensor needs an offset, a size above 0 and a 64-bit hash")
 
 
 def server_command(request: CoordinatorRequest, model_path: Path, port: int, key_file: Path) -> ServerCommand:
-    """The plan as llama.cpp flags: this node's GPUs first (CUDA0… once CUDA_VISIBLE_DEVICES names
-    them in layer order), or its CPU for the leading layers; then one RPC device per endpoint."""
+    """The plan as llama.cpp flags: this node's GPUs (CUDA0… once CUDA_VISIBLE_DEVICES names them
+    in layer order) before the rpc-servers' devices, or after them with `local_last`; or this
+    node's CPU for the leading layers, then one RPC device per endpoint."""
     gpus = tuple(f"CUDA{i}" for i in range(len(request.local_gpus)))
     rpc = tuple(f"RPC{i}" for i in range(len(request.rpc_endpoints)))
-    split = (request.local_layers if gpus else ()) + request.rpc_layers
+    local = request.local_layers if gpus else ()
+    devices, split = (rpc + gpus, request.rpc_layers + local) if request.local_last else (gpus + rpc, local + request.rpc_layers)
     return ServerCommand(
-        model_path=model_path, alias=request.model, rpc_endpoints=request.rpc_endpoints, devices=gpus + rpc,
+        model_path=model_path, alias=request.model, rpc_endpoints=request.rpc_endpoints, devices=devices,
         tensor_split=split, n_layers=request.n_layers, cpu_layers=0 if gpus else request.local_layers[0],
         ctx_per_slot=request.ctx_per_slot, parallel=request.parallel, port=port,
         chat_template=request.chat_template, pooling=request.pooling, api_key_file=key_file,
@@ -387,9 +403,10 @@ class Coordinators:
             raise CoordinatorRefused("this agent holds no credential, so no coordinator key can be made")
         keys = frozenset(coordinator_key(secret, request.id) for secret in secrets)
         key_file, log_path = await asyncio.to_thread(self._files, request.id, keys)
+        hashes = await asyncio.to_thread(self._hash_file, request, Path(model.path)) if request.tensor_hashes else None
         port = free_loopback_port()
         command = server_command(request, Path(model.path), port, key_file)
-        env = server_env(request.prompt_cache_mib)
+        env = server_env(request.prompt_cache_mib, hashes)
         if request.local_gpus:
             # CUDA numbers the GPUs it is shown in this order: CUDA0 is the share's first GPU.
             env["CUDA_VISIBLE_DEVICES"] = ",".join(request.local_gpus)
@@ -421,13 +438,34 @@ class Coordinators:
             out.write("".join(f"{key}\n" for key in sorted(keys)))
         return key_file, self._dir / f"{coordinator_id}.log"
 
+    def _hash_file(self, request: CoordinatorRequest, model: Path) -> Path | None:
+        """The controller's tensor hashes under this copy's identity (size, mtime: what llama.cpp
+        compares with the file it maps); None, and the coordinator hashes as a stock one, when a
+        tensor would lie outside this copy (not the file the controller hashed, whatever its name)."""
+        try:
+            key = FileKey.of(model)
+            if any(offset + size > key.size for offset, size, _ in request.tensor_hashes):
+                log.warning("coordinator %s: the tensor hashes sent do not fit %s (%d bytes); not used",
+                            request.id[:8], model, key.size)
+                return None
+            path = self._dir / f"{request.id}.hashes"
+            temp = path.with_suffix(".tmp")
+            temp.write_text(render(key, request.tensor_hashes))
+            temp.replace(path)
+        except OSError as exc:
+            # They only save the coordinator's hashing: never a reason not to start it.
+            log.warning("coordinator %s: cannot write its tensor hashes: %s", request.id[:8], exc.strerror or exc)
+            return None
+        return path
+
     async def stop(self, coordinator_id: str) -> CoordinatorSnapshot:
         hosted = self._running.get(coordinator_id)
         if hosted is None:
             raise UnknownCoordinator(f"no coordinator {coordinator_id[:32]} runs here")
         await hosted.stop()
         del self._running[coordinator_id]
-        await asyncio.to_thread((self._dir / f"{coordinator_id}.key").unlink, True)
+        for suffix in (".key", ".hashes"):
+            await asyncio.to_thread((self._dir / f"{coordinator_id}{suffix}").unlink, True)
         self._on_change()
         return hosted.snapshot()
 

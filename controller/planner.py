@@ -20,7 +20,7 @@ from llamafleet.controller.inventory import Inventory
 from llamafleet.controller.models import ModelStore, ResolvedModel
 from llamafleet.controller.placement.coordinator import choose_coordinator
 from llamafleet.controller.placement.nodes import NodeView
-from llamafleet.controller.placement.plan import Headroom, Plan, make_plan, with_node_first
+from llamafleet.controller.placement.plan import Headroom, Plan, make_plan, with_coordinator_share
 from llamafleet.controller.tensor_hashes import TensorHashes
 
 MAX_CTX = 1 << 24
@@ -173,7 +173,7 @@ class Planner:
 
     def _with_coordinator(self, plan: Plan, views: list[NodeView]) -> Plan:
         """The plan with where its coordinator runs (controller/placement/coordinator.py); the chosen
-        node's share moved to the front of the layer order."""
+        node's share moved to where it computes it best (with_coordinator_share)."""
         asks = self.coordinator_mode != "controller" and plan.fits and plan.holders
         host = plan.estimate.token_embd_bytes + plan.estimate.host_other_bytes if asks else 0
         choice = choose_coordinator(plan, self.coordinator_mode, self.cannot_host(host) if asks else {})
@@ -181,9 +181,9 @@ class Planner:
             return replace(plan, fits=False, reason=choice.reason, coordinator_reason=choice.reason)
         if not choice.node:
             return replace(plan, coordinator="", coordinator_reason=choice.reason)
-        reordered = with_node_first(plan, views, self.headroom, choice.node)
+        reordered = with_coordinator_share(plan, views, self.headroom, choice.node)
         if reordered is None:
-            why = f"on the controller: with {choice.node}'s share first the model would not fit"
+            why = f"on the controller: with {choice.node}'s share moved for its coordinator the model would not fit"
             if self.coordinator_mode not in ("auto", "controller"):
                 return replace(plan, fits=False, reason=why, coordinator_reason=why)
             return replace(plan, coordinator="", coordinator_reason=why)

@@ -33,11 +33,11 @@ from pathlib import Path
 from llamafleet.common.digests import FileKey, HashCancelled
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.fnv import Fnv1a, hash_range
+from llamafleet.common.llamacpp.tensor_hash_file import parse, render
 from llamafleet.controller.gguf import GGUFHeader
 from llamafleet.controller.prestage import HASH_THRESHOLD, every_large_tensor
 
 log = logging.getLogger(__name__)
-FORMAT_LINE = "llama-rpc-tensor-hashes 1"
 WORKERS = min(8, os.cpu_count() or 1)
 CHUNK_BYTES = 16 * 1024 * 1024
 FILES_KEPT = 64  # hash files of other model versions past this many are removed, oldest first
@@ -49,24 +49,8 @@ class HashFile:
     values: dict[tuple[int, int], int]  # (file offset, size) → FNV-1a, for the agents' pre-staging
 
 
-def parse(text: str) -> dict[tuple[int, int], int]:
-    """The tensor lines of a hash file (the header lines are llama.cpp's to check)."""
-    values = {}
-    for line in text.splitlines()[2:]:
-        offset, size, value = line.split()
-        values[(int(offset), int(size))] = int(value, 16)
-    return values
-
-
 def hash_file_name(key: FileKey) -> str:
     return hashlib.sha256(f"{key.path}\0{key.size}\0{key.mtime_ns}".encode()).hexdigest()[:24] + ".txt"
-
-
-def render(key: FileKey, ranges: list[tuple[int, int, int]]) -> str:
-    """The file llama.cpp reads: the header line, the model's identity, then offset size hash per tensor."""
-    lines = [f"{FORMAT_LINE}", f"{key.size} {key.mtime_ns}"]
-    lines += [f"{offset} {size} {value:016x}" for offset, size, value in ranges]
-    return "\n".join(lines) + "\n"
 
 
 class TensorHashes:

@@ -20,7 +20,7 @@ between two rows is one cause:
 The rpc-servers run with `-c` over one shared cache folder and llama-server reads pre-computed
 tensor hashes (patch 0002, when built with it), so after the first load every load is short.
 Speeds are llama-server's own `timings` from /completion: greedy, `ignore_eos`, no prompt cache,
-a short prompt, `--n-predict` new tokens, the median of `--reps` after one warm-up.
+an `--n-prompt` prompt, `--n-predict` new tokens, the median of `--reps` after one warm-up.
 
     python bench/gpu/decode_paths.py --llama-cpp DIR --model M.gguf --out DIR [--split 17,16]
 
@@ -84,6 +84,7 @@ def routes(split: str) -> list[Route]:
     two = ("--rpc", f"{a},{b}", "--device", "RPC0,RPC1", "--tensor-split", split)
     local_first = ("--rpc", b, "--device", "CUDA0,RPC0", "--tensor-split", split)
     flipped = ",".join(reversed(split.split(",")))
+    local_last = ("--rpc", b, "--device", "RPC0,CUDA0", "--tensor-split", flipped)
     return [
         Route("single", "whole model on the coordinator's CUDA0"),
         Route("single_nographs", "single, CUDA graphs off", env=NO_GRAPHS),
@@ -93,8 +94,8 @@ def routes(split: str) -> list[Route]:
         Route("rpc2_nopp", "rpc2, pipeline parallelism off", (*two, *NO_PIPELINE)),
         Route("local_rpc_nopp", "local_rpc, pipeline parallelism off", (*local_first, *NO_PIPELINE)),
         Route("local_rpc_nographs", "local_rpc, CUDA graphs off in the coordinator", local_first, NO_GRAPHS),
-        Route("rpc_local", "first share on an rpc-server, second (and output) on CUDA0",
-              ("--rpc", b, "--device", "RPC0,CUDA0", "--tensor-split", flipped)),
+        Route("rpc_local", "first share on an rpc-server, second (and output) on CUDA0", local_last),
+        Route("rpc_local_nopp", "rpc_local, pipeline parallelism off", (*local_last, *NO_PIPELINE)),
         Route("rpc1_server_nographs", "rpc1, CUDA graphs off in the rpc-server", ("--rpc", c, "--device", "RPC0")),
         Route("rpc2_lv4", "rpc2 at -lv 4 (its log: splits, copies)", (*two, *VERBOSE)),
         Route("local_rpc_lv4", "local_rpc at -lv 4 (its log: splits, copies)", (*local_first, *VERBOSE)),
@@ -127,14 +128,15 @@ def tensor_hashes(model: Path, state: Path) -> Path | None:
     return made.path if made else None
 
 
-def measure(url: str, words: int, n_predict: int, reps: int) -> dict[str, Any]:
+def measure(url: str, words: int, n_prompt: int, n_predict: int, reps: int) -> dict[str, Any]:
     complete(url, words_prompt(16, words, seed=0), 16)
-    samples = [complete(url, words_prompt(32, words, seed=rep + 1), n_predict) for rep in range(reps)]
+    samples = [complete(url, words_prompt(n_prompt, words, seed=rep + 1), n_predict) for rep in range(reps)]
     for s in samples:
-        if s.get("predicted_n") != n_predict:
-            raise BenchError(f"expected {n_predict} predicted tokens, got {s}")
+        if s.get("predicted_n") != n_predict or s.get("prompt_n") != n_prompt:
+            raise BenchError(f"expected {n_prompt} prompt and {n_predict} predicted tokens, got {s}")
     tps = median([float(s["predicted_per_second"]) for s in samples])
     return {"decode_tps": tps, "ms_per_token": 1000.0 / tps if tps else None,
+            "prompt_tps": median([float(s["prompt_per_second"]) for s in samples]),
             "samples_tps": [round(float(s["predicted_per_second"]), 1) for s in samples]}
 
 
@@ -153,21 +155,23 @@ def markdown(results: dict[str, Any]) -> str:
         f"# Decode paths of one split model on {dev.get('name')} ({results['date']})",
         "",
         f"- model: {results['model'].get('shape', {}).get('name')} shape, {results['model'].get('type')}, "
-        f"split `{results['split']}`, {results['settings']['n_predict']} new tokens, median of "
+        f"split `{results['split']}`, {results['settings']['n_prompt']}-token prompt, "
+        f"{results['settings']['n_predict']} new tokens, median of "
         f"{results['settings']['reps']}; pre-computed hashes: {'yes' if results.get('hashes') else 'no'}",
         "",
-        "| path | what | decode tok/s | ms/token | vs single | ms over single |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| path | what | decode tok/s | ms/token | vs single | ms over single | prompt tok/s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     single = results["runs"].get("single", {}).get("ms_per_token")
     for name, run in results["runs"].items():
         if run.get("status") != "ok":
-            lines.append(f"| {name} | {run.get('what', '')} | {run.get('status')} | | | |")
+            lines.append(f"| {name} | {run.get('what', '')} | {run.get('status')} | | | | |")
             continue
         ms = run["ms_per_token"]
         ratio = f"{single / ms:.3f}" if single else "–"
         over = f"{ms - single:+.2f}" if single else "–"
-        lines.append(f"| {name} | {run['what']} | {run['decode_tps']:.1f} | {ms:.2f} | {ratio} | {over} |")
+        lines.append(f"| {name} | {run['what']} | {run['decode_tps']:.1f} | {ms:.2f} | {ratio} | {over} "
+                     f"| {run['prompt_tps']:.0f} |")
     if results.get("not_run"):
         lines += ["", "Not run:"] + [f"- {item}" for item in results["not_run"]]
     return "\n".join(lines) + "\n"
@@ -182,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="17,16", help="--tensor-split of the two-share paths")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--n-predict", type=int, default=128)
+    parser.add_argument("--n-prompt", type=int, default=1536,
+                        help="prompt tokens: above the 512-token ubatch, where pipeline parallelism pays")
     parser.add_argument("--ctx", type=int, default=4096)
     parser.add_argument("--deadline-s", type=float, default=300.0)
     parser.add_argument("--only", default="", help="comma-separated path names (default: all)")
@@ -200,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     llama = LlamaCpp(args.llama_cpp)
     results: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "device": device,
                                "model": summary, "split": args.split, "runs": {}, "not_run": [],
-                               "settings": {"reps": args.reps, "n_predict": args.n_predict, "ctx": args.ctx}}
+                               "settings": {"reps": args.reps, "n_prompt": args.n_prompt, "n_predict": args.n_predict,
+                                            "ctx": args.ctx}}
     hashes = tensor_hashes(args.model, args.workdir / "state")
     results["hashes"] = str(hashes) if hashes else None
     base_env = dict(os.environ) | ({"LLAMA_RPC_TENSOR_HASHES": str(hashes)} if hashes else {})
@@ -228,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                                             [*base_args, *route.args], logdir, base_env | route.env)
                 try:
                     run |= {"status": "ok", "load_s": round(server.load_s, 2)}
-                    run |= measure(server.url, int(summary["words"]), args.n_predict, args.reps)
+                    run |= measure(server.url, int(summary["words"]), args.n_prompt, args.n_predict, args.reps)
                 finally:
                     server.stop()
                     run["log"] = log_lines(server.proc.log)

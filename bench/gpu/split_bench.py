@@ -359,13 +359,14 @@ def stage_llamafleet_worker(bench: Bench, fleet: Fleet) -> None:
 
 
 def stage_rpc_one_local(bench: Bench) -> None:
-    """Hand-started split with the first share on the coordinator's own GPU and the second over one
-    bare rpc-server: what a coordinator on the worker does."""
+    """Hand-started split with the first share over one bare rpc-server and the second (with the
+    output layer) on the coordinator's own GPU: what a coordinator on a GPU worker does."""
     server = start_rpc_server(bench.llama, PLAIN_RPC_PORTS[1], bench.logdir)
     try:
-        args = ["--rpc", f"{LOOPBACK}:{PLAIN_RPC_PORTS[1]}", "--device", "CUDA0,RPC0", "--tensor-split", plan_split(bench)]
+        flipped = ",".join(reversed(plan_split(bench).split(",")))
+        args = ["--rpc", f"{LOOPBACK}:{PLAIN_RPC_PORTS[1]}", "--device", "RPC0,CUDA0", "--tensor-split", flipped]
         result = run_server_case(bench, "llama-server-rpc_one_local", args)
-        result["load_note"] = "the second share crosses the loopback socket (no cache); the first is read locally"
+        result["load_note"] = "the first share crosses the loopback socket (no cache); the second is read locally"
         bench.results["runs"]["rpc_one_local"] = result
     finally:
         server.stop()
@@ -466,7 +467,7 @@ LABELS = {
     "rpc_agents": "hand-started llama-server --rpc, the 2 agents' rpc-servers",
     "llamafleet": "llamafleet (agents + controller + gateway)",
     "rpc_local_gpu": "as hand-started, without --device (coordinator's own device listed too)",
-    "rpc_one_local": "hand-started, first share on the coordinator's own GPU, second over 1 rpc-server",
+    "rpc_one_local": "hand-started, first share over 1 rpc-server, second (with the output layer) on the coordinator's GPU",
     "llamafleet_worker": "llamafleet, coordinator on the worker with the larger share (--coordinator auto)",
 }
 

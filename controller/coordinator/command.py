@@ -26,12 +26,14 @@ class Backend:
 @dataclass(frozen=True)
 class LocalShare:
     """The share a coordinator on a worker computes with that worker's own devices (the layers
-    before `backends`' in layer order): no rpc-server, no network hop for them."""
+    before `backends`' in layer order, or after them when `last`): no rpc-server, no network hop
+    for them."""
 
     node: str  # the agent that runs the coordinator
     gpus: tuple[str, ...]  # NVML UUIDs in layer order; empty: the node's CPU
     layers: tuple[int, ...]  # per GPU (one count for the CPU)
     model_sha256: str  # the node's copy of the model file
+    last: bool = False  # GPUs after the rpc-servers, with the output layer (placement/plan.py)
 
 
 @dataclass(frozen=True)

@@ -218,8 +218,10 @@ class CoordinatorManager:
         except asyncio.CancelledError:
             self.release(model)  # the deployment never saw the spec: nobody else would release it
             raise
-        if hashes is None or not self.planner.coordinator_reads_hashes or spec.local is not None:
-            return spec  # a coordinator on a worker hashes the other shares itself (the file is here)
+        # A coordinator on a worker gets them with its start, whatever this host's build (the
+        # worker's llama-server uses them if it has the patch); one here only with the patch.
+        if hashes is None or (spec.local is None and not self.planner.coordinator_reads_hashes):
+            return spec
         return dataclasses.replace(spec, tensor_hashes=hashes.path)
 
     async def _prestage_never_failing(self, model: str, resolved: ResolvedModel, plan: Plan,
@@ -399,7 +401,8 @@ class CoordinatorManager:
             raise StateNotWritable(f"not loading {model}: cannot record its placement in {self.store.path}: "
                                    f"{exc}") from None
         self._plans[model] = plan
-        where = f"coordinator on {plan.coordinator} with {sum(plan.local_split)} layer(s) of its own, " if local else ""
+        where = (f"coordinator on {plan.coordinator} with {sum(plan.local_split)} layer(s) of its own "
+                 f"({'last, with the output layer' if plan.local_last else 'first'}), ") if local else ""
         self.runtime.events("placement", model, f"{where}on {len(backends)} backend(s): --rpc {','.join(endpoints)} "
                             f"--tensor-split {','.join(map(str, plan.remote_split))}",
                             backends=list(endpoints), tensor_split=plan.tensor_split, coordinator=plan.coordinator or "controller",
@@ -415,7 +418,7 @@ class CoordinatorManager:
                                embedding_pooling="" if own_pooling else GENERATIVE_POOLING, local=local)
 
     def _local_share(self, resolved: ResolvedModel, plan: Plan) -> LocalShare | None:
-        """The coordinator's own share when the plan puts it on a worker (it leads the layer order)."""
+        """The coordinator's own share when the plan puts it on a worker (first or last in layer order)."""
         if not plan.coordinator:
             return None
         digests = self.planner.digests
@@ -423,7 +426,7 @@ class CoordinatorManager:
         if sha is None:
             return None
         gpus = tuple(a.uuid for a in plan.assignments if a.node == plan.coordinator and a.device != "CPU")
-        return LocalShare(plan.coordinator, gpus, tuple(plan.local_split), sha)
+        return LocalShare(plan.coordinator, gpus, tuple(plan.local_split), sha, last=plan.local_last)
 
     def release(self, model: str) -> None:
         self._prestaged.pop(model, None)

@@ -4,8 +4,8 @@ The deployment owns its lifecycle exactly as for a local `llama-server` (`proces
 wait until healthy, watch, stop. What differs is how each is known:
 
 - **spawned** by the agent's StartCoordinator; the request names the model by sha256, this
-  node's share (its GPUs by UUID, or its CPU for the leading layers) and the other shares'
-  rpc-servers;
+  node's share (its GPUs by UUID, first or last in layer order, or its CPU for the leading
+  layers), the other shares' rpc-servers, and the controller's pre-computed tensor hashes;
 - **healthy** when the agent reports it running and `/health` answers through the agent's proxy;
 - **gone** when the agent reports it exited (with how, its last lines, and whether llama.cpp said
   an rpc-server under it died), when its node is unreachable or removed, or when the agent
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import aiohttp
 from llamafleet.common.errors import LlamafleetError
+from llamafleet.common.llamacpp.tensor_hash_file import parse
 from llamafleet.common.node_auth import coordinator_key
 from llamafleet.common.supervised import Supervised
 from llamafleet.controller.coordinator.command import CoordinatorSpec
@@ -38,6 +39,19 @@ from llamafleet.controller.inventory import Inventory
 from llamafleet.proto.v1 import agent_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+
+def _tensor_hashes(path: Path | None) -> list[pb.TensorHash]:
+    """The controller's hash file as StartCoordinator carries it; none when there is none or it
+    cannot be read (the worker's llama-server then hashes as a stock one does)."""
+    if path is None:
+        return []
+    try:
+        values = parse(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("not sending the tensor hashes in %s: %s", path, exc)
+        return []
+    return [pb.TensorHash(offset=offset, size=size, fnv1a=value) for (offset, size), value in values.items()]
 WATCH_S = 0.1
 # How long a started coordinator may stay missing from its agent's reports (the next report
 # carries it; a heartbeat is 2 s by default).
@@ -146,7 +160,8 @@ class RemoteCoordinator:
             local_gpus=list(spec.local.gpus), local_layers=list(spec.local.layers),
             rpc_endpoints=spec.endpoints, rpc_layers=list(spec.tensor_split), n_layers=spec.n_layers,
             ctx_per_slot=spec.ctx_per_slot, parallel=spec.parallel, chat_template=spec.builtin_chat_template or "",
-            pooling=spec.embedding_pooling, prompt_cache_mib=spec.prompt_cache_mib)
+            pooling=spec.embedding_pooling, prompt_cache_mib=spec.prompt_cache_mib, local_last=spec.local.last,
+            tensor_hashes=await asyncio.to_thread(_tensor_hashes, spec.tensor_hashes))
         doors.expect(coordinator_id)
         try:
             status = await inventory.start_coordinator(node, request)

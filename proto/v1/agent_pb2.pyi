@@ -98,7 +98,7 @@ class CoordinatorStatus(_message.Message):
     def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[_Union[CoordinatorState, str]] = ..., pid: _Optional[int] = ..., url: _Optional[str] = ..., last_exit: _Optional[str] = ..., last_output: _Optional[_Iterable[str]] = ..., backend_lost: _Optional[bool] = ..., state_since_unix_ms: _Optional[int] = ...) -> None: ...
 
 class StartCoordinatorRequest(_message.Message):
-    __slots__ = ("id", "model", "model_sha256", "local_gpus", "local_layers", "rpc_endpoints", "rpc_layers", "n_layers", "ctx_per_slot", "parallel", "chat_template", "pooling", "prompt_cache_mib")
+    __slots__ = ("id", "model", "model_sha256", "local_gpus", "local_layers", "rpc_endpoints", "rpc_layers", "n_layers", "ctx_per_slot", "parallel", "chat_template", "pooling", "prompt_cache_mib", "local_last", "tensor_hashes")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,8 @@ class StartCoordinatorRequest(_message.Message):
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
     PROMPT_CACHE_MIB_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_LAST_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_HASHES_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     model_sha256: str
@@ -125,7 +127,19 @@ class StartCoordinatorRequest(_message.Message):
     chat_template: str
     pooling: str
     prompt_cache_mib: int
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., model_sha256: _Optional[str] = ..., local_gpus: _Optional[_Iterable[str]] = ..., local_layers: _Optional[_Iterable[int]] = ..., rpc_endpoints: _Optional[_Iterable[str]] = ..., rpc_layers: _Optional[_Iterable[int]] = ..., n_layers: _Optional[int] = ..., ctx_per_slot: _Optional[int] = ..., parallel: _Optional[int] = ..., chat_template: _Optional[str] = ..., pooling: _Optional[str] = ..., prompt_cache_mib: _Optional[int] = ...) -> None: ...
+    local_last: bool
+    tensor_hashes: _containers.RepeatedCompositeFieldContainer[TensorHash]
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., model_sha256: _Optional[str] = ..., local_gpus: _Optional[_Iterable[str]] = ..., local_layers: _Optional[_Iterable[int]] = ..., rpc_endpoints: _Optional[_Iterable[str]] = ..., rpc_layers: _Optional[_Iterable[int]] = ..., n_layers: _Optional[int] = ..., ctx_per_slot: _Optional[int] = ..., parallel: _Optional[int] = ..., chat_template: _Optional[str] = ..., pooling: _Optional[str] = ..., prompt_cache_mib: _Optional[int] = ..., local_last: _Optional[bool] = ..., tensor_hashes: _Optional[_Iterable[_Union[TensorHash, _Mapping]]] = ...) -> None: ...
+
+class TensorHash(_message.Message):
+    __slots__ = ("offset", "size", "fnv1a")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    FNV1A_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    size: int
+    fnv1a: int
+    def __init__(self, offset: _Optional[int] = ..., size: _Optional[int] = ..., fnv1a: _Optional[int] = ...) -> None: ...
 
 class StartCoordinatorResponse(_message.Message):
     __slots__ = ("coordinator",)

@@ -29,6 +29,8 @@ from llamafleet.common.node_auth import coordinator_key
 from llamafleet.common.process import wait_gone
 from tests.integration.agent.harness import wait_for
 from tests.integration.controller.harness import AgentHost, Fleet, holder_stores, running_fleet
+from tests.integration.controller.test_patched_load import FAKE, _output_entry, hash_files
+from tests.integration.controller.test_prestage import saved_lines
 from tests.integration.faults.test_resume import ndjson, stream, text_of
 
 pytestmark = pytest.mark.integration
@@ -234,3 +236,34 @@ def test_a_cut_link_to_the_coordinators_worker_is_a_pause_and_the_answer_goes_on
         assert wait_gone(before["pid"], 60), "the stray was not stopped"
         reply = ollama.Client(host=fleet.url).generate(model="gemma", prompt=PROMPT, raw=True, options=OPTIONS)
         assert reply.done and reply.eval_count == N
+
+
+def test_the_workers_coordinator_names_the_other_share_by_the_controllers_hashes(
+        tmp_path: Path, llama_cpp: Manifest, test_model: Path) -> None:
+    # The controller's pre-computed hashes go with StartCoordinator, written on the worker under its
+    # own copy's identity; its patched llama-server then asks the other share's rpc-server for the
+    # output tensor by the hash it was given instead of hashing the bytes. Proof: given a wrong one,
+    # the cache misses and the rpc-server saves the bytes it is sent once more ("saved to"). The
+    # other worker holds no copy, so nothing pre-stages the wrong name there.
+    with running_fleet(tmp_path / "fleet", llama_cpp, test_model, agents=2,
+                       agent_args=holder_stores(tmp_path, test_model, 1)) as fleet:
+        wait_for(lambda: holders_known(fleet), 60, "the plan to put the coordinator on the holder")
+        ollama.Client(host=fleet.url).generate(model="gemma", prompt="Hi", options={"num_predict": 2})
+        doc = loaded(fleet)
+        worker, remote = fleet.agents
+        assert doc["coordinator"] == worker.address and doc["backends"] == [remote.rpc_endpoint]
+        [sent] = list((worker.state_dir / "coordinators").glob("*.hashes"))
+        [controllers] = hash_files(fleet)
+        name, offset, size = _output_entry(test_model)
+        lines = sent.read_text().splitlines()
+        assert lines[0] == "llama-rpc-tensor-hashes 1" and f"{offset} {size} {name}" in lines
+        assert lines[1] == f"{test_model.stat().st_size} {test_model.stat().st_mtime_ns}"  # its copy links to it
+        assert lines[2:] == controllers.read_text().splitlines()[2:]
+        before = len(saved_lines(remote))
+        controllers.write_text(controllers.read_text().replace(f" {name}\n", f" {FAKE}\n"))
+        assert fleet.cli("stop", "gemma").returncode == 0
+        wait_for(lambda: not fleet.ps(), 30, "gemma unloaded")
+        assert not list((worker.state_dir / "coordinators").glob("*.hashes")), "left behind by the stop"
+        reply = ollama.Client(host=fleet.url).generate(model="gemma", prompt=PROMPT, raw=True, options=OPTIONS)
+        assert reply.done and reply.eval_count == N
+        wait_for(lambda: len(saved_lines(remote)) == before + 1, 10, "the rpc-server to save the bytes it was sent")

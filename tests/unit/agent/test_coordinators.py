@@ -39,6 +39,13 @@ def test_a_gpu_share_names_the_gpus_first_and_a_whole_model_needs_no_rpc() -> No
     assert argv[argv.index("--device") + 1] == "CUDA0,RPC0,RPC1"
     assert argv[argv.index("--tensor-split") + 1] == "10,4,5"
     assert argv[argv.index("--n-gpu-layers") + 1] == "19"
+    # Last, the GPU holds the output layer: the logits stay on this node.
+    last = replace(gpu, local_layers=(6,), rpc_layers=(4, 9), local_last=True)
+    check_request(last, GPUS)
+    argv = server_command(last, Path("/m.gguf"), 1, Path("/k")).argv(Path("llama-server"))
+    assert argv[argv.index("--device") + 1] == "RPC0,RPC1,CUDA0"
+    assert argv[argv.index("--tensor-split") + 1] == "4,9,6"
+    assert argv[argv.index("--rpc") + 1] == "127.0.0.3:50052,127.0.0.4:50052"
     alone = replace(CPU_SHARE, local_layers=(19,), rpc_endpoints=(), rpc_layers=())
     check_request(alone, GPUS)
     argv = server_command(alone, Path("/m.gguf"), 1, Path("/k")).argv(Path("llama-server"))
@@ -59,6 +66,9 @@ def test_a_gpu_share_names_the_gpus_first_and_a_whole_model_needs_no_rpc() -> No
     ({"chat_template": "{% for m in messages %}"}, "built-in template"),
     ({"pooling": "--evil"}, "pooling must be one of"),
     ({"model": "gemma --rpc 1.2.3.4:5"}, "model must be a model name"),
+    ({"local_last": True}, "local_last needs local_gpus"),
+    ({"local_gpus": ("GPU-aaaa",), "local_layers": (0,), "rpc_layers": (9, 10), "local_last": True},
+     "last local GPU must hold the output layer"),
 ])
 def test_what_cannot_be_run_is_refused_naming_the_field(change: dict[str, object], message: str) -> None:
     with pytest.raises(UsageError, match=message):

@@ -1,7 +1,9 @@
-"""Where the coordinator runs (controller/placement/coordinator.py) and the plan that puts its share first."""
+"""Where the coordinator runs (controller/placement/coordinator.py) and the plan that moves its share
+(first for a CPU, last for GPUs)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from llamafleet.controller.placement.coordinator import choose_coordinator
 from llamafleet.controller.planner import Planner
 from llamafleet.proto.v1 import agent_pb2 as pb
 from llamafleet.controller.placement.nodes import DeviceView, NodeView
-from llamafleet.controller.placement.plan import DeviceAssignment, Headroom, Plan, with_node_first
+from llamafleet.controller.placement.plan import DeviceAssignment, Headroom, Plan, with_coordinator_share
 from tests.fixtures.synthetic_gguf import LLAMA_70B, write_model
 from tests.unit.controller.test_placement import _plan, assert_consistent
 
@@ -76,13 +78,49 @@ def test_the_coordinators_node_leads_the_layer_order_and_the_split_is_still_exac
     plan = _plan({LLAMA_70B.name: model70}, LLAMA_70B, nodes, ctx=2048)
     assert plan.fits and len({a.node for a in plan.assignments}) >= 2, plan.reason
     largest = plan.assignments[-1].node  # the most room: last, with the output layer
-    moved = with_node_first(plan, nodes, Headroom(), largest)
+    moved = with_coordinator_share(plan, nodes, Headroom(), largest)
     assert moved is not None and moved.assignments[0].node == largest
     assert_consistent(moved)
     # With its layers first, a CPU share is exactly the layers llama.cpp keeps on the host when
     # --n-gpu-layers offloads only the others.
     assert moved.assignments[0].first_layer == 0
-    assert with_node_first(moved, nodes, Headroom(), largest) is moved
+    assert with_coordinator_share(moved, nodes, Headroom(), largest) is moved
+    split = replace(moved, coordinator=largest)
+    assert not split.local_last
+    assert split.local_split == split.tensor_split[:1] and split.remote_split == split.tensor_split[1:]
+
+
+def _gpu_node(i: int, free_gib: int) -> NodeView:
+    return NodeView(f"10.0.1.{i}:50051", "ready", "running", f"10.0.1.{i}:50052", "7.0.0",
+                    (DeviceView("CUDA0", 48 * GiB, free_gib * GiB, uuid=f"GPU-{i}"),))
+
+
+def test_a_gpu_coordinators_share_goes_last_with_the_output_layer(model70: Path) -> None:
+    # Its logits then never cross the network (decode_paths.py on an H200: 0.83 of one GPU last,
+    # 0.78 first).
+    nodes = [_gpu_node(1, 30), _gpu_node(2, 28), _gpu_node(3, 26)]
+    plan = _plan({LLAMA_70B.name: model70}, LLAMA_70B, nodes, ctx=2048)
+    assert plan.fits and len({a.node for a in plan.assignments}) >= 2, plan.reason
+    first = plan.assignments[0].node
+    moved = with_coordinator_share(plan, nodes, Headroom(), first)
+    assert moved is not None and moved.assignments[-1].node == first and moved.assignments[0].node != first
+    assert_consistent(moved)
+    placed = replace(moved, coordinator=first)
+    assert placed.local_last and placed.local_split == placed.tensor_split[-1:]
+    assert placed.remote_split == placed.tensor_split[:-1] and placed.remote_split[-1] == moved.assignments[-2].layer_count
+    # The node already last (the usual largest share) is left where it is.
+    last = plan.assignments[-1].node
+    assert with_coordinator_share(plan, nodes, Headroom(), last) is plan
+
+
+def test_a_gpu_share_without_room_for_the_output_layer_goes_first(model70: Path) -> None:
+    plan = _plan({LLAMA_70B.name: model70}, LLAMA_70B, [_gpu_node(1, 30), _gpu_node(2, 28), _gpu_node(3, 26)], ctx=2048)
+    exact = [NodeView(a, "ready", "running", f"{a}-rpc", "7.0.0",
+                      (DeviceView("CUDA0", 48 * GiB, sum(x.total_bytes for x in plan.assignments if x.node == a),
+                                  uuid=f"GPU-{a}"),))
+             for a in dict.fromkeys(x.node for x in plan.assignments)]
+    first = plan.assignments[0].node
+    assert with_coordinator_share(plan, exact, Headroom(0, 0), first) is plan  # first already; last does not fit
 
 
 def test_a_plan_that_no_longer_fits_with_the_node_first_is_said(model70: Path) -> None:
@@ -95,7 +133,7 @@ def test_a_plan_that_no_longer_fits_with_the_node_first_is_said(model70: Path) -
              for a in dict.fromkeys(x.node for x in plan.assignments)]
     first = plan.assignments[-1].node
     assert estimate.output_bytes > 0
-    assert with_node_first(plan, tight, Headroom(0, 0), first) is None
+    assert with_coordinator_share(plan, tight, Headroom(0, 0), first) is None
 
 
 class _Record:

@@ -15,7 +15,8 @@ from gguf import GGUFReader
 from llamafleet.common.digests import FileKey
 from llamafleet.common.fnv import Fnv1a, fnv1a_python
 from llamafleet.controller.gguf import read_gguf_header
-from llamafleet.controller.tensor_hashes import FORMAT_LINE, TensorHashes
+from llamafleet.common.llamacpp.tensor_hash_file import FORMAT_LINE
+from llamafleet.controller.tensor_hashes import TensorHashes
 from tests.fixtures.synthetic_gguf import Shape, write_model
 
 TINY = Shape("tiny", 2, 256, 512, 4, 4, 1000)
