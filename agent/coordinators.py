@@ -27,6 +27,7 @@ import hmac
 import logging
 import os
 import re
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -104,6 +105,22 @@ class CoordinatorRequest:
     local_last: bool = False  # the local GPUs after the rpc-servers (with the output layer)
     # (file offset, size, FNV-1a) of weight tensors, the controller's (tensor_hash_file.py)
     tensor_hashes: tuple[tuple[int, int, int], ...] = ()
+
+
+def proxy_tls(cert: Path | None, key: Path | None, client_ca: Path | None) -> ssl.SSLContext | None:
+    """The proxy's server context from the agent's --tls-cert/--tls-key (--tls-client-ca: mTLS);
+    None without TLS. A file that cannot be read is the operator's UsageError, as for gRPC."""
+    if cert is None or key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+        if client_ca is not None:
+            context.load_verify_locations(cafile=client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot use {cert} / {key} for the coordinator proxy: {exc}") from None
+    return context
 
 
 def check_request(request: CoordinatorRequest, gpu_uuids: Sequence[str]) -> None:
@@ -293,8 +310,12 @@ class Coordinators:
     def __init__(self, state_dir: Path, host: str, port: int, limit: int, *,
                  llama_server: Callable[[], Path | None], models: Callable[[], Sequence[ModelFile]],
                  gpu_uuids: Callable[[], list[str]], secrets: Callable[[], list[str]],
-                 on_change: Callable[[], None]) -> None:
+                 on_change: Callable[[], None], tls: ssl.SSLContext | None = None) -> None:
         self._dir = state_dir / "coordinators"
+        # With the agent's TLS (and mTLS) on the gRPC port, the proxy serves the same certificate
+        # and asks for the same client CA: the controller sends a coordinator's key only to the
+        # identity it pinned (--agent-tls-ca).
+        self._tls = tls
         self._host = host
         self._port = port
         self.limit = limit
@@ -318,7 +339,7 @@ class Coordinators:
         app.router.add_route("*", "/c/{id}/{tail:.*}", self._proxy)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
+        site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._tls)
         try:
             await site.start()
         except OSError as exc:
@@ -330,7 +351,11 @@ class Coordinators:
         port = sockets[0].getsockname()[1] if sockets else self._port
         self.proxy_endpoint = f"{self._host}:{port}"
         self._session = aiohttp.ClientSession(auto_decompress=False)
-        log.info("coordinator proxy on http://%s", self.proxy_endpoint)
+        log.info("coordinator proxy on %s://%s", self._scheme, self.proxy_endpoint)
+
+    @property
+    def _scheme(self) -> str:
+        return "https" if self._tls is not None else "http"
 
     async def close(self) -> None:
         await asyncio.gather(*(c.stop() for c in self._running.values()))
@@ -417,7 +442,7 @@ class Coordinators:
         except OSError as exc:
             raise CoordinatorRefused(f"cannot start {llama_server}: {exc.strerror}") from None
         hosted = HostedCoordinator(request, keys, proc, port, log_path,
-                                   f"http://{self.proxy_endpoint}/c/{request.id}", self._on_change)
+                                   f"{self._scheme}://{self.proxy_endpoint}/c/{request.id}", self._on_change)
         self._running[request.id] = hosted
         log.info("coordinator %s for %s: pid %d on 127.0.0.1:%d, %d local layer(s) on %s, %d rpc-server(s)",
                  request.id[:8], request.model, proc.pid, port, sum(request.local_layers),

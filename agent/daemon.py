@@ -16,7 +16,7 @@ from llamafleet.agent.core import Agent
 from llamafleet.agent.credential import JoinRefused, Keyring, join
 from llamafleet.agent.metrics import start_metrics_server
 from llamafleet.agent.node import NodeIdentity, load_node_identity
-from llamafleet.agent.coordinators import Coordinators
+from llamafleet.agent.coordinators import Coordinators, proxy_tls
 from llamafleet.agent.service import start_server
 from llamafleet.agent.settings import AgentSettings
 from llamafleet.agent.supervisor import TICK_S
@@ -137,7 +137,8 @@ async def serve(settings: AgentSettings, notifier: Notifier | None = None) -> No
     agent.coordinators = Coordinators(
         state, settings.rpc_host, settings.coordinator_port, settings.max_coordinators,
         llama_server=agent.llama_server, models=lambda: agent.models.files if agent.models else (),
-        gpu_uuids=agent.gpu_uuids, secrets=keyring.held, on_change=agent.changes.bump)
+        gpu_uuids=agent.gpu_uuids, secrets=keyring.held, on_change=agent.changes.bump,
+        tls=proxy_tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca))
     await agent.coordinators.open()
     server, port = await start_server(agent, settings, keyring)
     metrics = await start_metrics_server(agent.snapshot, settings.metrics_listen) if settings.metrics_listen else None

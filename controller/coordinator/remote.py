@@ -72,9 +72,12 @@ class CoordinatorDoors:
     session; and which coordinators this controller runs at all (anything else a node reports is a
     stray: see CoordinatorManager.reap_strays)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls_only: bool = False) -> None:
         self._doors: dict[str, _Door] = {}
         self._urls: dict[str, str] = {}  # coordinator id → its URL ("" while it is being started)
+        # The agents use TLS (--agent-tls-ca): a key goes only to an https proxy, whose certificate
+        # the session checks against that CA, never in the clear to an address a report named.
+        self.tls_only = tls_only
 
     def expect(self, coordinator_id: str) -> None:
         """A start is under way: the node may report it before its StartCoordinator answers."""
@@ -171,6 +174,12 @@ class RemoteCoordinator:
         except BaseException:
             doors.close(coordinator_id)  # cancelled meanwhile: if it started, it is a stray now
             raise
+        if doors.tls_only and not status.url.startswith("https://"):
+            doors.close(coordinator_id)
+            with contextlib.suppress(LlamafleetError):
+                await inventory.stop_coordinator(node, coordinator_id, STOP_CALL_S)
+            raise CoordinatorExited(f"{node}'s coordinator proxy is plain HTTP ({status.url[:80]}) while the agents "
+                                    f"use TLS: its key is not sent there (give that agent --tls-cert/--tls-key)")
         doors.open(coordinator_id, status.url, coordinator_key(secret, coordinator_id))
         log.info("coordinator for %s: on %s (pid %d there) at %s over %s", spec.model, node, status.pid, status.url,
                  ",".join(spec.endpoints) or "no rpc-server")

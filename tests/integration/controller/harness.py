@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from llamafleet.common.llamacpp.install import Manifest
 from llamafleet.common.llamacpp.probe import free_loopback_port
 from tests.integration.agent.harness import RunningAgent, running_agent, wait_for
@@ -141,11 +143,13 @@ def running_fleet(tmp_path: Path, llama_cpp: Manifest, model: Path, *, agents: i
                   controller_args: tuple[str, ...] = (), model_names: tuple[str, ...] = ("gemma",),
                   agent_args: tuple[tuple[str, ...], ...] = (),
                   agent_llama_cpp: Manifest | None = None,
-                  hosts: tuple[AgentHost, ...] = ()) -> Iterator[Fleet]:
+                  hosts: tuple[AgentHost, ...] = (),
+                  agent_credentials: grpc.ChannelCredentials | None = None) -> Iterator[Fleet]:
     """`memory_limit`: one cap for every agent, or one per agent; `model_names`: names of the one GGUF;
     `agent_args`: more flags per agent, by index; `agent_llama_cpp`: the agents' build, when it is
     not the controller's `llama_cpp`; `hosts`: where each agent runs, by index (default: gRPC on
-    127.0.0.1, agent #i's rpc-server on 127.0.0.<i + 2>)."""
+    127.0.0.1, agent #i's rpc-server on 127.0.0.<i + 2>); `agent_credentials`: the test's own gRPC
+    channel to agents that use TLS (their flags go in `agent_args`, the controller's in `controller_args`)."""
     limits = (memory_limit,) * agents if isinstance(memory_limit, str) else memory_limit
     places = [hosts[i] if i < len(hosts) else None for i in range(agents)]
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -161,7 +165,7 @@ def running_fleet(tmp_path: Path, llama_cpp: Manifest, model: Path, *, agents: i
                                                      rpc_host=place.address if place else f"127.0.0.{i + 2}",
                                                      listen_host=place.address if place else "127.0.0.1",
                                                      argv_prefix=place.argv_prefix if place else (),
-                                                     token_file=token,
+                                                     token_file=token, credentials=agent_credentials,
                                                      extra_args=("--memory-limit", limits[i],
                                                                  *(agent_args[i] if i < len(agent_args) else ()))))
                    for i, place in enumerate(places)]

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import ollama
 import psutil
 import pytest
@@ -28,6 +30,7 @@ from llamafleet.common.llamacpp.install import Manifest
 from llamafleet.common.node_auth import coordinator_key
 from llamafleet.common.process import wait_gone
 from tests.integration.agent.harness import wait_for
+from tests.integration.agent.test_agent_tls import _pki
 from tests.integration.controller.harness import AgentHost, Fleet, holder_stores, running_fleet
 from tests.integration.controller.test_patched_load import FAKE, _output_entry, hash_files
 from tests.integration.controller.test_prestage import saved_lines
@@ -267,3 +270,42 @@ def test_the_workers_coordinator_names_the_other_share_by_the_controllers_hashes
         reply = ollama.Client(host=fleet.url).generate(model="gemma", prompt=PROMPT, raw=True, options=OPTIONS)
         assert reply.done and reply.eval_count == N
         wait_for(lambda: len(saved_lines(remote)) == before + 1, 10, "the rpc-server to save the bytes it was sent")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make test certificates")
+def test_with_agent_tls_the_proxy_is_https_and_opens_only_to_the_pinned_controller(
+        tmp_path: Path, llama_cpp: Manifest, test_model: Path) -> None:
+    # The key a coordinator's requests carry goes only to the identity the controller pinned with
+    # --agent-tls-ca: the agent's proxy serves its TLS certificate, and with --tls-client-ca asks
+    # for the controller's, as its gRPC port does.
+    (tmp_path / "pki").mkdir()
+    pki = _pki(tmp_path / "pki", "IP:127.0.0.1,IP:127.0.0.2,IP:127.0.0.3")
+    tls = ("--tls-cert", str(pki / "server.crt"), "--tls-key", str(pki / "server.key"),
+           "--tls-client-ca", str(pki / "ca.crt"))
+    stores = holder_stores(tmp_path, test_model, 1)
+    credentials = grpc.ssl_channel_credentials((pki / "ca.crt").read_bytes(), (pki / "client.key").read_bytes(),
+                                               (pki / "client.crt").read_bytes())
+    with running_fleet(tmp_path / "fleet", llama_cpp, test_model, agents=2,
+                       agent_args=((*stores[0], *tls), tls), agent_credentials=credentials,
+                       controller_args=("--agent-tls-ca", str(pki / "ca.crt"), "--agent-tls-cert",
+                                        str(pki / "client.crt"), "--agent-tls-key", str(pki / "client.key"))) as fleet:
+        wait_for(lambda: holders_known(fleet), 60, "the plan to put the coordinator on the holder")
+        reply = ollama.Client(host=fleet.url).generate(model="gemma", prompt=PROMPT, raw=True, options=OPTIONS)
+        assert reply.done and reply.eval_count == N
+        doc = loaded(fleet)
+        assert doc["coordinator"] == fleet.agents[0].address
+        url = doc["url"]
+        assert url.startswith("https://127.0.0.2:"), url  # the worker's --rpc-host, with its certificate
+        key = coordinator_key(fleet.token_file.read_text().strip(), url.rsplit("/c/", 1)[1])
+        health = f"{url}/health"
+        pinned = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        # No client certificate: refused in the handshake (TLS 1.3 says so at the first read).
+        with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+            urllib.request.urlopen(urllib.request.Request(health, headers={"Authorization": f"Bearer {key}"}),
+                                   timeout=10, context=pinned)
+        pinned.load_cert_chain(str(pki / "client.crt"), str(pki / "client.key"))
+        with urllib.request.urlopen(urllib.request.Request(health, headers={"Authorization": f"Bearer {key}"}),
+                                    timeout=10, context=pinned) as answer:
+            assert answer.status == 200
+        with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP to the TLS port
+            urllib.request.urlopen(health.replace("https://", "http://"), timeout=10)

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from llamafleet.controller.coordinator.remote import CoordinatorDoors
+from llamafleet.controller.coordinator.command import CoordinatorSpec, LocalShare
+from llamafleet.controller.coordinator.process import CoordinatorExited
+from llamafleet.controller.coordinator.remote import CoordinatorDoors, RemoteCoordinator
+from llamafleet.proto.v1 import agent_pb2 as pb
 
 
 @contextlib.asynccontextmanager
@@ -80,3 +84,30 @@ async def _keys_and_cuts() -> None:
 
 def test_a_key_goes_to_its_coordinator_only_and_a_gone_coordinator_cuts_its_requests() -> None:
     asyncio.run(_keys_and_cuts())
+
+
+class _AgentWithPlainProxy:
+    """An agent (say one from before the proxy had TLS) that reports an http:// proxy."""
+
+    def __init__(self) -> None:
+        self.stopped: list[str] = []
+
+    def node_secret(self, node: str) -> str:
+        return "secret-of-the-node"
+
+    async def start_coordinator(self, node: str, request: pb.StartCoordinatorRequest) -> pb.CoordinatorStatus:
+        return pb.CoordinatorStatus(id=request.id, model=request.model, url=f"http://10.0.0.5:40001/c/{request.id}")
+
+    async def stop_coordinator(self, node: str, coordinator_id: str, timeout_s: float) -> None:
+        self.stopped.append(coordinator_id)
+
+
+def test_with_agent_tls_no_key_goes_to_a_plain_http_proxy() -> None:
+    spec = CoordinatorSpec("gemma", Path("/m/gemma.gguf"), (), (), 18, 2048, 1,
+                           local=LocalShare("10.0.0.5:50051", (), (19,), "a" * 64))
+    inventory = _AgentWithPlainProxy()
+    doors = CoordinatorDoors(tls_only=True)
+    with pytest.raises(CoordinatorExited, match="plain HTTP .* its key is not sent there"):
+        asyncio.run(RemoteCoordinator.start(inventory, doors, spec))  # type: ignore[arg-type]
+    [stopped] = inventory.stopped
+    assert not doors.known(stopped)
