@@ -187,7 +187,11 @@ class Planner:
             if self.coordinator_mode not in ("auto", "controller"):
                 return replace(plan, fits=False, reason=why, coordinator_reason=why)
             return replace(plan, coordinator="", coordinator_reason=why)
-        return replace(reordered, coordinator=choice.node, coordinator_reason=choice.reason)
+        placed = replace(reordered, coordinator=choice.node, coordinator_reason=choice.reason)
+        if placed.local_last:
+            placed = replace(placed, coordinator_reason=f"{choice.reason}; its GPUs take the last layers and the output "
+                                                        "layer, so the logits never cross the network")
+        return placed
 
     def estimate(self, model: str, ctx: int | None = None) -> tuple[ResolvedModel, MemoryEstimate]:
         """The estimate with the fewest slots this controller would use (1 with auto)."""

@@ -164,3 +164,17 @@ def test_which_agents_can_run_a_coordinator_is_read_from_their_reports() -> None
     assert "no llama.cpp build" in reasons["unbuilt"]
     assert "1.0 GiB of host memory available" in reasons["full"] and "keeps 2.0 GiB there" in reasons["full"]
     assert reasons["silent"] == "has not reported yet"
+
+
+def test_the_plan_says_a_gpu_coordinator_takes_the_last_layers(model70: Path) -> None:
+    nodes = [_gpu_node(1, 30), _gpu_node(2, 28), _gpu_node(3, 26)]
+    plan = _plan({LLAMA_70B.name: model70}, LLAMA_70B, nodes, ctx=2048)
+    first = plan.assignments[0].node
+    able = pb.AgentStatus(coordinator_proxy="10.0.1.9:40000", build=pb.LlamaCppBuild(install_dir="/opt/llama"),
+                          host=pb.HostMemory(total_bytes=64 * GiB, available_bytes=64 * GiB))
+    planner = Planner(None, _Inventory([_Record(n.address, able) for n in nodes]), None,  # type: ignore[arg-type]
+                      Headroom(), 1, 4096)
+    planner.coordinator_mode = first
+    placed = planner._with_coordinator(replace(plan, holders=[n.address for n in nodes]), nodes)
+    assert placed.coordinator == first and placed.local_last
+    assert "last layers and the output layer" in placed.coordinator_reason
