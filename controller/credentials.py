@@ -14,6 +14,7 @@ import datetime
 import hashlib
 import logging
 import secrets
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -66,6 +67,20 @@ class Tls:
     ca: Path | None = None
     cert: Path | None = None
     key: Path | None = None
+
+    def ssl_context(self) -> ssl.SSLContext | bool:
+        """The same pinning for HTTPS (the agents' coordinator proxies) as gRPC gets: the agents'
+        CA, and this controller's client certificate for their mTLS. True (the system's trust)
+        without a CA: the agents then use no TLS, serve plain HTTP, and this is never used."""
+        if self.ca is None:
+            return True
+        try:
+            context = ssl.create_default_context(cafile=self.ca)
+            if self.cert and self.key:
+                context.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"cannot use the agents' TLS files ({self.ca}, {self.cert}, {self.key}): {exc}") from None
+        return context
 
 
 def _token_hash(token: str) -> str:

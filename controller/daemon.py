@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import aiohttp
 from aiohttp import web
 from llamafleet.agent.settings import split_host_port
 from llamafleet.common.agent_client import read_token_file
-from llamafleet.common.errors import LlamafleetError, UsageError
+from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.llamacpp.build import current_manifest
 from llamafleet.common.llamacpp.install import Manifest, adopt_install
 from llamafleet.common.restart import RestartPolicy
@@ -97,21 +96,6 @@ def coordinator_build(settings: ControllerSettings) -> Manifest | None:
         # Planning still works without it (protocol versions are then not compared).
         log.warning("no usable llama.cpp for the coordinator: %s", exc.message)
         return None
-
-
-def _agent_tls(settings: ControllerSettings) -> ssl.SSLContext | bool:
-    """How the gateway's client checks an https coordinator proxy: against the agents' CA (and
-    with the controller's client certificate for their mTLS), as gRPC does; True (the system's
-    trust) when the agents use no TLS, which then serve plain HTTP and this is never used."""
-    if settings.agent_tls_ca is None:
-        return True
-    try:
-        context = ssl.create_default_context(cafile=settings.agent_tls_ca)
-        if settings.agent_tls_cert and settings.agent_tls_key:
-            context.load_cert_chain(settings.agent_tls_cert, settings.agent_tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot use the agents' TLS files for the coordinator proxies: {exc}") from None
-    return context
 
 
 def model_store(settings: ControllerSettings) -> ModelStore:
@@ -210,7 +194,8 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
     keys = read_http_keys(settings)
 
     store = Store(settings.state_path / "controller.sqlite3")
-    credentials = Credentials(store, shared, Tls(settings.agent_tls_ca, settings.agent_tls_cert, settings.agent_tls_key))
+    agent_tls = Tls(settings.agent_tls_ca, settings.agent_tls_cert, settings.agent_tls_key)
+    credentials = Credentials(store, shared, agent_tls)
     if shared is not None:
         log.warning("DEPRECATED: %s is a fleet-wide agent token, sent to every node without a credential of "
                     "its own, including any address added to the inventory: whoever answers there can "
@@ -231,7 +216,7 @@ async def serve(settings: ControllerSettings, notifier: Notifier | None = None) 
     # Coordinators on workers are reached through their agent's proxy with their own key, which
     # the doors add to their requests and to no other (controller/coordinator/remote.py).
     doors = CoordinatorDoors(tls_only=settings.agent_tls_ca is not None)
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True, ssl=_agent_tls(settings)),
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True, ssl=agent_tls.ssl_context()),
                                     middlewares=(doors.middleware,))
     planner.coordinator_mode = settings.coordinator
 

@@ -40,6 +40,13 @@ from llamafleet.proto.v1 import agent_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+WATCH_S = 0.1
+# How long a started coordinator may stay missing from its agent's reports (the next report
+# carries it; a heartbeat is 2 s by default).
+FIRST_REPORT_S = 15.0
+HEALTH_POLL_S = 0.2
+STOP_CALL_S = 10.0
+
 
 def _tensor_hashes(path: Path | None) -> list[pb.TensorHash]:
     """The controller's hash file as StartCoordinator carries it; none when there is none or it
@@ -52,12 +59,6 @@ def _tensor_hashes(path: Path | None) -> list[pb.TensorHash]:
         log.warning("not sending the tensor hashes in %s: %s", path, exc)
         return []
     return [pb.TensorHash(offset=offset, size=size, fnv1a=value) for (offset, size), value in values.items()]
-WATCH_S = 0.1
-# How long a started coordinator may stay missing from its agent's reports (the next report
-# carries it; a heartbeat is 2 s by default).
-FIRST_REPORT_S = 15.0
-HEALTH_POLL_S = 0.2
-STOP_CALL_S = 10.0
 
 
 @dataclass
