@@ -183,15 +183,14 @@ class Planner:
             return replace(plan, coordinator="", coordinator_reason=choice.reason)
         reordered = with_coordinator_share(plan, views, self.headroom, choice.node)
         if reordered is None:
-            why = f"on the controller: with {choice.node}'s share moved for its coordinator the model would not fit"
+            why = (f"on the controller: the model would not fit with {choice.node}'s share where its own coordinator "
+                   "needs it (first for a CPU, last for GPUs)")
             if self.coordinator_mode not in ("auto", "controller"):
                 return replace(plan, fits=False, reason=why, coordinator_reason=why)
             return replace(plan, coordinator="", coordinator_reason=why)
-        placed = replace(reordered, coordinator=choice.node, coordinator_reason=choice.reason)
-        if placed.local_last:
-            placed = replace(placed, coordinator_reason=f"{choice.reason}; its GPUs take the last layers and the output "
-                                                        "layer, so the logits never cross the network")
-        return placed
+        placed = replace(reordered, coordinator=choice.node)
+        last = "; its GPUs take the last layers and the output layer, so the logits never cross the network"
+        return replace(placed, coordinator_reason=choice.reason + (last if placed.local_last else ""))
 
     def estimate(self, model: str, ctx: int | None = None) -> tuple[ResolvedModel, MemoryEstimate]:
         """The estimate with the fewest slots this controller would use (1 with auto)."""

@@ -267,14 +267,15 @@ def with_coordinator_share(plan: Plan, nodes: Sequence[NodeView], headroom: Head
     by_address = {n.address: n for n in nodes}
     if node not in by_address:
         return None
-    others = [a for a in dict.fromkeys(x.node for x in plan.assignments) if a != node]
+    current = list(dict.fromkeys(x.node for x in plan.assignments))
+    others = [a for a in current if a != node]
     if any(a not in by_address for a in others):
         return None
     first, last = [node, *others], [*others, node]
     # GPUs: last if the output layer fits there, else first (still one hop fewer).
     orders = [last, first] if any(d.name != "CPU" for d in by_address[node].devices) else [first]
     for order in orders:
-        if list(dict.fromkeys(a.node for a in plan.assignments)) == order:
+        if order == current:
             return plan
         devices = [(by_address[a], d, headroom.usable(d)) for a in order for d in by_address[a].devices]
         assignments = _assign(plan.estimate, devices)
