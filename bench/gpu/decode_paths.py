@@ -35,7 +35,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ from fleet import (
     Proc,
     complete,
     median,
-    nvidia_smi,
+    first_gpu,
     start,
     start_llama_server,
     tcp_open,
@@ -199,10 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     logdir = args.workdir / "logs"
     logdir.mkdir(parents=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    try:
-        device = nvidia_smi()[0]
-    except (OSError, subprocess.SubprocessError, IndexError) as exc:
-        device = {"name": f"no GPU ({exc.__class__.__name__})"}
+    device = first_gpu()
     llama = LlamaCpp(args.llama_cpp)
     results: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "device": device,
                                "model": summary, "split": args.split, "runs": {}, "not_run": [],

@@ -315,3 +315,12 @@ def nvidia_smi() -> list[dict[str, Any]]:
         gpus.append({"index": int(index), "name": name, "uuid": uuid, "total_mib": int(total),
                      "used_mib": int(used), "free_mib": int(free), "driver": driver})
     return gpus
+
+
+def first_gpu() -> dict[str, Any]:
+    """nvidia-smi's facts of GPU 0 for a report; on a CPU machine (trying a bench out), a name
+    that says there is none."""
+    try:
+        return nvidia_smi()[0]
+    except (OSError, subprocess.SubprocessError, IndexError) as exc:
+        return {"name": f"no GPU ({exc.__class__.__name__})"}

@@ -25,7 +25,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ from fleet import (  # noqa: E402
     http_json,
     http_ok,
     llamafleet_bin,
-    nvidia_smi,
+    first_gpu,
     start,
     start_agent,
     start_llama_server,
@@ -114,10 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     logdir = args.workdir / "logs"
     logdir.mkdir(parents=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    try:
-        gpu = nvidia_smi()[0]
-    except (OSError, subprocess.SubprocessError, IndexError) as exc:
-        gpu = {"name": f"no GPU ({exc.__class__.__name__})"}
+    gpu = first_gpu()
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "device": gpu,
         "llama_cpp_version": manifest.get("version"), "patches": manifest.get("patches"), "model": summary,

@@ -55,7 +55,7 @@ from fleet import (
     http_ok,
     llamafleet_bin,
     median,
-    nvidia_smi,
+    first_gpu,
     run_cli,
     start,
     start_agent,
@@ -574,11 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     begin = time.monotonic()
     summary = json.loads(Path(f"{args.model}.json").read_text())
-    try:
-        gpu = nvidia_smi()[0]
-    except (OSError, subprocess.SubprocessError, IndexError) as exc:
-        # A CPU machine (trying the script out): no GPU facts to report.
-        gpu = {"name": f"no GPU ({exc.__class__.__name__})"}
+    gpu = first_gpu()
     manifest_path = args.llama_cpp / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,7 @@ from fleet import (
     http_json,
     http_ok,
     llamafleet_bin,
+    first_gpu,
     nvidia_smi,
     run_cli,
     start,
@@ -563,10 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     begin = time.monotonic()
     summary = json.loads(Path(f"{args.model}.json").read_text())
-    try:
-        gpu = nvidia_smi()[0]
-    except (OSError, subprocess.SubprocessError, IndexError) as exc:
-        gpu = {"name": f"no GPU ({exc.__class__.__name__})"}
+    gpu = first_gpu()
     manifest_path = args.llama_cpp / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     args.out.mkdir(parents=True, exist_ok=True)
