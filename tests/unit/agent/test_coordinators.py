@@ -67,6 +67,7 @@ def test_a_gpu_share_names_the_gpus_first_and_a_whole_model_needs_no_rpc() -> No
     ({"pooling": "--evil"}, "pooling must be one of"),
     ({"model": "gemma --rpc 1.2.3.4:5"}, "model must be a model name"),
     ({"local_last": True}, "local_last needs local_gpus"),
+    ({"tensor_hashes": ((4096, 0, 0xCBF29CE484222325),)}, "tensor_hashes: every tensor needs a size above 0"),
     ({"local_gpus": ("GPU-aaaa",), "local_layers": (0,), "rpc_layers": (9, 10), "local_last": True},
      "last local GPU must hold the output layer"),
 ])
