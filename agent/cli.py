@@ -14,7 +14,8 @@ import grpc
 
 from llamafleet.agent.credential import Keyring
 from llamafleet.common.fnv import Fnv1a
-from llamafleet.agent.rpc_cache import RpcCache, effective_cap, process_alive, summary_line
+from llamafleet.agent.rpc_cache import RpcCache, effective_cap, process_alive
+from llamafleet.common.cache_summary import summary_line
 from llamafleet.agent.settings import AgentSettings, parse_cache_max
 from llamafleet.common.agent_client import AgentAddress, describe_rpc_error, read_token_file, sync_stub
 from llamafleet.common.cli import build_command, run_main, settings_flags, settings_options, setup_logging

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 from aiohttp import web
 from llamafleet.agent.core import AgentSnapshot
-from llamafleet.agent.settings import split_host_port
+from llamafleet.common.settings import split_host_port
 from llamafleet.agent.supervisor import RpcState
 from llamafleet.common.errors import LlamafleetError
 from prometheus_client import CollectorRegistry, generate_latest

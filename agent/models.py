@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamafleet.common.digests import DigestCache, FileKey, HashCancelled, sha256_file
+from llamafleet.common.model_names import MAX_NAME_CHARS
 
 log = logging.getLogger(__name__)
 MAX_FILES = 1000
-MAX_NAME_CHARS = 255
 DIGEST_CACHE = "model-digests.json"
 
 

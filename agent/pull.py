@@ -41,9 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from llamafleet.agent.models import MAX_NAME_CHARS, ModelFile, ModelIndex
+from llamafleet.agent.models import ModelFile, ModelIndex
 from llamafleet.common.digests import FileKey
 from llamafleet.common.errors import LlamafleetError, UsageError
+from llamafleet.common.model_names import check_name
 from llamafleet.common.units import format_size
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,6 @@ MAX_FILE_BYTES = 2**50
 IDLE_TIMEOUT_S = 60.0
 HASH_CHUNK_BYTES = 8 * 1024 * 1024
 RECORD_VERSION = 1
-_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -85,15 +85,6 @@ class NameTaken(LlamafleetError):
 
 class DigestMismatch(LlamafleetError):
     """The bytes received are not the file announced; nothing was kept."""
-
-
-def check_name(name: str) -> None:
-    """NAME or FOLDER/NAME, as the index names files; a UsageError (INVALID_ARGUMENT) otherwise."""
-    parts = name.split("/")
-    if (not name or len(name) > MAX_NAME_CHARS or len(parts) > 2 or ".." in name
-            or not all(_SEGMENT.match(part) for part in parts)):
-        raise UsageError(f"invalid model file name {name[:80]!r}: use NAME or FOLDER/NAME of letters, digits, "
-                         "'.', '_' and '-' (no '..', no leading '.' or '/')")
 
 
 @dataclass(frozen=True)

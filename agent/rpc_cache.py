@@ -44,7 +44,6 @@ import psutil
 
 from llamafleet.common.digests import HashCancelled
 from llamafleet.common.fnv import Fnv1a, hash_range
-from llamafleet.common.units import format_size
 
 log = logging.getLogger(__name__)
 STATE_FILE = "rpc-cache.json"
@@ -548,21 +547,3 @@ class RpcCache:
                          "verified": state.is_verified(e), "models": owners.get(e.name, [])}
                         for e in sorted(entries.values(), key=lambda e: e.name)],
         }
-
-
-def _count(n: int, one: str, many: str) -> str:
-    return f"{n} {one if n == 1 else many}"
-
-
-def summary_line(doc: Mapping[str, Any]) -> str:
-    """One line for people from a summary's JSON (`status`, `nodes`, `cache ls`)."""
-    cap = f"of {format_size(int(doc['max_bytes']))}" if doc["max_bytes"] else "(no cap)"
-    line = (f"{format_size(int(doc['used_bytes']))} {cap} in {_count(doc['entries'], 'entry', 'entries')} "
-            f"({_count(doc['models'], 'staged model', 'staged models')}, "
-            f"{format_size(int(doc['in_use_bytes']))} in use")
-    if doc["unverified"]:
-        line += f", {doc['unverified']} not verified yet"
-    line += f"); {doc['corrupt_removed']} corrupt removed, {doc['evictions']} evicted"
-    if doc["evictions"]:
-        line += f" ({format_size(int(doc['evicted_bytes']))})"
-    return line + (f"  [{doc['error']}]" if doc.get("error") else "")

@@ -9,13 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamafleet.common.paths import default_cache_dir, default_state_dir
-from llamafleet.common.settings import parse_path, setting
+from llamafleet.common.settings import parse_path, setting, split_host_port
 from llamafleet.common.units import parse_size
+from llamafleet.common.wire_limits import MAX_RPC_SERVERS
 
 log = logging.getLogger(__name__)
 DEFAULT_LISTEN = "127.0.0.1:50051"
-# Each rpc-server is a process (and, on a GPU, a CUDA context): a bound a controller cannot exceed.
-MAX_RPC_SERVERS = 16
 RPC_LAYOUTS = ("shared", "per-device")
 
 
@@ -29,13 +28,6 @@ def parse_cache_max(value: object) -> int | None:
     if not isinstance(value, (str, int)) or isinstance(value, bool):
         raise ValueError(f"not a size: {value!r} (examples: 50GiB, 0 or none for no cap, auto)")
     return parse_size(value)
-
-
-def split_host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"'{text}' is not HOST:PORT")
-    return host.strip("[]"), int(port)
 
 
 @dataclass(frozen=True)

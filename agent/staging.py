@@ -41,10 +41,10 @@ from llamafleet.agent.rpc_cache import REFERENCE_SUFFIX, CacheWorkStopped, check
 from llamafleet.common.digests import FileKey, HashCancelled
 from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.common.fnv import Fnv1a, entry_name, hash_range, read_chunks
+from llamafleet.common.wire_limits import MAX_RANGES
 
 # llama.cpp: `size > HASH_THRESHOLD` with HASH_THRESHOLD = 10 MiB; smaller payloads are always sent.
 HASH_THRESHOLD = 10 * 1024 * 1024
-MAX_RANGES = 4096
 CHUNK_BYTES = 64 * 1024 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 

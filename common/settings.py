@@ -24,6 +24,14 @@ T = TypeVar("T")
 Parser = Callable[[Any], Any]
 
 
+def split_host_port(text: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 hosts in brackets) as (host, port); ValueError when it is not one."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"'{text}' is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
 def parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from llamafleet.agent.settings import MAX_RPC_SERVERS, split_host_port
+from llamafleet.common.settings import split_host_port
+from llamafleet.common.wire_limits import MAX_RPC_SERVERS
 from llamafleet.proto.v1 import agent_pb2 as pb
 
 # 1 PiB: 40 times the RAM of the largest single hosts sold today, 5,000 times an H200's memory.

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from llamafleet.agent.rpc_cache import summary_line
+from llamafleet.common.cache_summary import summary_line
 from llamafleet.common.cli import (
     build_command,
     run_main,
@@ -23,8 +23,8 @@ from llamafleet.common.cli import (
     settings_options,
     setup_logging,
 )
-from llamafleet.agent.pull import check_name
-from llamafleet.agent.settings import split_host_port
+from llamafleet.common.model_names import check_name
+from llamafleet.common.settings import split_host_port
 from llamafleet.common.agent_client import read_token_file
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.paths import default_state_dir

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-from llamafleet.agent.settings import split_host_port
+from llamafleet.common.settings import split_host_port
 from llamafleet.common.agent_client import read_token_file
 from llamafleet.common.errors import LlamafleetError
 from llamafleet.common.llamacpp.build import current_manifest

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from llamafleet.agent.settings import split_host_port
+from llamafleet.common.settings import split_host_port
 from llamafleet.common.agent_client import AgentAddress, AgentCallError, aio_channel, describe_rpc_error
 from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.common.proto_json import message_to_json

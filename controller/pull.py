@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamafleet.agent.pull import check_name
-from llamafleet.agent.staging import MAX_RANGES
+from llamafleet.common.model_names import check_name
+from llamafleet.common.wire_limits import MAX_RANGES
 from llamafleet.common.changes import ChangeFeed
 from llamafleet.common.errors import LlamafleetError, UsageError
 from llamafleet.common.units import format_size

@@ -6,7 +6,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamafleet.agent.settings import split_host_port
+from llamafleet.common.settings import split_host_port
 from llamafleet.common.paths import default_state_dir
 from llamafleet.common.settings import parse_int, parse_path, setting
 from llamafleet.common.units import parse_duration, parse_size

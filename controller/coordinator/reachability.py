@@ -18,7 +18,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 
-from llamafleet.agent.settings import split_host_port
+from llamafleet.common.settings import split_host_port
 
 PROBE_TIMEOUT_S = 2.0
 PROBE_AGAIN_S = 5.0

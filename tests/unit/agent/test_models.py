@@ -12,7 +12,8 @@ import pytest
 
 from llamafleet.agent import models as models_module
 from llamafleet.agent.convert import model_file_to_proto
-from llamafleet.agent.models import MAX_NAME_CHARS, ModelIndex, scan
+from llamafleet.agent.models import ModelIndex, scan
+from llamafleet.common.model_names import MAX_NAME_CHARS
 from llamafleet.common import digests
 from llamafleet.common.digests import DigestCache, FileKey, HashCancelled, sha256_file
 from llamafleet.proto.v1 import agent_pb2 as pb

@@ -26,9 +26,9 @@ from llamafleet.agent.pull import (
     Received,
     Receiver,
     Target,
-    check_name,
 )
 from llamafleet.common.errors import UsageError
+from llamafleet.common.model_names import check_name
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 SHA = hashlib.sha256(PAYLOAD).hexdigest()

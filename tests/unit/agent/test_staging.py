@@ -9,9 +9,9 @@ import pytest
 
 from llamafleet.agent import staging as staging_module
 from llamafleet.common.fnv import Fnv1a, entry_name, fnv1a_python
+from llamafleet.common.wire_limits import MAX_RANGES
 from llamafleet.agent.models import ModelFile
 from llamafleet.agent.staging import (
-    MAX_RANGES,
     ByteRange,
     StagingRefused,
     check_ranges,

@@ -9,7 +9,7 @@ from unittest import mock
 
 import pytest
 
-from llamafleet.agent.pull import check_name
+from llamafleet.common.model_names import check_name
 from llamafleet.controller.pull import CHUNK_BYTES, NodePull, Pull, PullManager, agent_name
 
 
