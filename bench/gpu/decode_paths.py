@@ -16,6 +16,11 @@ between two rows is one cause:
   device has events, RPC included; a harmless `--override-tensor` is what turns it off);
 - `*_nographs`: CUDA graphs off in the coordinator; `*_lv4`: at `-lv 4` (the log level the older
   split_bench runs used, and the one at which llama.cpp logs its graph splits and copies, kept here).
+- `*_waitall`: both llama-server and the rpc-servers with `GGML_RPC_WAIT_ALL=1`, which turns back
+  on the waits that patches 0006 (client) and 0007 (rpc-server) take away; `*_client`: only the
+  rpc-servers so, which leaves 0006 alone at work.
+
+Each path's answers are fingerprinted: the table says whether they are the single GPU's.
 
 The rpc-servers run with `-c` over one shared cache folder and llama-server reads pre-computed
 tensor hashes (patch 0002, when built with it), so after the first load every load is short.
@@ -57,12 +62,14 @@ from fleet import (
 )
 
 SERVER_PORT = 18191
-RPC_PORTS = {"a": 50352, "b": 50362, "c": 50372}  # c: CUDA graphs off in the server
+# c: CUDA graphs off in the server; d, e: GGML_RPC_WAIT_ALL (stock llama.cpp's waits, patches 0006, 0007)
+RPC_PORTS = {"a": 50352, "b": 50362, "c": 50372, "d": 50382, "e": 50392}
 # Any tensor override turns llama.cpp's pipeline parallelism off; this one moves nothing (the token
 # embeddings live on the CPU anyway).
 NO_PIPELINE = ["--override-tensor", r"token_embd\.weight=CPU"]
 NO_GRAPHS = {"GGML_CUDA_DISABLE_GRAPHS": "1"}
 VERBOSE = ["-lv", "4"]
+WAIT_ALL = {"GGML_RPC_WAIT_ALL": "1"}
 # Log lines worth keeping: where tensors went, pipeline parallelism, the scheduler's splits.
 LOG_MARKERS = ("pipeline parallelism", "model buffer size", "compute buffer size", "splits =", "sched copies",
                "flash_attn")
@@ -79,11 +86,15 @@ class Route:
 
 
 def routes(split: str) -> list[Route]:
-    a, b, c = (f"{LOOPBACK}:{RPC_PORTS[k]}" for k in "abc")
+    a, b, c, d, e = (f"{LOOPBACK}:{RPC_PORTS[k]}" for k in "abcde")
     two = ("--rpc", f"{a},{b}", "--device", "RPC0,RPC1", "--tensor-split", split)
     local_first = ("--rpc", b, "--device", "CUDA0,RPC0", "--tensor-split", split)
     flipped = ",".join(reversed(split.split(",")))
     local_last = ("--rpc", b, "--device", "RPC0,CUDA0", "--tensor-split", flipped)
+    # The same through the rpc-servers that wait as stock llama.cpp does.
+    two_stock = ("--rpc", f"{d},{e}", "--device", "RPC0,RPC1", "--tensor-split", split)
+    local_first_stock = ("--rpc", d, "--device", "CUDA0,RPC0", "--tensor-split", split)
+    local_last_stock = ("--rpc", d, "--device", "RPC0,CUDA0", "--tensor-split", flipped)
     return [
         Route("single", "whole model on the coordinator's CUDA0"),
         Route("single_nographs", "single, CUDA graphs off", env=NO_GRAPHS),
@@ -96,6 +107,12 @@ def routes(split: str) -> list[Route]:
         Route("rpc_local", "first share on an rpc-server, second (and output) on CUDA0", local_last),
         Route("rpc_local_nopp", "rpc_local, pipeline parallelism off", (*local_last, *NO_PIPELINE)),
         Route("rpc1_server_nographs", "rpc1, CUDA graphs off in the rpc-server", ("--rpc", c, "--device", "RPC0")),
+        Route("rpc1_waitall", "rpc1, both sides GGML_RPC_WAIT_ALL", ("--rpc", d, "--device", "RPC0"), WAIT_ALL),
+        Route("rpc_local_waitall", "rpc_local, both sides GGML_RPC_WAIT_ALL", local_last_stock, WAIT_ALL),
+        Route("rpc_local_client", "rpc_local, the rpc-server GGML_RPC_WAIT_ALL", local_last_stock),
+        Route("rpc2_waitall", "rpc2, both sides GGML_RPC_WAIT_ALL", two_stock, WAIT_ALL),
+        Route("rpc2_client", "rpc2, the rpc-servers GGML_RPC_WAIT_ALL", two_stock),
+        Route("local_rpc_waitall", "local_rpc, both sides GGML_RPC_WAIT_ALL", local_first_stock, WAIT_ALL),
         Route("rpc2_lv4", "rpc2 at -lv 4 (its log: splits, copies)", (*two, *VERBOSE)),
         Route("local_rpc_lv4", "local_rpc at -lv 4 (its log: splits, copies)", (*local_first, *VERBOSE)),
     ]
@@ -104,7 +121,8 @@ def routes(split: str) -> list[Route]:
 def start_rpc_servers(llama: LlamaCpp, cache: Path, logdir: Path) -> list[Proc]:
     procs = []
     for key, port in RPC_PORTS.items():
-        env = dict(os.environ) | {"LLAMA_CACHE": str(cache)} | (NO_GRAPHS if key == "c" else {})
+        env = dict(os.environ) | {"LLAMA_CACHE": str(cache)} | (NO_GRAPHS if key == "c" else {}) \
+            | (WAIT_ALL if key in "de" else {})
         proc = start(f"rpc-server-{key}", [str(llama.rpc_server), "-H", LOOPBACK, "-p", str(port), "-c"], logdir, env)
         wait_until(lambda port=port: tcp_open(port), f"rpc-server on port {port}", 60, proc)
         procs.append(proc)
@@ -136,7 +154,8 @@ def measure(url: str, words: int, n_prompt: int, n_predict: int, reps: int) -> d
     tps = median([float(s["predicted_per_second"]) for s in samples])
     return {"decode_tps": tps, "ms_per_token": 1000.0 / tps if tps else None,
             "prompt_tps": median([float(s["prompt_per_second"]) for s in samples]),
-            "samples_tps": [round(float(s["predicted_per_second"]), 1) for s in samples]}
+            "samples_tps": [round(float(s["predicted_per_second"]), 1) for s in samples],
+            "texts": [s["text_sha256"] for s in samples]}
 
 
 def log_lines(log: Path, limit: int = 60) -> list[str]:
@@ -158,19 +177,21 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['settings']['n_predict']} new tokens, median of "
         f"{results['settings']['reps']}; pre-computed hashes: {'yes' if results.get('hashes') else 'no'}",
         "",
-        "| path | what | decode tok/s | ms/token | vs single | ms over single | prompt tok/s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| path | what | decode tok/s | ms/token | vs single | ms over single | prompt tok/s | text as single |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     single = results["runs"].get("single", {}).get("ms_per_token")
+    single_texts = results["runs"].get("single", {}).get("texts")
     for name, run in results["runs"].items():
         if run.get("status") != "ok":
-            lines.append(f"| {name} | {run.get('what', '')} | {run.get('status')} | | | | |")
+            lines.append(f"| {name} | {run.get('what', '')} | {run.get('status')} | | | | | |")
             continue
         ms = run["ms_per_token"]
         ratio = f"{single / ms:.3f}" if single else "–"
         over = f"{ms - single:+.2f}" if single else "–"
+        same = "–" if not single_texts else "same" if run.get("texts") == single_texts else "DIFFERENT"
         lines.append(f"| {name} | {run['what']} | {run['decode_tps']:.1f} | {ms:.2f} | {ratio} | {over} "
-                     f"| {run['prompt_tps']:.0f} |")
+                     f"| {run['prompt_tps']:.0f} | {same} |")
     if results.get("not_run"):
         lines += ["", "Not run:"] + [f"- {item}" for item in results["not_run"]]
     return "\n".join(lines) + "\n"

@@ -7,6 +7,7 @@ llamafleet's own. Nothing here is imported by the test suite.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -206,7 +207,8 @@ def words_prompt(n_tokens: int, words: int, seed: int) -> str:
 
 
 def complete(url: str, prompt: str, n_predict: int, seed: int = 1) -> dict[str, Any]:
-    """POST /completion (greedy, fixed seed, no prompt cache, EOS ignored); returns its `timings`."""
+    """POST /completion (greedy, fixed seed, no prompt cache, EOS ignored); returns its `timings`,
+    with `text_sha256` added: the answer's fingerprint, for comparing what two paths generated."""
     reply = http_json("POST", f"{url}/completion", {
         "prompt": prompt, "n_predict": n_predict, "temperature": 0, "seed": seed,
         "ignore_eos": True, "cache_prompt": False,
@@ -214,7 +216,8 @@ def complete(url: str, prompt: str, n_predict: int, seed: int = 1) -> dict[str, 
     timings = reply.get("timings")
     if not isinstance(timings, dict):
         raise BenchError(f"{url}/completion answered without timings: {str(reply)[:300]}")
-    return timings
+    text = reply.get("content")
+    return timings | {"text_sha256": hashlib.sha256(str(text).encode()).hexdigest()}
 
 
 # ---- llamafleet processes -------------------------------------------------------------------
