@@ -118,9 +118,12 @@ def routes(split: str) -> list[Route]:
     ]
 
 
-def start_rpc_servers(llama: LlamaCpp, cache: Path, logdir: Path) -> list[Proc]:
+def start_rpc_servers(llama: LlamaCpp, cache: Path, logdir: Path, chosen: list[Route]) -> list[Proc]:
+    """The rpc-servers the chosen routes use (each one is a process and a CUDA context)."""
+    used = [key for key, port in RPC_PORTS.items() if any(f"{LOOPBACK}:{port}" in arg for r in chosen for arg in r.args)]
     procs = []
-    for key, port in RPC_PORTS.items():
+    for key in used:
+        port = RPC_PORTS[key]
         env = dict(os.environ) | {"LLAMA_CACHE": str(cache)} | (NO_GRAPHS if key == "c" else {}) \
             | (WAIT_ALL if key in "de" else {})
         proc = start(f"rpc-server-{key}", [str(llama.rpc_server), "-H", LOOPBACK, "-p", str(port), "-c"], logdir, env)
@@ -231,16 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     base_args = ["--n-gpu-layers", str(n_layers + 1), "--ctx-size", str(args.ctx), "--parallel", "1",
                  "--fit", "off", "--no-webui"]
     wanted = set(filter(None, args.only.split(",")))
-    servers = start_rpc_servers(llama, args.workdir / "cache", logdir)
+    chosen = [route for route in routes(args.split) if not wanted or route.name in wanted]
+    servers = start_rpc_servers(llama, args.workdir / "cache", logdir, chosen)
 
     def save() -> None:
         (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         (args.out / "results.md").write_text(markdown(results))
 
     try:
-        for route in routes(args.split):
-            if wanted and route.name not in wanted:
-                continue
+        for route in chosen:
             left = args.deadline_s - (time.monotonic() - begin)
             if left < 25:
                 results["not_run"].append(f"{route.name}: {left:.0f} s left of the budget")
